@@ -1,0 +1,106 @@
+"""Mesh and multi-host helpers shared by the losses' tests, the trainer and the evaluators.
+
+The whole codebase uses one 1-D mesh with a single axis, ``"data"``, over all devices of all
+processes, in ``jax.devices()`` order (the canonical order that the input pipeline and the
+evaluators also follow). Axes are ``Auto`` so that the model runs in the global view under
+``jit`` (BatchNorm statistics over the sharded batch are then global: sync BN) while the
+contrastive losses run per shard under ``jax.shard_map``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices: int | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D ``("data",)`` mesh over ``devices`` (default: the first ``num_devices`` of all hosts).
+
+  Args:
+    num_devices: how many devices to use; ``None`` means all of ``jax.devices()``.
+    devices: explicit device list; overrides ``num_devices``.
+  """
+  if devices is None:
+    all_devices = jax.devices()
+    if num_devices is None:
+      num_devices = len(all_devices)
+    if not 0 < num_devices <= len(all_devices):
+      raise ValueError(
+          f"mesh of {num_devices} devices requested but {len(all_devices)} are visible; "
+          "set num_devices to at most jax.device_count()")
+    devices = all_devices[:num_devices]
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over ``"data"``, the rest replicated."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = "global batch") -> int:
+  """Returns the per-device batch; raises a clear error when it is not a whole number.
+
+  Called on static shapes before anything is compiled.
+  """
+  n = mesh.size
+  if global_batch <= 0 or global_batch % n:
+    raise ValueError(
+        f"{what} of {global_batch} is not divisible by the {n} devices of the mesh; "
+        f"use a multiple of {n} (e.g. {max(n, (global_batch // n) * n) or n}) or fewer devices")
+  procs = jax.process_count()
+  if global_batch % procs:
+    raise ValueError(
+        f"{what} of {global_batch} is not divisible by the {procs} processes; "
+        f"use a multiple of {procs}")
+  return global_batch // n
+
+
+def shard_map_over_data(fn: Callable[..., Any], mesh: Mesh, in_specs: Any, out_specs: Any = P()):
+  """``jax.shard_map`` of ``fn`` over the ``"data"`` axis of ``mesh``.
+
+  ``in_specs``/``out_specs`` use ``P("data")`` for batch-sharded arrays and ``P()`` for
+  replicated ones (scalars such as the temperature, the MoCo queue). Outputs reduced with
+  ``pmean``/``psum`` inside ``fn`` are replicated, hence ``out_specs=P()``.
+  """
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+def host_local_to_global(local_batch: Any, mesh: Mesh) -> Any:
+  """Turns this process's numpy batch (a pytree) into global ``jax.Array``s sharded on "data".
+
+  Every leaf's leading dimension is this host's share of the global batch; the global leading
+  dimension is ``process_count`` times it.
+  """
+  sharding = data_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None,
+                           cpu_collectives: str | None = None) -> None:
+  """Calls ``jax.distributed.initialize`` when a multi-process run is asked for or detected.
+
+  On Cloud TPU pods and SLURM, jax detects the cluster itself (all arguments ``None``). On a
+  CPU machine (the local multi-process launcher and tests) pass the coordinator, count and id,
+  and ``cpu_collectives="gloo"`` so that cross-process collectives work on CPU.
+  """
+  if cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+  if coordinator_address is None and num_processes is None and process_id is None:
+    jax.distributed.initialize()  # auto-detection (TPU pod, SLURM, ...); raises if none found.
+    return
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes,
+      process_id=process_id)
