@@ -1,0 +1,118 @@
+"""Weighted k-nearest-neighbour monitor (Wu et al. 2018, InstDisc, Sec. 3.4; used by MoCo).
+
+For a test feature ``f`` (L2-normalised) and the normalised train features ``v_j``:
+``s_j = f . v_j`` (cosine similarity); the ``k`` most similar train items ``N_k`` vote with
+weight ``alpha_j = exp(s_j / T)``; the score of class ``c`` is
+``w_c = sum_{j in N_k} alpha_j 1[y_j = c]`` and the prediction is ``argmax_c w_c``.
+Defaults ``k = 200``, ``T = 0.07`` as in InstDisc.
+
+Computed in JAX on blocks of ``chunk`` test rows, so memory is ``O(chunk x N_train)`` besides
+the train features themselves. The whole train set must be present in this process (gather it
+first in a multi-host run).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from contrastive_jax.evaluate.features import map_row_chunks
+from contrastive_jax.evaluate.zero_shot import l2_normalize, top_k_hits
+
+
+def _class_scores(test_rows: jax.Array, train_feats: jax.Array, train_labels: jax.Array, *,
+                  num_classes: int, k: int, temperature: float) -> jax.Array:
+  """``[b, C]`` weighted votes of the ``k`` nearest (normalised) train features."""
+  sims = l2_normalize(test_rows) @ train_feats.T  # [b, N_train]; train_feats already normalised
+  top_sims, top_idx = jax.lax.top_k(sims, k)  # [b, k]
+  weights = jnp.exp(top_sims / temperature)
+  # Scatter-add rather than a one-hot [b, k, C] tensor: memory O(b x C), not O(b x k x C).
+  rows = jnp.broadcast_to(jnp.arange(sims.shape[0])[:, None], top_idx.shape)
+  return jnp.zeros((sims.shape[0], num_classes), jnp.float32).at[
+      rows, train_labels[top_idx]].add(weights)
+
+
+def _check(train_feats, train_labels, test_feats, num_classes, k, temperature):
+  if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
+    raise ValueError(f"kNN needs train [N, F] and test [M, F] features with the same F; got "
+                     f"{train_feats.shape} and {test_feats.shape}")
+  if train_labels.shape != (train_feats.shape[0],):
+    raise ValueError(f"train_labels of shape {train_labels.shape} for {train_feats.shape[0]} "
+                     "train features; pass one int label per row")
+  if train_labels.min() < 0 or train_labels.max() >= num_classes:
+    raise ValueError(f"train labels must lie in [0, num_classes={num_classes})")
+  if k < 1:
+    raise ValueError(f"kNN k={k} must be at least 1")
+  if temperature <= 0:
+    raise ValueError(f"kNN temperature={temperature} must be positive (InstDisc uses 0.07)")
+
+
+def knn_class_scores(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
+                     *, num_classes: int, k: int = 200, temperature: float = 0.07,
+                     chunk: int = 1024) -> np.ndarray:
+  """``[M, C] float32`` class scores ``w_c`` of every test row (see the module docstring).
+
+  ``k`` larger than the train set is clamped to ``N_train`` (every train item votes).
+  """
+  train_feats, test_feats = np.asarray(train_feats), np.asarray(test_feats)
+  train_labels = np.asarray(train_labels).reshape(-1)
+  _check(train_feats, train_labels, test_feats, num_classes, k, temperature)
+  k = min(k, train_feats.shape[0])
+
+  def scores(rows, train, labels):
+    return _class_scores(rows, train, labels, num_classes=num_classes, k=k,
+                         temperature=temperature)
+
+  return map_row_chunks(scores, test_feats.astype(np.float32), l2_normalize(train_feats),
+                        train_labels.astype(np.int32), chunk=chunk)
+
+
+def knn_accuracy(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
+                 test_labels: np.ndarray, *, num_classes: int, k: int = 200,
+                 temperature: float = 0.07, chunk: int = 1024) -> dict[str, float]:
+  """Weighted kNN accuracy of ``test_feats`` against the labelled ``train_feats``.
+
+  Args:
+    train_feats: ``[N, F]`` features of the labelled (memory) set, any scale (normalised here).
+    train_labels: ``[N]`` int in ``[0, num_classes)``.
+    test_feats: ``[M, F]`` features to classify.
+    test_labels: ``[M]`` int.
+    num_classes: ``C``.
+    k: neighbours that vote. Rule when ``k > N``: ``k`` is clamped to ``N`` (all train items
+      vote, still weighted by similarity) and the clamped value is returned as ``"k"``.
+    temperature: ``T`` of the weights ``exp(s / T)``.
+    chunk: test rows per similarity block (memory ``chunk x N`` floats).
+
+  Returns:
+    ``{"top1", "top5" (only when C > 5), "k"}``; accuracies are fractions in [0, 1]. A class
+    tied with the true class counts as ranked above it (a test row with no neighbour of its
+    class is never a hit).
+  """
+  test_labels = np.asarray(test_labels).reshape(-1)
+  test_feats = np.asarray(test_feats)
+  if test_labels.shape[0] != test_feats.shape[0]:
+    raise ValueError(f"{test_labels.shape[0]} test labels for {test_feats.shape[0]} test rows")
+  if test_labels.min() < 0 or test_labels.max() >= num_classes:
+    raise ValueError(f"test labels must lie in [0, num_classes={num_classes})")
+  k_used = min(k, np.asarray(train_feats).shape[0])
+  if k_used < k:
+    logging.info("kNN: k=%d exceeds the %d train items; using k=%d", k, k_used, k_used)
+  ks = (1, 5) if num_classes > 5 else (1,)
+
+  train_feats = np.asarray(train_feats)
+  train_labels = np.asarray(train_labels).reshape(-1)
+  _check(train_feats, train_labels, test_feats, num_classes, k, temperature)
+
+  def hits(rows, labels, train, train_lab):
+    s = _class_scores(rows, train, train_lab, num_classes=num_classes, k=k_used,
+                      temperature=temperature)
+    return jnp.stack([top_k_hits(s, labels, kk) for kk in ks], axis=1)
+
+  h = map_row_chunks(hits, (test_feats.astype(np.float32), test_labels.astype(np.int32)),
+                     l2_normalize(train_feats), train_labels.astype(np.int32), chunk=chunk)
+  result = {f"top{kk}": float(np.mean(h[:, i])) for i, kk in enumerate(ks)}
+  result["k"] = k_used
+  return result

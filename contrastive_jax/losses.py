@@ -1,0 +1,331 @@
+"""The InfoNCE loss family, as pure per-shard functions.
+
+Every loss takes per-device embeddings and an ``axis_name``:
+
+* ``axis_name=None``: the plain single-device loss over the batch it is given.
+* ``axis_name="data"`` (called inside ``jax.shard_map``): the candidates are the *global*
+  batch. The function all-gathers what it needs, scores its ``n`` local rows against the ``N``
+  gathered columns, puts the positive of local row ``r`` at column ``axis_index * n + r`` (the
+  rank offset) and returns the mean over the global batch (``pmean`` of the local means; all
+  shards hold the same number of rows). ``all_gather`` is differentiable (its transpose is a
+  reduce-scatter), so each device receives the exact gradient of the global loss for its rows.
+
+Embeddings may be raw: each loss L2-normalises them itself (normalising twice is harmless).
+Similarities, logits and log-sum-exps are computed in float32 (float64 if the inputs are
+float64) whatever the input dtype, with ``Precision.HIGHEST`` matmuls so that TPUs do not
+round the logits to bf16. Masking uses ``-inf`` on float32 logits, never a large constant.
+
+Conventions (see ``shared/REFERENCE.md``, "how directions combine"):
+
+* ``nt_xent`` (SimCLR, Chen et al. 2020, eq. 1): mean over all 2N anchors (the paper's L).
+  The original TF code sums its two directions, i.e. reports twice this value.
+* ``clip_loss`` (Radford et al. 2021, Fig. 3): mean of the image->text and text->image
+  cross-entropies.
+* ``moco_loss`` (He et al. 2020, eq. 1; MoCo v2): logits ``[q.k, q.queue^T] / T``, label 0.
+* ``moco_v3_loss`` (Chen et al. 2021, Alg. 1): in-batch InfoNCE times ``2T``; MoCo v3 sums
+  ``moco_v3_loss(q1, k2) + moco_v3_loss(q2, k1)``, which the method does.
+* ``siglip_loss`` (Zhai et al. 2023, Alg. 1): ``-log sigmoid(z_ij (t x_i.y_j + b))`` summed over
+  all N^2 pairs and divided by N (the number of rows), not by N^2.
+
+With ``return_metrics=True`` each returns ``(loss, metrics)`` where ``metrics["accuracy"]`` is
+the contrastive top-1 accuracy (the positive scores highest among the anchor's candidates),
+averaged over the global batch like the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_embeddings(name_a: str, a: jax.Array, name_b: str, b: jax.Array) -> None:
+  if a.ndim != 2 or b.ndim != 2:
+    raise ValueError(
+        f"{name_a} and {name_b} must be [batch, dim] arrays, got shapes {a.shape} and "
+        f"{b.shape}; flatten or pool the features first")
+  if a.shape != b.shape:
+    raise ValueError(
+        f"{name_a} {a.shape} and {name_b} {b.shape} must have the same shape: one "
+        "positive per row, same embedding size")
+
+
+def _check_positive(name: str, value: Any) -> None:
+  """Rejects non-positive concrete values; traced values (learned scales) are the caller's."""
+  if jnp.ndim(value) != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
+  if isinstance(value, jax.core.Tracer):
+    return
+  if not np.all(np.asarray(value) > 0):
+    raise ValueError(f"{name} must be positive, got {value}; use a value > 0 (e.g. 0.1)")
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def _compute_dtype(x: jax.Array) -> jnp.dtype:
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Row-wise ``x / max(||x||, eps)`` in at least float32."""
+  x = x.astype(_compute_dtype(x))
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def _gather(x: jax.Array, axis_name: str | None) -> jax.Array:
+  """[n, D] local rows -> [N, D] global rows, in device order along ``axis_name``."""
+  if axis_name is None:
+    return x
+  return jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
+
+
+def _row_offset(n: int, axis_name: str | None) -> jax.Array:
+  """Global index of this shard's first row: ``axis_index * n`` (0 on one device)."""
+  if axis_name is None:
+    return jnp.zeros((), jnp.int32)
+  return jax.lax.axis_index(axis_name) * n
+
+
+def _global_mean(x: jax.Array, axis_name: str | None) -> jax.Array:
+  """Mean of a per-row quantity over the global batch (equal rows on every shard)."""
+  m = jnp.mean(x)
+  return m if axis_name is None else jax.lax.pmean(m, axis_name)
+
+
+def _sim(a: jax.Array, b: jax.Array) -> jax.Array:
+  """[n, D] x [M, D] -> [n, M] dot products in the inputs' (>= float32) dtype."""
+  return jnp.einsum("nd,md->nm", a, b, precision=_HIGHEST,
+                    preferred_element_type=jnp.promote_types(a.dtype, b.dtype))
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-row softmax cross-entropy and top-1 hit, for integer ``labels`` [n]."""
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  pos = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+  hit = (jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype)
+  return lse - pos, hit
+
+
+def _out(loss, metrics, return_metrics):
+  return (loss, metrics) if return_metrics else loss
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float | jax.Array,
+            axis_name: str | None = None, *, return_metrics: bool = False):
+  """SimCLR's NT-Xent loss over the global batch.
+
+  Args:
+    z1, z2: [n, D] this shard's projections of the two views (row r of z1 and z2 come from
+      the same image). Any float dtype.
+    temperature: scalar tau > 0.
+    axis_name: mesh axis to gather over inside ``shard_map``; ``None`` on one device.
+    return_metrics: also return ``{"accuracy": ...}``.
+
+  Returns:
+    Scalar float32 loss: the mean over the 2N anchors of the global batch of
+    ``-log softmax(sim / tau)[positive]``, where each anchor's candidates are the other 2N-1
+    views of the global batch (its twin, the positive, and 2N-2 negatives; itself excluded).
+  """
+  _check_embeddings("z1", z1, "z2", z2)
+  _check_positive("temperature", temperature)
+  n = z1.shape[0]
+  z1, z2 = _normalize(z1), _normalize(z2)
+  candidates = jnp.concatenate([_gather(z1, axis_name), _gather(z2, axis_name)], axis=0)
+  num_global = candidates.shape[0] // 2
+  anchors = jnp.concatenate([z1, z2], axis=0)                         # [2n, D]
+  logits = _sim(anchors, candidates) / temperature                    # [2n, 2N]
+
+  rows = _row_offset(n, axis_name) + jnp.arange(n)                    # global ids of my images
+  self_col = jnp.concatenate([rows, rows + num_global])               # anchor's own column
+  pos_col = jnp.concatenate([rows + num_global, rows])                # its twin's column
+  columns = jnp.arange(2 * num_global)
+  logits = jnp.where(columns[None, :] == self_col[:, None], -jnp.inf, logits)
+
+  per_anchor, hit = _cross_entropy(logits, pos_col)
+  loss = _global_mean(per_anchor, axis_name)
+  return _out(loss, {"accuracy": _global_mean(hit, axis_name)}, return_metrics)
+
+
+def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | jax.Array,
+              axis_name: str | None = None, *, return_metrics: bool = False):
+  """CLIP's symmetric InfoNCE over the global batch.
+
+  Args:
+    image_emb, text_emb: [n, D] this shard's image and text embeddings (pair r matches).
+    logit_scale: scalar multiplier of the cosine similarities (``exp`` of the learned
+      log-scale, clipped at 100 by the method), > 0.
+    axis_name: mesh axis to gather over inside ``shard_map``; ``None`` on one device.
+    return_metrics: also return image->text, text->image and mean top-1 accuracy.
+
+  Returns:
+    Scalar float32 loss ``(CE(image->text) + CE(text->image)) / 2``, each the mean over the N
+    pairs of the global batch; the candidates of an image are all N texts and vice versa.
+  """
+  _check_embeddings("image_emb", image_emb, "text_emb", text_emb)
+  _check_positive("logit_scale", logit_scale)
+  n = image_emb.shape[0]
+  img, txt = _normalize(image_emb), _normalize(text_emb)
+  labels = _row_offset(n, axis_name) + jnp.arange(n)
+  i2t, hit_i2t = _cross_entropy(logit_scale * _sim(img, _gather(txt, axis_name)), labels)
+  t2i, hit_t2i = _cross_entropy(logit_scale * _sim(txt, _gather(img, axis_name)), labels)
+  loss = 0.5 * (_global_mean(i2t, axis_name) + _global_mean(t2i, axis_name))
+  acc_i2t, acc_t2i = _global_mean(hit_i2t, axis_name), _global_mean(hit_t2i, axis_name)
+  metrics = {"accuracy": 0.5 * (acc_i2t + acc_t2i), "i2t_accuracy": acc_i2t,
+             "t2i_accuracy": acc_t2i}
+  return _out(loss, metrics, return_metrics)
+
+
+def moco_loss(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: float | jax.Array,
+              axis_name: str | None = None, *, return_metrics: bool = False):
+  """MoCo (v1/v2) InfoNCE: positive ``q.k``, negatives the K queued keys only.
+
+  Args:
+    q: [n, D] queries (gradient flows).
+    k: [n, D] keys from the momentum encoder for the same images; no gradient.
+    queue: [K, D] L2-normalised keys of past batches (the queue as it was *before* this
+      step); used as given, no gradient.
+    temperature: scalar tau > 0 (0.2 in MoCo v2).
+    axis_name: mesh axis for the global mean inside ``shard_map``. MoCo's negatives are the
+      queue, not the batch, so nothing is gathered here; the method enqueues the gathered keys.
+    return_metrics: also return ``{"accuracy": ...}`` (positive ranked above all K negatives).
+
+  Returns:
+    Scalar float32 mean over the global batch of ``-log softmax([q.k, q.queue^T] / tau)[0]``.
+  """
+  _check_embeddings("q", q, "k", k)
+  _check_positive("temperature", temperature)
+  if queue.ndim != 2 or queue.shape[1] != q.shape[1]:
+    raise ValueError(
+        f"queue must be [K, {q.shape[1]}] to match the keys' feature size, got {queue.shape}; "
+        "build the queue with the projection head's output dimension")
+  q = _normalize(q)
+  k = jax.lax.stop_gradient(_normalize(k))
+  queue = jax.lax.stop_gradient(queue.astype(q.dtype))
+  l_pos = jnp.sum(q * k, axis=-1, keepdims=True)                        # [n, 1]
+  l_neg = _sim(q, queue)                                                 # [n, K]
+  logits = jnp.concatenate([l_pos, l_neg], axis=1) / temperature
+  per_row, hit = _cross_entropy(logits, jnp.zeros((q.shape[0],), jnp.int32))
+  loss = _global_mean(per_row, axis_name)
+  return _out(loss, {"accuracy": _global_mean(hit, axis_name)}, return_metrics)
+
+
+def moco_v3_loss(q: jax.Array, k: jax.Array, temperature: float | jax.Array,
+                 axis_name: str | None = None, *, return_metrics: bool = False):
+  """MoCo v3's contrastive loss of queries against the global batch of keys, times ``2T``.
+
+  Args:
+    q: [n, D] predictor outputs of one view (gradient flows).
+    k: [n, D] momentum-encoder projections of the *other* view; no gradient.
+    temperature: scalar tau > 0 (1.0 for R50, 0.2 for ViT in MoCo v3).
+    axis_name: mesh axis to gather the keys over inside ``shard_map``; ``None`` on one device.
+    return_metrics: also return ``{"accuracy": ...}``.
+
+  Returns:
+    Scalar float32 ``2 tau * mean_i CE(q_i . K^T / tau, i)`` over the global batch, the N-1
+    other keys being the negatives. The method sums it over the two view orders.
+  """
+  _check_embeddings("q", q, "k", k)
+  _check_positive("temperature", temperature)
+  n = q.shape[0]
+  q = _normalize(q)
+  k = jax.lax.stop_gradient(_normalize(k))
+  logits = _sim(q, _gather(k, axis_name)) / temperature                  # [n, N]
+  per_row, hit = _cross_entropy(logits, _row_offset(n, axis_name) + jnp.arange(n))
+  loss = 2.0 * temperature * _global_mean(per_row, axis_name)
+  return _out(loss, {"accuracy": _global_mean(hit, axis_name)}, return_metrics)
+
+
+def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | jax.Array,
+                logit_bias: float | jax.Array, axis_name: str | None = None, *,
+                return_metrics: bool = False):
+  """SigLIP's pairwise sigmoid loss over the global batch.
+
+  Args:
+    image_emb, text_emb: [n, D] this shard's image and text embeddings (pair r matches).
+    logit_scale: scalar multiplier t > 0 (``exp`` of the learned log-scale, init 10).
+    logit_bias: scalar b (learned, init -10).
+    axis_name: mesh axis to gather the texts over inside ``shard_map``; ``None`` on one device.
+    return_metrics: also return ``{"accuracy": ...}`` (the matching text scores highest in
+      its image's row).
+
+  Returns:
+    Scalar float32 ``-(1/N) sum_i sum_j log sigmoid(z_ij (t x_i.y_j + b))`` with z_ij = +1 for
+    the matching pair and -1 otherwise, over the global batch of N pairs.
+  """
+  _check_embeddings("image_emb", image_emb, "text_emb", text_emb)
+  _check_positive("logit_scale", logit_scale)
+  if jnp.ndim(logit_bias) != 0:
+    raise ValueError(f"logit_bias must be a scalar, got shape {jnp.shape(logit_bias)}")
+  n = image_emb.shape[0]
+  img, txt = _normalize(image_emb), _normalize(text_emb)
+  logits = logit_scale * _sim(img, _gather(txt, axis_name)) + logit_bias   # [n, N]
+  pos_col = _row_offset(n, axis_name) + jnp.arange(n)
+  is_pos = jnp.arange(logits.shape[1])[None, :] == pos_col[:, None]
+  signs = jnp.where(is_pos, 1.0, -1.0).astype(logits.dtype)
+  per_row = -jnp.sum(jax.nn.log_sigmoid(signs * logits), axis=1)          # [n]
+  loss = _global_mean(per_row, axis_name)
+  hit = (jnp.argmax(logits, axis=-1) == pos_col).astype(logits.dtype)
+  return _out(loss, {"accuracy": _global_mean(hit, axis_name)}, return_metrics)
+
+
+LOSSES: dict[str, Callable[..., Any]] = {
+    "nt_xent": nt_xent,
+    "clip": clip_loss,
+    "moco": moco_loss,
+    "moco_v3": moco_v3_loss,
+    "siglip": siglip_loss,
+}
+
+
+# ----------------------------------------------------------------------------- global wrapper
+
+
+def sharded(loss_fn: Callable[..., Any], mesh: jax.sharding.Mesh, *, axis_name: str = "data",
+            num_batch_args: int = 2, return_metrics: bool = False) -> Callable[..., Any]:
+  """Runs ``loss_fn`` on global arrays: batch-split over ``axis_name`` with ``shard_map``.
+
+  The first ``num_batch_args`` positional arguments are [N, D] global batches, split over the
+  mesh axis; the remaining ones (temperature, scale, bias, the MoCo queue) are replicated.
+  Shapes are checked before anything is traced or compiled: a global batch that does not split
+  evenly over the devices raises a ``ValueError`` naming the fix.
+
+  Usable inside or outside ``jit``; differentiable with respect to every argument.
+  """
+  num_shards = mesh.shape[axis_name]
+
+  def wrapped(*args):
+    for i, x in enumerate(args[:num_batch_args]):
+      rows = jnp.shape(x)[0]
+      if rows % num_shards:
+        raise ValueError(
+            f"global batch of {rows} rows (argument {i}) is not divisible by the "
+            f"{num_shards} devices of mesh axis '{axis_name}'; use a global batch that is a "
+            f"multiple of {num_shards}")
+    # Python numbers stay static (so the loss validates them); arrays go through shard_map.
+    is_static = [i >= num_batch_args and isinstance(x, (int, float)) for i, x in enumerate(args)]
+    dynamic = [x for x, s in zip(args, is_static) if not s]
+
+    def per_shard(*dyn):
+      it = iter(dyn)
+      full = [x if s else next(it) for x, s in zip(args, is_static)]
+      return loss_fn(*full, axis_name=axis_name, return_metrics=return_metrics)
+
+    specs = tuple(P(axis_name) if i < num_batch_args else P()
+                  for i, s in enumerate(is_static) if not s)
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=P())(*dynamic)
+
+  return wrapped

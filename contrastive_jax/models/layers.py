@@ -1,0 +1,273 @@
+"""Shared building blocks: BatchNorm (sync or ghost), float32 LayerNorm, pre-LN transformer.
+
+* ``BatchNorm`` (Ioffe & Szegedy, 2015, Alg. 1): ``y = (x - mu_B) / sqrt(var_B + eps) * gamma +
+  beta``, running statistics ``r <- m r + (1 - m) s_B``. Under ``jit`` on a batch sharded over the
+  ``"data"`` mesh axis, the mean over axis 0 is a global reduction, so the statistics are those of
+  the global batch (sync BN, as SimCLR and MoCo v3 use) without any ``axis_name``. With
+  ``bn_groups=G`` the batch ``[B, ...]`` is viewed as ``[G, B/G, ...]`` and each contiguous group
+  is normalised with its own statistics ("ghost" BN); with the batch sharded over G devices this is
+  per-device BN, which MoCo v1/v2's shuffle-BN relies on (He et al., 2020, Sec. 3.3).
+* ``LayerNormF32``: LayerNorm (Ba et al., 2016) computed in float32 whatever the compute dtype.
+* ``TransformerBlock`` / ``Transformer``: pre-LN residual blocks (Vaswani et al., 2017; the
+  pre-LN placement of ViT, Dosovitskiy et al., 2021, Eq. 2-3, and of CLIP's text tower,
+  Radford et al., 2021). Attention logits and softmax are computed in float32.
+* ``frozen_mask`` / ``optimizer_labels``: find parameters that must never train (modules whose
+  name ends in ``FROZEN_SUFFIX``, e.g. MoCo v3's frozen random patch projection).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Modules whose name ends with this suffix hold parameters that must never be updated; see
+# `frozen_mask`.
+FROZEN_SUFFIX = "_frozen"
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over all axes but the last, with optional per-group ("ghost") statistics.
+
+  Variables: ``params/scale``, ``params/bias`` ``[C] param_dtype`` (when enabled) and
+  ``batch_stats/mean``, ``batch_stats/var`` ``[C] float32``. The running variance is the biased
+  (population) variance of the batch, as in flax (PyTorch stores the unbiased one).
+
+  Attributes:
+    use_running_average: normalise with the running statistics (eval) instead of the batch's
+      (train); may also be given at call time. Models pass ``not train``.
+    momentum: running statistics decay ``m`` in ``r <- m r + (1 - m) s``.
+    epsilon: added to the variance.
+    use_scale, use_bias: learn gamma / beta (MoCo v3's last projector BN has neither).
+    scale_init: gamma initialiser (zeros for a zero-init residual branch).
+    bn_groups: G; statistics are computed separately over each of the G contiguous groups of the
+      batch. The running statistics move towards the mean over groups of the group statistics.
+    dtype: output dtype (default: the input's). Statistics and normalisation are float32.
+    param_dtype: dtype of gamma and beta.
+  """
+  use_running_average: bool | None = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  use_scale: bool = True
+  use_bias: bool = True
+  scale_init: Callable[..., jax.Array] = nn.initializers.ones
+  bias_init: Callable[..., jax.Array] = nn.initializers.zeros
+  bn_groups: int = 1
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    """``x``: ``[B, ..., C]``; returns the same shape in ``dtype`` (or ``x.dtype``)."""
+    use_ra = nn.merge_param("use_running_average", self.use_running_average,
+                            use_running_average)
+    features = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+    xf = x.astype(jnp.float32)
+    if use_ra:
+      y = (xf - ra_mean.value) * jax.lax.rsqrt(ra_var.value + self.epsilon)
+    else:
+      groups = self.bn_groups
+      batch = x.shape[0]
+      if groups < 1 or batch % groups:
+        raise ValueError(
+            f"bn_groups={groups} must be >= 1 and divide the batch of {batch}; use a batch that "
+            "is a multiple of bn_groups (bn_groups = number of devices for per-device BN)")
+      xg = xf.reshape((groups, batch // groups) + x.shape[1:])
+      axes = tuple(range(1, xg.ndim - 1))
+      mean = jnp.mean(xg, axis=axes, keepdims=True)  # [G, 1, ..., 1, C]
+      # Two-pass variance: E[(x - mu)^2] does not cancel catastrophically like E[x^2] - mu^2.
+      var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+      y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(groups, features).mean(0)
+        ra_var.value = m * ra_var.value + (1 - m) * var.reshape(groups, features).mean(0)
+    if self.use_scale:
+      scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+      y = y * scale.astype(jnp.float32)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+      y = y + bias.astype(jnp.float32)
+    return y.astype(self.dtype or x.dtype)
+
+
+class LayerNormF32(nn.Module):
+  """LayerNorm whose statistics and affine transform run in float32; output in ``dtype``."""
+  epsilon: float = 1e-6
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nn.LayerNorm(epsilon=self.epsilon, dtype=jnp.float32, param_dtype=self.param_dtype,
+                     name="ln")(x.astype(jnp.float32))
+    return y.astype(self.dtype or x.dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """``x * sigmoid(1.702 x)``: the GELU approximation of the original CLIP models."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": nn.relu,
+}
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation={name!r} is unknown; use one of {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """``x / max(||x||_2, eps)`` in float32; ``[..., D] -> [..., D] float32``."""
+  x = x.astype(jnp.float32)
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (same parameter count as separate).
+
+  Logits ``q k^T / sqrt(d_head)`` and the softmax are float32; the causal mask sets the logits of
+  future positions to the float32 minimum (never ``-1e9`` in low precision).
+  """
+  num_heads: int
+  causal: bool = False
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """``x``: ``[B, L, W]`` -> ``[B, L, W]``."""
+    b, length, width = x.shape
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads={self.num_heads}; "
+                       "choose num_heads that divides the width")
+    head_dim = width // self.num_heads
+    dense = lambda f, name: nn.Dense(  # noqa: E731
+        f, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(), name=name)
+    qkv = dense(3 * width, "qkv")(x).reshape(b, length, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
+    q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    if self.causal:
+      mask = jnp.tril(jnp.ones((length, length), bool))
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=not train)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, length, width)
+    return dense(width, "out")(out)
+
+
+class MlpBlock(nn.Module):
+  """``Dense(mlp_dim) - activation - dropout - Dense(width)``."""
+  mlp_dim: int
+  activation: str = "gelu"
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    width = x.shape[-1]
+    init = dict(kernel_init=nn.initializers.xavier_uniform(),
+                bias_init=nn.initializers.normal(1e-6))
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
+                 **init)(x)
+    x = get_activation(self.activation)(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2", **init)(x)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LN block: ``x + Attn(LN(x))`` then ``x + MLP(LN(x))``; ``[B, L, W] -> [B, L, W]``."""
+  num_heads: int
+  mlp_dim: int
+  causal: bool = False
+  activation: str = "gelu"
+  ln_eps: float = 1e-6
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = LayerNormF32(self.ln_eps, name="ln1", **kw)(x)
+    y = SelfAttention(self.num_heads, causal=self.causal,
+                      dropout_rate=self.attention_dropout_rate, name="attn", **kw)(y, train)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+    y = LayerNormF32(self.ln_eps, name="ln2", **kw)(x)
+    y = MlpBlock(self.mlp_dim, self.activation, self.dropout_rate, name="mlp", **kw)(y, train)
+    return x + nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+
+
+class Transformer(nn.Module):
+  """``depth`` pre-LN blocks named ``block{i}``; ``remat`` recomputes each block's activations
+  in the backward pass (same parameters, outputs and gradients, less memory)."""
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  causal: bool = False
+  activation: str = "gelu"
+  ln_eps: float = 1e-6
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    # static_argnums counts `self`: 2 is `train`, which selects dropout on/off at trace time.
+    block_cls = nn.remat(TransformerBlock, static_argnums=(2,)) if self.remat else TransformerBlock
+    for i in range(self.depth):
+      x = block_cls(self.num_heads, self.mlp_dim, causal=self.causal, activation=self.activation,
+                    ln_eps=self.ln_eps, dropout_rate=self.dropout_rate,
+                    attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name=f"block{i}")(x, train)
+    return x
+
+
+def _path_is_frozen(path: tuple[Any, ...]) -> bool:
+  for entry in path:
+    key = getattr(entry, "key", getattr(entry, "name", None))
+    if isinstance(key, str) and key.endswith(FROZEN_SUFFIX):
+      return True
+  return False
+
+
+def frozen_mask(params: Any) -> Any:
+  """Pytree of bools like ``params``: True for parameters that must never be updated.
+
+  A parameter is frozen when any module on its path is named ``*_frozen`` (e.g. the ViT's
+  ``patch_embed_frozen`` when ``freeze_patch_embed=True``). Such modules already stop the gradient,
+  but decoupled weight decay (AdamW, LARS) would still shrink them: mask them out of the optimizer.
+  """
+  return jax.tree_util.tree_map_with_path(lambda p, _: _path_is_frozen(p), params)
+
+
+def optimizer_labels(params: Any) -> Any:
+  """``"frozen"``/``"trainable"`` labels for ``optax.multi_transform``::
+
+      tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
+                                 optimizer_labels(params))
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: "frozen" if _path_is_frozen(p) else "trainable", params)

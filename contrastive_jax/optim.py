@@ -1,0 +1,235 @@
+"""Optimizers and learning-rate schedules of the contrastive recipes, built from one config.
+
+* LARS (You, Gitman & Ginsburg 2017, "Large Batch Training of Convolutional Networks", Eq. 6)
+  in the form of SimCLR's ``lars_optimizer.py`` (Chen et al. 2020, Sec. B.1): per leaf,
+  ``g <- g + wd * w``; ``g <- g * eta * ||w|| / ||g||`` (the trust ratio, 1 when either norm
+  is 0); ``v <- m * v + lr_t * g``; ``w <- w - v``. The momentum accumulates the
+  lr-scaled step, so warmup and cosine decay act through the buffer as in SimCLR.
+  ``optax.lars`` chains ``add_decayed_weights -> scale_by_trust_ratio -> scale_by_learning_rate
+  -> trace``, which is exactly this order (checked against a numpy hand computation in
+  tests/test_optim.py); we use it with our masks.
+* SGD with momentum (MoCo v2, as PyTorch's ``SGD``): ``v <- m * v + (g + wd * w)``,
+  ``w <- w - lr_t * v``.
+* AdamW (Loshchilov & Hutter 2019; PyTorch semantics as used by MoCo v3 and CLIP): the decay
+  ``lr_t * wd * w`` is decoupled from the Adam moments.
+
+Which leaves are decayed (``weight_decay_mask``; the same mask selects LARS's trust-ratio
+adaptation): a leaf is *excluded* when
+
+1. it has ``ndim <= 1`` (biases, BN/LN/GN scales and offsets, scalar logit scale/bias), or
+2. its path (keys joined with "/", lower-cased) contains one of ``NO_DECAY_SUBSTRINGS``:
+   "bias", "scale", "batchnorm", "layernorm", "groupnorm" (normalisation and gain
+   parameters), "pos_embed", "posemb", "positional_embedding", "token_embed", "cls_token",
+   "class_token" (positional/token/class embeddings), "temperature", "logit_scale",
+   "logit_bias" (the learned contrastive temperature of CLIP/SigLIP), or
+3. its own (last) key is ``"embedding"``, the table of ``flax.linen.Embed``. Only the last key
+   is matched here, so a patch-embedding convolution named "embedding" (big_vision's ViT)
+   keeps its kernel decayed, as in MoCo v3 and timm.
+
+``optim_config.no_decay_patterns`` (tuple of substrings) adds patterns to rule 2.
+
+Freezing: paths containing any of ``optim_config.frozen_patterns`` (e.g. "patch_embed" for
+MoCo v3's frozen random patch projection) get zero updates through ``optax.multi_transform``
+with ``optax.set_to_zero``; they have no optimizer state and are excluded from gradient
+clipping. A pattern that matches no parameter raises a ValueError at ``tx.init``.
+
+Learning rate: peak ``= base_lr * global_batch / 256`` ("linear"), ``base_lr * sqrt(global_batch)``
+("sqrt", SimCLR's 0.075 * sqrt(B)) or ``base_lr`` ("none"); linear warmup from 0 at step 0 to
+the peak at ``warmup_steps``, then cosine (Loshchilov & Hutter 2017, no restarts) to
+``end_lr_fraction * peak`` at ``total_steps``, or constant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+Schedule = Callable[[Any], jax.Array]
+
+NO_DECAY_SUBSTRINGS = (
+    "bias", "scale", "batchnorm", "layernorm", "groupnorm",
+    "pos_embed", "posemb", "positional_embedding", "token_embed", "cls_token", "class_token",
+    "temperature", "logit_scale", "logit_bias",
+)
+NO_DECAY_LEAF_NAMES = ("embedding",)
+
+_NAMES = ("lars", "sgd", "adamw")
+_SCALINGS = ("linear", "sqrt", "none")
+_SCHEDULES = ("cosine", "constant")
+
+
+def _get(config: Any, key: str, default: Any) -> Any:
+  """``config.key`` or ``default`` when missing or None (ConfigDict and plain dict alike)."""
+  value = config.get(key, None) if hasattr(config, "get") else getattr(config, key, None)
+  return default if value is None else value
+
+
+def _key_name(entry: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def path_to_str(path: Sequence[Any]) -> str:
+  """A ``jax.tree_util`` key path as ``"encoder/Dense_0/kernel"``."""
+  return "/".join(_key_name(p) for p in path)
+
+
+def is_decayed(path: str, ndim: int, extra_patterns: Sequence[str] = ()) -> bool:
+  """Whether a leaf at ``path`` (see ``path_to_str``) with ``ndim`` dims gets weight decay."""
+  if ndim <= 1:
+    return False
+  lowered = path.lower()
+  if any(s.lower() in lowered for s in (*NO_DECAY_SUBSTRINGS, *extra_patterns)):
+    return False
+  return lowered.rsplit("/", 1)[-1] not in NO_DECAY_LEAF_NAMES
+
+
+def weight_decay_mask(params: PyTree, extra_patterns: Sequence[str] = ()) -> PyTree:
+  """A tree of bools, True where weight decay (and LARS adaptation) applies. See module doc."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: is_decayed(path_to_str(path), jnp.ndim(x), extra_patterns), params)
+
+
+def resolve_warmup_steps(optim_config: Any, total_steps: int) -> int:
+  """The one place that turns ``warmup_steps`` or ``warmup_fraction`` into a step count."""
+  steps = _get(optim_config, "warmup_steps", None)
+  fraction = _get(optim_config, "warmup_fraction", None)
+  # A zero in either field means "unset", so a base config may default both to 0.
+  steps = steps or None
+  fraction = fraction or None
+  if steps is not None and fraction is not None:
+    raise ValueError(
+        f"optim.warmup_steps={steps} and optim.warmup_fraction={fraction} are both set; "
+        "set one of them and leave the other None or 0")
+  if fraction is not None:
+    if not 0.0 <= fraction < 1.0:
+      raise ValueError(f"optim.warmup_fraction={fraction} must lie in [0, 1)")
+    steps = int(round(fraction * total_steps))
+  steps = int(steps or 0)
+  if steps < 0 or (steps and steps >= total_steps):
+    raise ValueError(
+        f"warmup of {steps} steps must be non-negative and shorter than total_steps="
+        f"{total_steps}; lower optim.warmup_steps/warmup_fraction or train longer")
+  return steps
+
+
+def peak_learning_rate(optim_config: Any, global_batch: int) -> float:
+  """``base_lr`` scaled by the global batch as ``optim_config.lr_scaling`` says."""
+  base_lr = float(_get(optim_config, "base_lr", 0.0))
+  scaling = _get(optim_config, "lr_scaling", "none")
+  if global_batch <= 0:
+    raise ValueError(f"global_batch={global_batch} must be positive")
+  if scaling == "linear":
+    return base_lr * global_batch / 256.0
+  if scaling == "sqrt":
+    return base_lr * math.sqrt(global_batch)
+  if scaling == "none":
+    return base_lr
+  raise ValueError(f"optim.lr_scaling={scaling!r} is not one of {_SCALINGS}")
+
+
+def learning_rate_schedule(optim_config: Any, *, global_batch: int,
+                           total_steps: int) -> Schedule:
+  """``step -> lr`` ([] float32): linear warmup from 0, then cosine to the end value or constant."""
+  if total_steps <= 0:
+    raise ValueError(f"total_steps={total_steps} must be positive")
+  peak = peak_learning_rate(optim_config, global_batch)
+  warmup = resolve_warmup_steps(optim_config, total_steps)
+  kind = _get(optim_config, "schedule", "cosine")
+  if kind not in _SCHEDULES:
+    raise ValueError(f"optim.schedule={kind!r} is not one of {_SCHEDULES}")
+  end = float(_get(optim_config, "end_lr_fraction", 0.0)) * peak
+  decay_steps = max(total_steps - warmup, 1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak * step / max(warmup, 1)
+    if kind == "cosine":
+      progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+      after = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    else:
+      after = jnp.full_like(step, peak)
+    return jnp.where(step < warmup, warm, after)
+
+  return schedule
+
+
+def _frozen_labels(patterns: Sequence[str]) -> Callable[[PyTree], PyTree]:
+  def labels(params):
+    paths = [path_to_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    unmatched = [pat for pat in patterns if not any(pat in p for p in paths)]
+    if unmatched:
+      raise ValueError(
+          f"optim.frozen_patterns {unmatched} match no parameter path; fix the substrings "
+          f"(paths look like {paths[:3]})")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if any(pat in path_to_str(path) for pat in patterns)
+        else "train", params)
+  return labels
+
+
+def build_optimizer(optim_config: Any, *, global_batch: int,
+                    total_steps: int) -> tuple[optax.GradientTransformation, Schedule]:
+  """The optax transformation and its learning-rate schedule from ``optim_config``.
+
+  Args:
+    optim_config: ConfigDict (or dict) with ``name`` ("lars" | "sgd" | "adamw"), ``base_lr``,
+      ``lr_scaling`` ("linear" | "sqrt" | "none"), ``warmup_steps`` or ``warmup_fraction``,
+      ``schedule`` ("cosine" | "constant"), ``end_lr_fraction`` (0), ``weight_decay`` (0),
+      ``momentum`` (0.9), ``nesterov`` (False), ``lars_eta`` (1e-3), ``b1`` (0.9),
+      ``b2`` (0.999), ``eps`` (1e-8), ``grad_clip_norm`` (None), ``frozen_patterns`` (()),
+      ``no_decay_patterns`` (()). Missing or None fields take these defaults.
+    global_batch: the global batch size (for lr scaling).
+    total_steps: optimizer steps of the whole run.
+
+  Returns:
+    ``(tx, schedule)``; ``schedule(step)`` is the learning rate used at update ``step``
+    (0-based), for logging.
+  """
+  name = _get(optim_config, "name", None)
+  if name not in _NAMES:
+    raise ValueError(f"optim.name={name!r} is not one of {_NAMES}")
+  schedule = learning_rate_schedule(optim_config, global_batch=global_batch,
+                                    total_steps=total_steps)
+  weight_decay = float(_get(optim_config, "weight_decay", 0.0))
+  momentum = float(_get(optim_config, "momentum", 0.9))
+  nesterov = bool(_get(optim_config, "nesterov", False))
+  extra = tuple(_get(optim_config, "no_decay_patterns", ()))
+
+  def mask(params):
+    return weight_decay_mask(params, extra)
+
+  if name == "lars":
+    tx = optax.lars(schedule, weight_decay=weight_decay, weight_decay_mask=mask,
+                    trust_coefficient=float(_get(optim_config, "lars_eta", 1e-3)),
+                    trust_ratio_mask=mask, momentum=momentum, nesterov=nesterov)
+  elif name == "sgd":
+    tx = optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=mask),
+        optax.trace(decay=momentum, nesterov=nesterov),
+        optax.scale_by_learning_rate(schedule))
+  else:
+    tx = optax.adamw(schedule, b1=float(_get(optim_config, "b1", 0.9)),
+                     b2=float(_get(optim_config, "b2", 0.999)),
+                     eps=float(_get(optim_config, "eps", 1e-8)),
+                     weight_decay=weight_decay, mask=mask)
+
+  clip = _get(optim_config, "grad_clip_norm", None)
+  if clip is not None:
+    if clip <= 0:
+      raise ValueError(f"optim.grad_clip_norm={clip} must be positive (or None to disable)")
+    tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
+
+  frozen = tuple(_get(optim_config, "frozen_patterns", ()))
+  if frozen:
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               _frozen_labels(frozen))
+  return tx, schedule
