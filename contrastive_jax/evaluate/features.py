@@ -22,6 +22,7 @@ process waits on a collective the others never enter.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -151,8 +152,9 @@ def extract_features_from_iterator(encode_fn: Callable[[jax.Array], jax.Array],
   return np.concatenate(outputs, axis=0)
 
 
-def map_row_chunks(fn: Callable[..., Any], rows: Any, *consts: Any, chunk: int) -> Any:
-  """``fn(*rows[i:i + chunk], *consts)`` over fixed-size row chunks, concatenated.
+def map_row_chunks(fn: Callable[..., Any], rows: Any, *consts: Any, chunk: int,
+                   static: Mapping[str, Any] | None = None) -> Any:
+  """``fn(*rows[i:i + chunk], *consts, **static)`` over fixed-size row chunks, concatenated.
 
   The evaluators' memory bound: a ``[chunk, N_train]`` similarity block instead of
   ``[N_test, N_train]``. The last chunk is zero-padded to ``chunk`` rows (one compilation) and
@@ -164,6 +166,9 @@ def map_row_chunks(fn: Callable[..., Any], rows: Any, *consts: Any, chunk: int) 
       split together.
     consts: arguments passed whole to every call (put on device once).
     chunk: rows per call (positive).
+    static: hashable keyword arguments of ``fn`` made static under ``jit``. Pass a module-level
+      ``fn`` with its settings here rather than a fresh closure: jit caches by function, so a
+      repeated evaluation (the trainer's periodic kNN monitor) then compiles only once.
 
   Returns:
     ``[N, ...]`` numpy array(s) of ``fn``'s outputs, with ``fn``'s pytree structure.
@@ -176,7 +181,8 @@ def map_row_chunks(fn: Callable[..., Any], rows: Any, *consts: Any, chunk: int) 
     raise ValueError(f"row arrays differ in length: {[r.shape[0] for r in rows]}")
   if n == 0:
     raise ValueError("map_row_chunks got zero rows")
-  jitted = jax.jit(fn)
+  static = dict(static or {})
+  jitted = functools.partial(jax.jit(fn, static_argnames=tuple(static)), **static)
   consts = tuple(jnp.asarray(c) for c in consts)
   chunk = min(chunk, n)
   outputs = []

@@ -35,6 +35,13 @@ def _class_scores(test_rows: jax.Array, train_feats: jax.Array, train_labels: ja
       rows, train_labels[top_idx]].add(weights)
 
 
+def _knn_hits(rows, labels, train_feats, train_labels, *, num_classes, k, temperature, ks):
+  """``[b, len(ks)] bool`` top-k hits of the weighted kNN class scores."""
+  scores = _class_scores(rows, train_feats, train_labels, num_classes=num_classes, k=k,
+                         temperature=temperature)
+  return jnp.stack([top_k_hits(scores, labels, kk) for kk in ks], axis=1)
+
+
 def _check(train_feats, train_labels, test_feats, num_classes, k, temperature):
   if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
     raise ValueError(f"kNN needs train [N, F] and test [M, F] features with the same F; got "
@@ -62,12 +69,10 @@ def knn_class_scores(train_feats: np.ndarray, train_labels: np.ndarray, test_fea
   _check(train_feats, train_labels, test_feats, num_classes, k, temperature)
   k = min(k, train_feats.shape[0])
 
-  def scores(rows, train, labels):
-    return _class_scores(rows, train, labels, num_classes=num_classes, k=k,
-                         temperature=temperature)
-
-  return map_row_chunks(scores, test_feats.astype(np.float32), l2_normalize(train_feats),
-                        train_labels.astype(np.int32), chunk=chunk)
+  return map_row_chunks(_class_scores, test_feats.astype(np.float32), l2_normalize(train_feats),
+                        train_labels.astype(np.int32), chunk=chunk,
+                        static={"num_classes": num_classes, "k": k,
+                                "temperature": float(temperature)})
 
 
 def knn_accuracy(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
@@ -91,28 +96,23 @@ def knn_accuracy(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: 
     tied with the true class counts as ranked above it (a test row with no neighbour of its
     class is never a hit).
   """
+  train_feats, test_feats = np.asarray(train_feats), np.asarray(test_feats)
+  train_labels = np.asarray(train_labels).reshape(-1)
   test_labels = np.asarray(test_labels).reshape(-1)
-  test_feats = np.asarray(test_feats)
+  _check(train_feats, train_labels, test_feats, num_classes, k, temperature)
   if test_labels.shape[0] != test_feats.shape[0]:
     raise ValueError(f"{test_labels.shape[0]} test labels for {test_feats.shape[0]} test rows")
   if test_labels.min() < 0 or test_labels.max() >= num_classes:
     raise ValueError(f"test labels must lie in [0, num_classes={num_classes})")
-  k_used = min(k, np.asarray(train_feats).shape[0])
+  k_used = min(k, train_feats.shape[0])
   if k_used < k:
     logging.info("kNN: k=%d exceeds the %d train items; using k=%d", k, k_used, k_used)
   ks = (1, 5) if num_classes > 5 else (1,)
 
-  train_feats = np.asarray(train_feats)
-  train_labels = np.asarray(train_labels).reshape(-1)
-  _check(train_feats, train_labels, test_feats, num_classes, k, temperature)
-
-  def hits(rows, labels, train, train_lab):
-    s = _class_scores(rows, train, train_lab, num_classes=num_classes, k=k_used,
-                      temperature=temperature)
-    return jnp.stack([top_k_hits(s, labels, kk) for kk in ks], axis=1)
-
-  h = map_row_chunks(hits, (test_feats.astype(np.float32), test_labels.astype(np.int32)),
-                     l2_normalize(train_feats), train_labels.astype(np.int32), chunk=chunk)
+  h = map_row_chunks(_knn_hits, (test_feats.astype(np.float32), test_labels.astype(np.int32)),
+                     l2_normalize(train_feats), train_labels.astype(np.int32), chunk=chunk,
+                     static={"num_classes": num_classes, "k": k_used,
+                             "temperature": float(temperature), "ks": ks})
   result = {f"top{kk}": float(np.mean(h[:, i])) for i, kk in enumerate(ks)}
   result["k"] = k_used
   return result

@@ -80,6 +80,12 @@ def class_text_embeddings(encode_text_fn: Callable[[np.ndarray], jax.Array],
   return np.asarray(jnp.stack(rows), np.float32)
 
 
+def _zero_shot_hits(rows, labels, classes, *, ks):
+  """``[b, len(ks)] bool`` top-k hits of cosine scores against normalised class embeddings."""
+  scores = l2_normalize(rows) @ classes.T
+  return jnp.stack([top_k_hits(scores, labels, k) for k in ks], axis=1)
+
+
 def zero_shot_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray, *,
                        chunk: int = 4096) -> dict[str, float]:
   """Top-1 (and top-5 when ``C > 5``) zero-shot accuracy.
@@ -105,10 +111,6 @@ def zero_shot_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.
     raise ValueError(f"labels must lie in [0, {num_classes}); got [{labels.min()}, {labels.max()}]")
   ks = (1, 5) if num_classes > 5 else (1,)
 
-  def hits(rows, lab, classes):
-    scores = l2_normalize(rows) @ classes.T
-    return jnp.stack([top_k_hits(scores, lab, k) for k in ks], axis=1)
-
-  h = map_row_chunks(hits, (image_emb.astype(np.float32), labels.astype(np.int32)),
-                     l2_normalize(class_emb), chunk=chunk)
+  h = map_row_chunks(_zero_shot_hits, (image_emb.astype(np.float32), labels.astype(np.int32)),
+                     l2_normalize(class_emb), chunk=chunk, static={"ks": ks})
   return {f"top{k}": float(np.mean(h[:, i])) for i, k in enumerate(ks)}
