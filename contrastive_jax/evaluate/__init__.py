@@ -10,14 +10,16 @@ from contrastive_jax.evaluate.features import (
     extract_features, extract_features_from_iterator, map_row_chunks)
 from contrastive_jax.evaluate.knn import knn_accuracy, knn_class_scores
 from contrastive_jax.evaluate.linear_probe import (
-    DEFAULT_L2_GRID, balanced_subset, few_label_probe, linear_probe, stratified_split)
+    DEFAULT_L2_GRID, balanced_subset, few_label_probe, fit_logistic_regression, linear_probe,
+    stratified_split)
 from contrastive_jax.evaluate.retrieval import retrieval_recall
 from contrastive_jax.evaluate.zero_shot import (
     class_text_embeddings, l2_normalize, top_k_hits, zero_shot_accuracy)
 
 __all__ = [
     "DEFAULT_L2_GRID", "alignment", "balanced_subset", "class_text_embeddings",
-    "extract_features", "extract_features_from_iterator", "few_label_probe", "knn_accuracy",
-    "knn_class_scores", "l2_normalize", "linear_probe", "map_row_chunks", "retrieval_recall",
-    "stratified_split", "top_k_hits", "uniformity", "zero_shot_accuracy",
+    "extract_features", "extract_features_from_iterator", "few_label_probe",
+    "fit_logistic_regression", "knn_accuracy", "knn_class_scores", "l2_normalize", "linear_probe",
+    "map_row_chunks", "retrieval_recall", "stratified_split", "top_k_hits", "uniformity",
+    "zero_shot_accuracy",
 ]

@@ -207,6 +207,26 @@ def balanced_subset(labels: np.ndarray, shots: int, num_classes: int,
 # Public probes
 
 
+def fit_logistic_regression(x: np.ndarray, y: np.ndarray, *, num_classes: int, l2: float,
+                            max_iter: int = 1000, tol: float = 1e-5,
+                            mesh: Mesh | None = None) -> dict[str, np.ndarray]:
+  """Minimises the module docstring's objective (all row weights 1) on ``x`` as given.
+
+  No standardisation here (the probes standardise before calling the solver).
+
+  Args:
+    x: ``[N, D]`` features; y: ``[N]`` int labels; l2: the penalty; others as in
+      :func:`linear_probe`.
+
+  Returns:
+    ``{"w": [D, C] float32, "b": [C] float32}``; logits are ``x @ w + b``.
+  """
+  x, y = np.asarray(x, np.float32), np.asarray(y).reshape(-1)
+  _check_xy("train", x, y, num_classes)
+  problem = _Problem(x, y.astype(np.int32), num_classes, mesh)
+  return problem.fit(np.ones((len(y),), np.float32), l2, max_iter, tol)
+
+
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                  test_y: np.ndarray, *, num_classes: int,
                  l2_grid: Sequence[float] = DEFAULT_L2_GRID, val_fraction: float = 0.2,

@@ -67,7 +67,8 @@ def class_text_embeddings(encode_text_fn: Callable[[np.ndarray], jax.Array],
   if not class_names:
     raise ValueError("class_text_embeddings needs at least one class name")
   if not templates:
-    raise ValueError("class_text_embeddings needs at least one template, e.g. ('a photo of a {}.',)")
+    raise ValueError("class_text_embeddings needs at least one template, "
+                     "e.g. ('a photo of a {}.',)")
   for t in templates:
     if isinstance(t, str) and "{}" not in t:
       raise ValueError(f"template {t!r} has no '{{}}' for the class name; write e.g. "

@@ -71,6 +71,7 @@ class TextTransformer(nn.Module):
                                    attention_dropout_rate=self.attention_dropout_rate,
                                    remat=self.remat, **kw)
     self.ln_final = LayerNormF32(self.ln_eps, **kw)
+    self.embed_dropout = nn.Dropout(self.dropout_rate)
 
   def token_features(self, tokens: jax.Array, train: bool = False) -> jax.Array:
     """``[B, L] int -> [B, L, width]``: hidden state of every position after ``ln_final``."""
@@ -81,7 +82,7 @@ class TextTransformer(nn.Module):
       raise ValueError(f"token length {length} exceeds context_length={self.context_length}; "
                        "tokenize with a shorter length or raise context_length")
     x = self.token_embed(tokens) + self.pos_embedding[:length].astype(self.dtype)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    x = self.embed_dropout(x, deterministic=not train)
     return self.ln_final(self.transformer(x, train))
 
   def eot_positions(self, tokens: jax.Array) -> jax.Array:

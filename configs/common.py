@@ -1,0 +1,51 @@
+"""Shared config pieces: ``parse_arg`` for ``--config=configs/x.py:key=value,...`` and the defaults
+every run has (logging, checkpoints, evaluation). Configs call ``base_config()`` then fill in the
+method, model, data and optimizer."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults):
+  """``"quick,batch=512"`` -> ConfigDict(quick=True, batch=512, ...) over ``defaults``.
+
+  A bare word is a boolean switch; ``key=value`` values are parsed as int, float, bool or str
+  with the type of the default.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, _, value = part.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    if not _:
+      out[key] = True
+      continue
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif defaults[key] is None:
+      out[key] = value
+    else:
+      out[key] = kind(value)
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_devices = ml_collections.config_dict.placeholder(int)  # None: all devices
+  c.dtype = "float32"           # compute dtype of models and heads; params stay float32
+  c.remat = False
+  c.total_steps = ml_collections.config_dict.placeholder(int)
+  c.total_epochs = ml_collections.config_dict.placeholder(float)
+  c.log_every = 50
+  # Exit cleanly (checkpoint saved) at this step, as on preemption: for jobs with a time limit.
+  c.stop_at_step = ml_collections.config_dict.placeholder(int)
+  c.profile_steps = 0
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3,
+                                                async_save=True))
+  c.eval = ml_collections.ConfigDict(dict(
+      enabled=True, every_steps=0, batch_size=512, knn_k=200, knn_temperature=0.07,
+      few_shots=(10,), raw_pixel_baseline=False))
+  return c

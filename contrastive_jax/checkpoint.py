@@ -1,0 +1,296 @@
+"""Checkpoints: orbax ``CheckpointManager`` under ``workdir/checkpoints``, resume, preemption.
+
+One step directory ``checkpoints/<step>/`` holds three items:
+
+* ``state``: the whole ``TrainState`` (params, batch_stats, opt_state, rng, EMA, MoCo queue and
+  pointer) through ``ocp.args.StandardSave``; restored with the shardings of an abstract state,
+  so a checkpoint written by 8 devices restores onto 1, 4 or 512;
+* ``data_state``: the input position as JSON (e.g. ``{"step": s}``), so the pipeline resumes
+  with the same order;
+* ``config``: the run's config as JSON, for provenance and for checking a resumed run.
+
+Atomicity and damaged steps. orbax writes a step into a temporary directory and commits it
+(atomic rename, or a ``commit_success.txt`` marker on object stores) only after every item
+is written; an interrupted save leaves an uncommitted temporary directory that is never listed
+and is removed at the next start (``cleanup_tmp_directories=True``). Older steps beyond
+``max_to_keep`` are deleted only after the new step has committed. A committed step can still
+be damaged afterwards (a truncated or deleted file, a disk or copy fault, garbage metadata).
+``restore_latest_good`` tries steps from the newest down; when an older step restores with the
+same abstract state, every newer step that failed is proven damaged (not a mismatch of the
+abstract state) and its directory is *moved*, never deleted, to ``checkpoints/damaged/<step>``
+(not a step name, so orbax ignores it). Without the move, the damaged step would stay the
+newest and later saves' garbage collection would delete good steps while keeping it, and a
+re-save of that step number would collide with it. When every step fails, nothing is moved
+and a ``RuntimeError`` lists the reasons (most often the abstract state does not match the
+checkpoint, e.g. after a change of model config).
+
+Preemption. ``install_preemption_handler`` records SIGTERM in a flag (the handler does no
+other work: it may run between any two bytecodes of the training loop); the loop calls
+``reached_preemption(step, preempted)`` each step and, when True, saves with ``force=True``,
+waits and exits. On a multi-process run every process must agree on the step (orbax saves are
+collective), so there it defers to jax's preemption service:
+``jax.experimental.multihost_utils.reached_preemption_sync_point(step)``, which returns True on
+all processes at the same step once any of them has been notified (the service installs its
+own SIGTERM notifier; see the functions' docstrings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "checkpoints"
+DAMAGED_SUBDIR = "damaged"
+_ITEMS = ("state", "data_state", "config")
+
+
+def _json_default(obj: Any) -> Any:
+  if isinstance(obj, (np.generic, np.ndarray)) or hasattr(obj, "tolist"):
+    return np.asarray(obj).tolist()
+  if isinstance(obj, (set, frozenset)):
+    return sorted(obj)
+  return str(obj)  # e.g. a dtype or a callable in a config: kept for provenance only
+
+
+def to_jsonable(config: Any) -> dict[str, Any]:
+  """A ConfigDict or mapping as plain JSON types (tuples become lists, unknowns strings)."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  if not isinstance(config, Mapping):
+    raise ValueError(f"config must be a dict or ConfigDict, got {type(config).__name__}")
+  return json.loads(json.dumps(dict(config), default=_json_default))
+
+
+def _state_summary(error: BaseException) -> str:
+  text = f"{type(error).__name__}: {error}"
+  return text if len(text) <= 500 else text[:500] + "..."
+
+
+class Checkpointer:
+  """orbax ``CheckpointManager`` for TrainState + data position + config in ``workdir/checkpoints``.
+
+  Args:
+    workdir: the run directory (local path or ``gs://...``).
+    max_to_keep: how many most recent steps to keep.
+    save_interval_steps: ``save`` writes only at multiples of this (unless ``force``); the
+      first save of a run with no checkpoint yet is always written (orbax's
+      ``InitialSavePolicy``), and so is a save at a preemption sync point.
+    async_save: write in a background thread; ``save`` returns once the arrays are copied to
+      host memory, so the caller may donate the state's buffers to the next step right away.
+
+  Attributes:
+    damaged_steps: ``{step: reason}`` of steps that ``restore_latest_good`` found damaged.
+  """
+
+  def __init__(self, workdir: str | epath.PathLike, *, max_to_keep: int = 3,
+               save_interval_steps: int = 1, async_save: bool = True):
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep={max_to_keep} must be >= 1 (or None to keep all)")
+    if save_interval_steps < 1:
+      raise ValueError(f"save_interval_steps={save_interval_steps} must be >= 1")
+    self.directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
+    self.damaged_steps: dict[int, str] = {}
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        save_interval_steps=save_interval_steps,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+
+  # -------------------------------------------------------------------------- saving
+
+  def save(self, step: int, state: Any, *, data_state: Mapping[str, Any], config: Any,
+           force: bool = False) -> bool:
+    """Saves ``state`` (StandardSave), ``data_state`` and ``config`` (JSON) at ``step``.
+
+    Returns whether a save was started (False between save intervals unless ``force``).
+    Collective on multi-process runs: every process calls it with the same step.
+    """
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data_state=ocp.args.JsonSave(to_jsonable(data_state)),
+        config=ocp.args.JsonSave(to_jsonable(config)),
+    )
+    return self._manager.save(int(step), args=args, force=force)
+
+  def wait(self) -> None:
+    """Blocks until pending async saves have committed (raises their errors)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager's threads."""
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # -------------------------------------------------------------------------- restoring
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def restore(self, abstract_state: Any, step: int | None = None
+              ) -> tuple[Any, dict[str, Any], dict[str, Any], int]:
+    """Restores ``step`` (default: the latest) into the shapes/shardings of ``abstract_state``.
+
+    Args:
+      abstract_state: the TrainState as a pytree of ``jax.ShapeDtypeStruct`` with
+        ``.sharding`` (e.g. ``jax.eval_shape(init)`` with shardings attached); the restored
+        arrays get these shardings, whatever the device count that wrote the checkpoint.
+      step: which step; ``None`` for the latest.
+
+    Returns:
+      ``(state, data_state, config_dict, step)``.
+
+    Raises:
+      FileNotFoundError: when there is no checkpoint (or not that step).
+    """
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    elif step not in self._manager.all_steps():
+      raise FileNotFoundError(
+          f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}")
+    restored = self._manager.restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data_state=ocp.args.JsonRestore(),
+        config=ocp.args.JsonRestore(),
+    ))
+    return restored.state, dict(restored.data_state), dict(restored.config), int(step)
+
+  def restore_latest_good(self, abstract_state: Any
+                          ) -> tuple[Any, dict[str, Any], dict[str, Any], int] | None:
+    """Restores the newest step that reads back cleanly; ``None`` when there is no checkpoint.
+
+    Damaged newer steps (proven damaged because an older step restores with the same
+    ``abstract_state``) are logged, recorded in ``damaged_steps`` and moved to
+    ``checkpoints/damaged/<step>``. If no step restores, nothing is moved and a
+    ``RuntimeError`` reports each step's error.
+    """
+    self._manager.reload()  # see steps written or moved by others since construction
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    failures: dict[int, str] = {}
+    for step in steps:
+      try:
+        result = self.restore(abstract_state, step)
+      except Exception as error:  # noqa: BLE001 -- any read/parse failure marks the step
+        failures[step] = _state_summary(error)
+        logger.warning("checkpoint step %d in %s is damaged or unreadable: %s",
+                       step, self.directory, failures[step])
+        continue
+      if failures:
+        self._quarantine(failures)
+        logger.warning("resumed from step %d, the newest good checkpoint; damaged steps %s "
+                       "moved to %s", step, sorted(failures), self.directory / DAMAGED_SUBDIR)
+      return result
+    details = "; ".join(f"step {s}: {r}" for s, r in failures.items())
+    raise RuntimeError(
+        f"no checkpoint in {self.directory} could be restored ({details}). If every step "
+        "fails the same way, the abstract state probably does not match the checkpoint "
+        "(changed model/optimizer config?): restore with the run's original config.")
+
+  def _quarantine(self, failures: Mapping[int, str]) -> None:
+    """Moves damaged step directories aside (process 0), then reloads the step list."""
+    self.damaged_steps.update(failures)
+    if jax.process_index() == 0:
+      target_root = self.directory / DAMAGED_SUBDIR
+      target_root.mkdir(parents=True, exist_ok=True)
+      for step in failures:
+        source = self.directory / str(step)
+        target = target_root / str(step)
+        suffix = 1
+        while target.exists():  # keep every damaged copy, never overwrite one
+          target = target_root / f"{step}.{suffix}"
+          suffix += 1
+        try:
+          source.rename(target)
+        except Exception as error:  # noqa: BLE001 -- e.g. directory rename on an object store
+          logger.error("could not move damaged step %d aside (%s); it stays in %s and may be "
+                       "kept instead of a good step by max_to_keep: move it by hand",
+                       step, _state_summary(error), self.directory)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("contrastive_jax_checkpoint_quarantine")
+    self._manager.reload()
+
+
+# ---------------------------------------------------------------------------- preemption
+
+
+def _preemption_service_active() -> bool:
+  """Whether jax's coordination service runs a preemption sync manager (multi-process runs).
+
+  Reads jax's private ``jax._src.distributed.global_state`` (there is no public query in
+  jax 0.10); any failure to read it counts as "not active".
+  """
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    state = distributed.global_state
+    return state.client is not None and state.preemption_sync_manager is not None
+  except Exception:  # noqa: BLE001
+    return False
+
+
+def install_preemption_handler() -> Callable[[], bool]:
+  """Records SIGTERM in a flag; returns a function that says whether it arrived.
+
+  Call it from the main thread before the training loop. The handler only sets a
+  ``threading.Event``. When jax's preemption service is active (multi-process runs after
+  ``jax.distributed.initialize``), SIGTERM is left to the service's own notifier, which a
+  Python handler would replace, and the returned function reports False;
+  ``reached_preemption`` then asks the service instead.
+  """
+  flag = threading.Event()
+  if _preemption_service_active():
+    return flag.is_set
+  if threading.current_thread() is not threading.main_thread():
+    raise ValueError("install_preemption_handler must be called from the main thread "
+                     "(Python delivers signals there); call it in main()/train() before the loop")
+
+  def handler(signum, frame):  # noqa: ARG001
+    flag.set()
+
+  signal.signal(signal.SIGTERM, handler)
+  return flag.is_set
+
+
+def reached_preemption(step: int, preempted: Callable[[], bool] | None = None) -> bool:
+  """Whether the loop should save now and exit because the job is being preempted.
+
+  * Multi-process with jax's preemption service: ``reached_preemption_sync_point(step)``,
+    True on every process at the same step. Must be called at every step by all processes.
+  * Multi-process without the service (it raises RuntimeError): the local flags are combined
+    over processes with ``process_allgather`` (a small collective each call), so all
+    processes agree.
+  * Single process: the local SIGTERM flag from ``install_preemption_handler``.
+  """
+  local = bool(preempted()) if preempted is not None else False
+  if jax.process_count() == 1:
+    return local
+  try:
+    return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+  except RuntimeError:
+    flags = multihost_utils.process_allgather(np.asarray(local, np.int32))
+    return bool(np.any(flags))

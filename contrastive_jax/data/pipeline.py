@@ -1,0 +1,483 @@
+"""Per-process tf.data input pipelines: sharded, seeded, exactly resumable.
+
+Training order (``train_iterator``):
+
+* Random-access sources (embedded MNIST, image folders, CSV, and tfds / TFRecord with
+  ``cache=True``): epoch ``e`` visits ``perm_e = stateless_shuffle(range(N), (seed, e))``. With
+  global batch ``B = P * b`` over ``P`` processes, global step ``t`` of the epoch is
+  ``perm_e[t B : (t + 1) B]`` and process ``p`` takes its ``p``-th slice of ``b`` rows. The
+  processes' shards are disjoint, their union is the epoch (less the ``N mod B`` remainder that
+  is dropped, a different one each epoch), and the global batch does not depend on ``P``.
+* Streaming sources (tfds or TFRecord without ``cache``): process ``p`` reads only its even
+  sub-split (tfds) or its files; each epoch is a buffer shuffle seeded by (seed, e).
+
+Each example's augmentation is seeded by (seed, epoch, example id, view) (see augment.py), so
+a batch is a pure function of (seed, step): ``start_step=s`` computes the epoch and offset of
+step ``s``, skips example ids before any decoding, and yields exactly the batches of an
+uninterrupted run. Epochs repeat forever; every epoch ends on a whole batch.
+
+TensorFlow only feeds data: it never sees an accelerator (``data/__init__.py`` hides GPUs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from contrastive_jax.data import augment as aug_lib
+from contrastive_jax.data import sources as src_lib
+from contrastive_jax.data import tokenizer as tok_lib
+
+SOURCES = ("mnist", "tfds", "folder", "csv", "tfrecord")
+MODES = ("views", "image_text")
+_INF_EPOCHS = 2**62
+_CAPTION_OP = 7  # folded into an example seed to pick its caption template
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The embedded MNIST-5k default, SimCLR recipe at 32x32 (CIFAR-style strength 0.5)."""
+  c = ml_collections.ConfigDict()
+  c.source = "mnist"          # mnist | tfds | folder | csv | tfrecord
+  c.name = ""                 # tfds name, e.g. "imagenet2012", "cifar10"
+  c.train_split = "train"
+  c.eval_split = "test"
+  c.data_dir = ""             # tfds data_dir: local path or gs:// bucket ("" = tfds default)
+  c.path = ""                 # folder / CSV / TFRecord glob; "{split}" is replaced by the split
+  c.image_size = 32
+  c.recipe = "simclr"         # simclr | mocov2 | mocov3 | byol | clip
+  c.augment = ml_collections.ConfigDict({"strength": 0.5})  # AugmentConfig overrides
+  c.shuffle_buffer = 10_000   # streaming sources only; random-access sources use a full perm
+  c.skip_corrupt = False
+  c.context_length = 32
+  c.tokenizer = "bytes"       # bytes | sentencepiece
+  c.spm_model = ""
+  c.cache = False             # tfds / tfrecord: hold the split in host memory (small sets)
+  c.image_key = "image"       # tfds feature names
+  c.label_key = "label"
+  c.caption_key = ""          # tfds text feature; CSV caption column is csv_caption_key
+  c.csv_image_key = "filepath"
+  c.csv_caption_key = "caption"
+  c.csv_delimiter = ","
+  c.split_seed = 0            # embedded MNIST: seed of the stratified 4000/1000 split
+  c.num_parallel_calls = -1   # -1 = tf.data.AUTOTUNE
+  c.prefetch = 2              # batches prefetched on the host
+  return c
+
+
+def augment_config(data_config) -> aug_lib.AugmentConfig:
+  """The recipe's ``AugmentConfig`` with ``data_config.augment`` overrides applied."""
+  overrides = data_config.get("augment", None)
+  overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides or {})
+  return aug_lib.recipe_config(data_config.recipe, int(data_config.image_size), overrides)
+
+
+def _processes(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+  return int(process_index), int(process_count)
+
+
+def _split_path(path: str, split: str) -> str:
+  return path.replace("{split}", split) if path else path
+
+
+def _check_source(c) -> None:
+  if c.source not in SOURCES:
+    raise ValueError(f"data.source={c.source!r} is unknown; use one of {SOURCES}")
+  if c.source == "tfds" and not c.name:
+    raise ValueError("data.source='tfds' needs data.name (e.g. 'cifar10', 'imagenet2012')")
+
+
+def _is_streaming(c) -> bool:
+  return c.source in ("tfds", "tfrecord") and not c.get("cache", False)
+
+
+def indexed_source(data_config, split: str) -> src_lib.IndexedSource:
+  """The split of a random-access source (tfds / TFRecord loaded into memory)."""
+  c = data_config
+  _check_source(c)
+  if c.source == "mnist":
+    return src_lib.mnist_source(split, int(c.image_size), int(c.get("split_seed", 0)))
+  if c.source == "folder":
+    return src_lib.folder_source(_split_path(c.path, split))
+  if c.source == "csv":
+    return src_lib.csv_source(_split_path(c.path, split), c.get("csv_image_key", "filepath"),
+                              c.get("csv_caption_key", "caption"), c.get("csv_delimiter", ","))
+  if c.source == "tfrecord":
+    return src_lib.tfrecord_source(_split_path(c.path, split))
+  return src_lib.tfds_source(c.name, split, c.data_dir or None, c.get("image_key", "image"),
+                             c.get("label_key", "label"), c.get("caption_key", "") or None)
+
+
+def make_tokenizer(data_config):
+  return tok_lib.make_tokenizer(data_config.get("tokenizer", "bytes"),
+                                int(data_config.get("context_length", 77)),
+                                data_config.get("spm_model", "") or None)
+
+
+# ----------------------------------------------------------------------------- ids
+
+def epoch_rows(num_examples: int, seed: int, epoch, global_batch: int, process_index: int,
+               process_count: int) -> tf.Tensor:
+  """Rows ``[steps_per_epoch * b] int64`` of ``epoch`` read by this process, in order.
+
+  Works on a tensor ``epoch`` (inside ``Dataset.flat_map``) and eagerly.
+  """
+  b = global_batch // process_count
+  spe = num_examples // global_batch
+  epoch = tf.cast(epoch, tf.int64)
+  perm = tf.random.experimental.stateless_shuffle(
+      tf.range(num_examples, dtype=tf.int64),
+      seed=aug_lib.fold_in(tf.constant([seed, 0xE90C], tf.int64), epoch))
+  perm = tf.reshape(perm[:spe * global_batch], [spe, process_count, b])
+  return tf.reshape(perm[:, process_index, :], [-1])
+
+
+def _epoch_shuffle_seed(seed: int, epoch) -> tf.Tensor:
+  """A scalar int64 seed for ``Dataset.shuffle`` that differs per epoch."""
+  s = aug_lib.fold_in(tf.constant([seed, 0x5B0F], tf.int64), epoch)
+  return tf.random.stateless_uniform([], seed=s, minval=None, maxval=None, dtype=tf.int64)
+
+
+# ----------------------------------------------------------------------------- iterator
+
+class DataIterator:
+  """An iterator of host-local numpy batches with its bookkeeping.
+
+  ``stats``: ``num_examples`` (this process's examples per epoch for streaming sources, the
+  split's size otherwise), ``steps_per_epoch``, ``local_batch``, ``corrupt_skipped`` and
+  ``corrupt_files`` (images dropped by ``skip_corrupt=True``). ``step`` is the global step of
+  the next batch.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, stats: dict[str, Any], start_step: int,
+               diagnose):
+    self.dataset = dataset
+    self.stats = stats
+    self.step = start_step
+    self._diagnose = diagnose
+    self._it = dataset.as_numpy_iterator()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    try:
+      batch = next(self._it)
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError,
+            tf.errors.UnknownError, tf.errors.NotFoundError) as e:
+      self._diagnose(e)
+      raise
+    self.step += 1
+    return batch
+
+
+def _make_diagnose(source):
+  """On a decode error, name the corrupt files of an IndexedSource and say how to fix it."""
+  def diagnose(err):
+    if isinstance(source, src_lib.IndexedSource):
+      bad = src_lib.find_corrupt(source)
+      if bad:
+        raise src_lib.corrupt_error(source.name, [source.describe(i) for i in bad]) from err
+    raise src_lib.CorruptImageError(
+        f"reading {source.name} failed ({type(err).__name__}: {err.message.splitlines()[0]}). "
+        "If an image or record is corrupt, replace it or set data.skip_corrupt=True.") from err
+  return diagnose
+
+
+def _caption_table(source) -> tf.Tensor | None:
+  if source.class_names:
+    return tf.constant(src_lib.format_captions(source.train_templates, source.class_names))
+  return None
+
+
+def _drop_corrupt_stream(stream: src_lib.StreamSource) -> tuple[src_lib.StreamSource, list]:
+  """One decoding pass over the stream; drops the positions that fail to decode."""
+  checked = stream.dataset.enumerate().map(
+      lambda i, r: (i, tf.shape(src_lib.decode_record(r))[0]),
+      num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+  good = {int(i) for i, _ in checked.as_numpy_iterator()}
+  bad = sorted(set(range(stream.num_examples)) - good)
+  if not bad:
+    return stream, []
+  bad_t = tf.constant(bad, tf.int64)
+  ds = stream.dataset.enumerate().filter(
+      lambda i, r: tf.reduce_all(tf.not_equal(i, bad_t))).map(lambda i, r: r)
+  names = [f"{stream.name} record #{i}" for i in bad]
+  return dataclasses.replace(stream, dataset=ds, num_examples=stream.num_examples - len(bad)), \
+      names
+
+
+def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
+                   start_step: int = 0, process_index: int | None = None,
+                   process_count: int | None = None) -> DataIterator:
+  """Infinite iterator of this process's training batches (numpy).
+
+  Args:
+    data_config: ``default_data_config()``-style ConfigDict.
+    mode: ``"views"`` -> ``view1``, ``view2`` ``[b, S, S, 3] float32``, ``label [b] int32``,
+      ``index [b] int64``; ``"image_text"`` -> ``image [b, S, S, 3] float32``,
+      ``tokens [b, L] int32``, ``label``, ``index``.
+    global_batch: batch over all processes; ``b = global_batch // process_count``.
+    seed: run seed; with ``start_step`` it determines every batch.
+    start_step: first global step to yield (exact resume; skipped examples are not decoded).
+    process_index, process_count: default ``jax.process_index()/process_count()``.
+  """
+  c = data_config
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}")
+  p, num_p = _processes(process_index, process_count)
+  if global_batch <= 0 or global_batch % num_p:
+    raise ValueError(f"global_batch={global_batch} is not divisible by the {num_p} processes; "
+                     f"use a multiple of {num_p}")
+  if start_step < 0:
+    raise ValueError(f"start_step={start_step} must be >= 0")
+  b = global_batch // num_p
+  cfg = augment_config(c)
+  tokenizer = make_tokenizer(c) if mode == "image_text" else None
+  seed = int(seed)
+  stats: dict[str, Any] = {"local_batch": b, "corrupt_skipped": 0, "corrupt_files": []}
+  _check_source(c)
+
+  if _is_streaming(c):
+    if c.source == "tfds":
+      source = src_lib.tfds_stream(c.name, c.train_split, c.data_dir or None, p, num_p,
+                                   c.get("image_key", "image"), c.get("label_key", "label"),
+                                   c.get("caption_key", "") or None)
+    else:
+      source = src_lib.tfrecord_stream(_split_path(c.path, c.train_split), p, num_p)
+    if c.skip_corrupt:
+      source, bad = _drop_corrupt_stream(source)
+      stats.update(corrupt_skipped=len(bad), corrupt_files=bad)
+    n = source.num_examples
+    spe = n // b
+    what = f"this process's {n} examples"
+  else:
+    source = indexed_source(c, c.train_split)
+    if c.skip_corrupt:
+      source = src_lib.drop_corrupt(source)
+      stats.update(corrupt_skipped=len(source.corrupt_files),
+                   corrupt_files=list(source.corrupt_files))
+    n = len(source)
+    spe = n // global_batch
+    what = f"the {n} examples of {source.name}"
+  if spe < 1:
+    raise ValueError(f"global_batch={global_batch} is larger than {what}; use a smaller batch")
+  stats.update(num_examples=n, steps_per_epoch=spe)
+
+  captions = _caption_table(source)
+  if mode == "image_text" and captions is None and not _has_captions(source):
+    raise ValueError(f"mode='image_text' needs captions but {source.name} has neither a "
+                     "caption column nor class names")
+
+  start_epoch, offset = divmod(int(start_step), spe)
+  if isinstance(source, src_lib.IndexedSource):
+    cols = source.tf_columns()
+
+    def epoch_ds(epoch):
+      rows = epoch_rows(n, seed, epoch, global_batch, p, num_p)
+      return tf.data.Dataset.from_tensor_slices(rows).map(
+          lambda r: (epoch, {k: tf.gather(v, r) for k, v in cols.items()}))
+  else:
+    stream = source.dataset
+
+    def epoch_ds(epoch):
+      return stream.shuffle(int(c.shuffle_buffer), seed=_epoch_shuffle_seed(seed, epoch),
+                            reshuffle_each_iteration=False).take(spe * b).map(
+                                lambda r: (epoch, r))
+
+  def make_example(epoch, record):
+    image = src_lib.decode_record(record)
+    ex_seed = aug_lib.example_seed(seed, epoch, record["id"])
+    out = {"label": tf.cast(record["label"], tf.int32), "index": record["id"]}
+    if mode == "views":
+      out["view1"], out["view2"] = aug_lib.two_views(image, ex_seed, cfg)
+    else:
+      out["image"] = aug_lib.augment_view(image, aug_lib.view_seed(ex_seed, 1), cfg, 1)
+      if "caption" in record:
+        caption = record["caption"]
+      else:
+        t = tf.random.stateless_uniform(
+            [], seed=aug_lib.fold_in(ex_seed, _CAPTION_OP), minval=0,
+            maxval=int(captions.shape[0]), dtype=tf.int32, alg="philox")
+        caption = captions[t, tf.maximum(tf.cast(record["label"], tf.int32), 0)]
+      out["tokens"] = tokenizer.tf_encode(caption)
+    return out
+
+  par = c.get("num_parallel_calls", -1)
+  par = tf.data.AUTOTUNE if par in (None, -1) else int(par)
+  ds = tf.data.Dataset.range(start_epoch, _INF_EPOCHS).flat_map(epoch_ds)
+  ds = ds.skip(offset * b)  # ids only: nothing before the resume point is decoded
+  ds = ds.map(make_example, num_parallel_calls=par, deterministic=True)
+  ds = ds.batch(b, drop_remainder=True)
+  ds = ds.prefetch(int(c.get("prefetch", 2)) or tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  ds = ds.with_options(options)
+  return DataIterator(ds, stats, int(start_step), _make_diagnose(source))
+
+
+def _has_captions(source) -> bool:
+  if isinstance(source, src_lib.IndexedSource):
+    return "caption" in source.columns
+  return "caption" in source.dataset.element_spec
+
+
+# ----------------------------------------------------------------------------- eval
+
+def _shard_rows(n: int, process_index, process_count) -> np.ndarray:
+  if process_index is None and process_count is None:
+    return np.arange(n)
+  p, num_p = _processes(process_index, process_count)
+  return np.array_split(np.arange(n), num_p)[p]
+
+
+def _eval_dataset(source: src_lib.IndexedSource, cfg: aug_lib.AugmentConfig, tokenizer,
+                  par) -> tf.data.Dataset:
+  cols = source.tf_columns()
+  table = (tf.constant(src_lib.format_captions(source.eval_templates[:1], source.class_names))
+           if source.class_names else None)
+
+  def fn(r):
+    rec = {k: tf.gather(v, r) for k, v in cols.items()}
+    out = {"image": aug_lib.eval_preprocess(src_lib.decode_record(rec), cfg),
+           "label": tf.cast(rec["label"], tf.int32), "index": rec["id"]}
+    if tokenizer is not None:
+      cap = rec["caption"] if "caption" in rec else table[0, tf.maximum(
+          tf.cast(rec["label"], tf.int32), 0)]
+      out["tokens"] = tokenizer.tf_encode(cap)
+    return out
+
+  return tf.data.Dataset.range(len(source)).map(fn, num_parallel_calls=par, deterministic=True)
+
+
+def eval_arrays(data_config, split: str, *, process_index: int | None = None,
+                process_count: int | None = None, with_text: bool = False
+                ) -> dict[str, np.ndarray]:
+  """A whole split in memory with eval preprocessing (small data sets only).
+
+  Returns ``image [N, S, S, 3] float32``, ``label [N] int32``, ``index [N] int64`` and, with
+  ``with_text``, ``tokens [N, L] int32`` (the caption column, or the first held-out template
+  of the class name: retrieval captions). With ``process_index``/``process_count`` given, only
+  this process's contiguous part (``np.array_split``); by default the whole split. Corrupt
+  images raise, or are dropped with ``skip_corrupt=True``.
+  """
+  c = data_config
+  source = indexed_source(c, split)
+  if c.get("skip_corrupt", False):
+    source = src_lib.drop_corrupt(source)
+  source = source.take(_shard_rows(len(source), process_index, process_count))
+  if with_text and not (_has_captions(source) or source.class_names):
+    raise ValueError(f"with_text=True but {source.name} has no captions or class names")
+  ds = _eval_dataset(source, augment_config(c), make_tokenizer(c) if with_text else None,
+                     tf.data.AUTOTUNE).batch(256)
+  parts: dict[str, list[np.ndarray]] = {}
+  try:
+    for batch in ds.as_numpy_iterator():
+      for k, v in batch.items():
+        parts.setdefault(k, []).append(v)
+  except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+    _make_diagnose(source)(e)
+  return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def eval_iterator(data_config, split: str, batch_size: int, *,
+                  process_index: int | None = None, process_count: int | None = None,
+                  with_text: bool = False) -> Iterator[dict[str, np.ndarray]]:
+  """Eval batches of ``batch_size // process_count`` rows with a ``mask [b] bool``.
+
+  The last partial batch is padded with zeros (``mask=False``), never dropped, and every
+  process yields the same number of batches (``ceil(ceil(N / P) / b)``), so a jitted eval
+  step can run in lockstep on all hosts. Defaults as in ``train_iterator`` (jax's process).
+  Random-access and cached sources are held in memory; streaming tfds / TFRecord sources
+  are read from this process's shard.
+  """
+  c = data_config
+  p, num_p = _processes(process_index, process_count)
+  if batch_size <= 0 or batch_size % num_p:
+    raise ValueError(f"eval batch_size={batch_size} must be a positive multiple of the "
+                     f"{num_p} processes")
+  b = batch_size // num_p
+  cfg = augment_config(c)
+  tokenizer = make_tokenizer(c) if with_text else None
+  if _is_streaming(c):
+    if c.source == "tfds":
+      source = src_lib.tfds_stream(c.name, split, c.data_dir or None, p, num_p,
+                                   c.get("image_key", "image"), c.get("label_key", "label"),
+                                   c.get("caption_key", "") or None)
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      total = tfds.builder(c.name, data_dir=c.data_dir or None).info.splits[split].num_examples
+    else:
+      source = src_lib.tfrecord_stream(_split_path(c.path, split), p, num_p)
+      total = source.num_examples * num_p
+    table = (tf.constant(src_lib.format_captions(source.eval_templates[:1], source.class_names))
+             if source.class_names else None)
+
+    def fn(rec):
+      out = {"image": aug_lib.eval_preprocess(src_lib.decode_record(rec), cfg),
+             "label": tf.cast(rec["label"], tf.int32), "index": rec["id"]}
+      if tokenizer is not None:
+        cap = rec["caption"] if "caption" in rec else table[0, tf.maximum(
+            tf.cast(rec["label"], tf.int32), 0)]
+        out["tokens"] = tokenizer.tf_encode(cap)
+      return out
+    ds = source.dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    num_batches = math.ceil(math.ceil(total / num_p) / b)
+  else:
+    source = indexed_source(c, split)
+    if c.get("skip_corrupt", False):
+      source = src_lib.drop_corrupt(source)
+    total = len(source)
+    source = source.take(_shard_rows(total, p, num_p))
+    ds = _eval_dataset(source, cfg, tokenizer, tf.data.AUTOTUNE)
+    num_batches = math.ceil(math.ceil(total / num_p) / b)
+  ds = ds.batch(b).prefetch(2)
+  diagnose = _make_diagnose(source)
+
+  def gen():
+    it = ds.as_numpy_iterator()
+    template = None
+    for _ in range(num_batches):
+      try:
+        batch = next(it, None)
+      except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+        diagnose(e)
+        raise
+      if batch is None:  # this process ran out first: an all-padding batch
+        batch = {k: v[:0] for k, v in template.items()}
+      template = batch
+      n = len(batch["label"])
+      out = {k: np.concatenate([v, np.zeros((b - n,) + v.shape[1:], v.dtype)])
+             for k, v in batch.items()}
+      out["mask"] = np.arange(b) < n
+      yield out
+
+  return gen()
+
+
+def class_prompts(data_config, templates: str = "eval") -> dict[str, Any]:
+  """Zero-shot prompts: ``class_names``, ``prompts [C][T]`` and ``tokens [C, T, L] int32``.
+
+  ``templates="eval"`` uses the held-out templates (never seen as training captions).
+  """
+  source = indexed_source(data_config, data_config.eval_split) if not _is_streaming(
+      data_config) else None
+  if source is None or not source.class_names:
+    raise ValueError("class_prompts needs a source with class names (mnist, folder, tfds "
+                     "with cache=True)")
+  tmpl = source.eval_templates if templates == "eval" else source.train_templates
+  prompts = [list(col) for col in zip(*src_lib.format_captions(tmpl, source.class_names))]
+  tokenizer = make_tokenizer(data_config)
+  tokens = np.stack([tokenizer.encode(row) for row in prompts])
+  return {"class_names": list(source.class_names), "prompts": prompts, "tokens": tokens}

