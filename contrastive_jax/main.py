@@ -11,12 +11,13 @@ good checkpoint.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
 
+import logging as py_logging
+
 from absl import app, flags
+from absl import logging
 from ml_collections import config_flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -34,8 +35,16 @@ flags.DEFINE_string("cpu_collectives", None, "'gloo' for multi-process runs on C
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(py_logging.Filter):
+  """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   # TensorFlow only feeds data: keep it off the accelerators that jax uses.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
@@ -59,7 +68,8 @@ def main(argv):
   summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0:
     print(train.format_summary(summary))
-    print(json.dumps(summary, default=float))
+    print(f"full summary: {os.path.join(FLAGS.workdir, 'summary.json')}; TensorBoard: "
+          f"tensorboard --logdir={FLAGS.workdir}")
 
 
 if __name__ == "__main__":

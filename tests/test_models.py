@@ -33,6 +33,15 @@ def _images(key, b=4, h=32, w=32, c=3):
   return jax.random.normal(jax.random.key(key), (b, h, w, c), jnp.float32)
 
 
+def _init(model, *args, **kwargs):
+  """Jitted init: one compilation is far cheaper than flax's op-by-op eager init on 2 cores."""
+  return jax.jit(lambda *a: model.init(jax.random.key(0), *a, **kwargs))(*args)
+
+
+def _apply(model, variables, *args, **kwargs):
+  return jax.jit(lambda v, *a: model.apply(v, *a, **kwargs))(variables, *args)
+
+
 # ----------------------------------------------------------------------------------------------
 # Published parameter counts (params only: BN's scale and bias, not batch_stats).
 
@@ -66,14 +75,14 @@ def test_param_counts_match_published_models():
                  posemb="sincos2d"), 32, 16),
 ])
 def test_encoder_output_shapes(name, kwargs, size, feat):
+  # Shapes by abstract evaluation (the other tests run these models on real numbers).
   model = M.build_model(name, **kwargs)
   assert M.feature_dim(name, **kwargs) == feat
-  x = _images(1, 2, size, size)
-  variables = model.init(jax.random.key(0), x)
-  out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
-  assert out.shape == (2, feat) and out.dtype == jnp.float32
-  assert np.all(np.isfinite(np.asarray(out)))
-  assert model.apply(variables, x, train=False).shape == (2, feat)
+  x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  for train in (True, False):
+    out, _ = jax.eval_shape(
+        lambda x, t=train: model.init_with_output(jax.random.key(0), x, train=t), x)
+    assert out.shape == (2, feat) and out.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("name", ["vit_ti16", "vit_s16", "vit_b16", "vit_b32", "resnet50"])
@@ -87,33 +96,30 @@ def test_preset_shapes_via_eval_shape(name):
 
 
 def test_stems_and_v15_stride_placement():
-  x = _images(2, 2, 32, 32)
-  cifar = M.build_model("resnet18", width=1 / 16, stem="cifar")
-  v = cifar.init(jax.random.key(0), x)
-  _, state = cifar.apply(v, x, capture_intermediates=True)
-  inter = state["intermediates"]
+  def intermediates(model, size):
+    x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    _, v = jax.eval_shape(lambda x: model.init_with_output(
+        jax.random.key(0), x, capture_intermediates=True), x)
+    return v["intermediates"], v["params"]
+
+  inter, _ = intermediates(M.build_model("resnet18", width=1 / 16, stem="cifar"), 32)
   assert inter["stem"]["__call__"][0].shape == (2, 32, 32, 4)  # no downsampling in the stem
 
-  x = _images(3, 2, 64, 64)
-  r50 = M.build_model("resnet50", width=1 / 16)
-  v = r50.init(jax.random.key(0), x)
-  _, state = r50.apply(v, x, capture_intermediates=True)
-  inter = state["intermediates"]
+  inter, params = intermediates(M.build_model("resnet50", width=1 / 16), 64)
   assert inter["stem"]["__call__"][0].shape == (2, 16, 16, 4)  # 7x7/2 conv + 3x3/2 max-pool
   blk = inter["stage2_block1"]
   # ResNet v1.5: the first 1x1 keeps the resolution, the 3x3 carries the stride.
   assert blk["conv1"]["__call__"][0].shape == (2, 16, 16, 8)
   assert blk["conv2"]["__call__"][0].shape == (2, 8, 8, 8)
   assert blk["__call__"][0].shape == (2, 8, 8, 32)
-  assert v["params"]["stage4_block1"]["conv2"]["kernel"].shape == (3, 3, 32, 32)
+  assert params["stage4_block1"]["conv2"]["kernel"].shape == (3, 3, 32, 32)
 
 
 def test_zero_init_residual():
   x = _images(4, 2, 16, 16)
   for name, last in (("resnet18", "bn2"), ("resnet50", "bn3")):
     model = M.build_model(name, width=1 / 16, stem="cifar", zero_init_residual=True)
-    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-    params = model.init(jax.random.key(0), x)["params"]
+    params = _init(model, x)["params"]
     blocks = [k for k in params if k.startswith("stage")]
     assert blocks
     for k in blocks:
@@ -266,8 +272,8 @@ def test_text_transformer_matches_numpy_and_pools_first_eot():
   tokens[0, 4] = 3
   tokens[0, 7] = 3  # pooling takes the FIRST eot
   tokens[1, 9] = 3
-  v = model.init(jax.random.key(0), jnp.asarray(tokens))
-  out = model.apply(v, jnp.asarray(tokens))
+  v = _init(model, jnp.asarray(tokens))
+  out = _apply(model, v, jnp.asarray(tokens))
   p = _np(v["params"])
   x = p["token_embed"]["embedding"][tokens] + p["pos_embedding"][:10]
   h = _np_ln(_np_blocks(x, p["transformer"], 2, True, 1e-5), p["ln_final"]["ln"], 1e-5)
@@ -275,7 +281,7 @@ def test_text_transformer_matches_numpy_and_pools_first_eot():
   np.testing.assert_allclose(out, ref, rtol=2e-4, atol=2e-5)
   # eot_id=None: CLIP's rule, the position of the largest id.
   model_argmax = M.build_model("clip_text", **TEXT_KW)
-  out2 = model_argmax.apply(v, jnp.asarray(tokens))
+  out2 = _apply(model_argmax, v, jnp.asarray(tokens))
   np.testing.assert_allclose(out2, h[np.arange(3), tokens.argmax(1)], rtol=2e-4, atol=2e-5)
   with pytest.raises(ValueError, match="context_length"):
     model.apply(v, jnp.zeros((1, 13), jnp.int32))
@@ -284,10 +290,10 @@ def test_text_transformer_matches_numpy_and_pools_first_eot():
 def test_causal_mask_hides_future_tokens():
   model = M.build_model("clip_text", **TEXT_KW)
   tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 50)
-  v = model.init(jax.random.key(0), tokens)
+  v = _init(model, tokens)
   t = 5
   changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % 50)
-  f = lambda tok: model.apply(v, tok, method="token_features")  # noqa: E731
+  f = jax.jit(lambda tok: model.apply(v, tok, method="token_features"))
   h1, h2 = f(tokens), f(changed)
   assert h1.shape == (2, 12, 16)
   np.testing.assert_allclose(h1[:, :t + 1], h2[:, :t + 1], rtol=1e-6, atol=1e-6)
@@ -303,9 +309,9 @@ def _np_patchify(x, p):
 def test_vit_matches_numpy_reference():
   model = M.build_model("vit", patch_size=8, width=16, depth=2, num_heads=4)
   x = _images(6, 2, 16, 24)
-  v = model.init(jax.random.key(0), x)
+  v = _init(model, x)
   p = _np(v["params"])
-  out = model.apply(v, x)
+  out = _apply(model, v, x)
   pe = p["patch_embed"]
   tok = _np_patchify(np.asarray(x, np.float64), 8) @ pe["kernel"].reshape(-1, 16) + pe["bias"]
   tok = np.concatenate([np.broadcast_to(p["cls_token"], (2, 1, 16)), tok], 1)
@@ -353,11 +359,11 @@ def test_bf16_forward_close_to_float32_with_float32_params(name, kwargs):
   x = _images(7, 4, 16, 16)
   m32 = M.build_model(name, **kwargs)
   m16 = M.build_model(name, dtype=jnp.bfloat16, **kwargs)
-  v = m32.init(jax.random.key(0), x)
-  v16 = m16.init(jax.random.key(0), x)
+  v = _init(m32, x)
+  v16 = jax.eval_shape(m16.init, jax.random.key(0), x)
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(v16))
-  o32, s32 = m32.apply(v, x, train=True, mutable=["batch_stats"])
-  o16, s16 = m16.apply(v, x, train=True, mutable=["batch_stats"])
+  o32, s32 = _apply(m32, v, x, train=True, mutable=["batch_stats"])
+  o16, s16 = _apply(m16, v, x, train=True, mutable=["batch_stats"])
   assert o16.dtype == jnp.bfloat16
   assert _rel_err(o16, o32) < 3e-2
   if s32:
@@ -368,19 +374,22 @@ def test_frozen_patch_projection_never_updates():
   model = M.build_model("vit", patch_size=8, width=16, depth=1, num_heads=2,
                         freeze_patch_embed=True, posemb="sincos2d")
   x = _images(8, 2, 16, 16)
-  params = model.init(jax.random.key(0), x)["params"]
+  params = _init(model, x)["params"]
   assert "patch_embed_frozen" in params
   mask = M.frozen_mask(params)
   assert all(jax.tree.leaves(mask["patch_embed_frozen"]))
   assert sum(jax.tree.leaves(mask)) == 2  # kernel and bias only
 
   loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)  # noqa: E731
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads["patch_embed_frozen"]))
 
   def step(tx):
-    updates, _ = tx.update(grads, tx.init(params), params)
-    return optax.apply_updates(params, updates)
+    @jax.jit
+    def update(grads, params):
+      updates, _ = tx.update(grads, tx.init(params), params)
+      return optax.apply_updates(params, updates)
+    return update(grads, params)
 
   def unchanged(new):
     return all(np.array_equal(a, b) for a, b in zip(
@@ -410,8 +419,8 @@ def test_remat_same_outputs_and_gradients(name, kwargs, inputs):
        else jax.random.randint(jax.random.key(9), (2, 12), 0, 50))
   m0 = M.build_model(name, **kwargs)
   m1 = M.build_model(name, remat=True, **kwargs)
-  v = m0.init(jax.random.key(0), x)
-  assert jax.tree.structure(v) == jax.tree.structure(m1.init(jax.random.key(0), x))
+  v = _init(m0, x)
+  assert jax.tree.structure(v) == jax.tree.structure(jax.eval_shape(m1.init, jax.random.key(0), x))
   rngs = {"dropout": jax.random.key(3)}
 
   def loss(model, params):
@@ -419,8 +428,8 @@ def test_remat_same_outputs_and_gradients(name, kwargs, inputs):
                          mutable=["batch_stats"])
     return jnp.sum(jnp.sin(out)), out
 
-  (l0, o0), g0 = jax.value_and_grad(lambda p: loss(m0, p), has_aux=True)(v["params"])
-  (l1, o1), g1 = jax.value_and_grad(lambda p: loss(m1, p), has_aux=True)(v["params"])
+  (_, o0), g0 = jax.jit(jax.value_and_grad(lambda p: loss(m0, p), has_aux=True))(v["params"])
+  (_, o1), g1 = jax.jit(jax.value_and_grad(lambda p: loss(m1, p), has_aux=True))(v["params"])
   np.testing.assert_allclose(o1, o0, rtol=1e-5, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g0)
 
@@ -433,8 +442,8 @@ def test_heads_recipes_structure_and_shapes():
   x = jax.random.normal(jax.random.key(10), (8, 6))
 
   def init(head):
-    v = head.init(jax.random.key(0), x)
-    out, _ = head.apply(v, x, train=True, mutable=["batch_stats"])
+    v = _init(head, x)
+    out, _ = _apply(head, v, x, train=True, mutable=["batch_stats"])
     return v, out
 
   v, out = init(M.simclr_head(version=1, hidden_dim=12, out_dim=5))
@@ -473,8 +482,8 @@ def test_clip_contract(siglip):
                       text_kwargs=dict(TEXT_KW, depth=1), embed_dim=8, siglip=siglip)
   images = _images(11, 3, 16, 16)
   tokens = jax.random.randint(jax.random.key(11), (3, 12), 0, 50)
-  v = clip.init(jax.random.key(0), images, tokens)
-  out = clip.apply(v, images, tokens)
+  v = _init(clip, images, tokens)
+  out = _apply(clip, v, images, tokens)
   assert out["zimg"].shape == (3, 8) and out["ztxt"].shape == (3, 8)
   np.testing.assert_allclose(np.linalg.norm(out["zimg"], axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(out["ztxt"], axis=-1), 1.0, rtol=1e-5)
@@ -486,13 +495,13 @@ def test_clip_contract(siglip):
     np.testing.assert_allclose(out["logit_scale"], math.log(1 / 0.07), rtol=1e-6)
     assert "logit_bias" not in out and "logit_bias" not in v["params"]
   assert "bias" not in v["params"]["image_proj"] and "bias" not in v["params"]["text_proj"]
-  zimg = clip.apply(v, images, False, method="encode_image")
-  ztxt = clip.apply(v, tokens, False, method="encode_text")
+  zimg = _apply(clip, v, images, False, method="encode_image")
+  ztxt = _apply(clip, v, tokens, False, method="encode_text")
   np.testing.assert_allclose(zimg, out["zimg"], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(ztxt, out["ztxt"], rtol=1e-6, atol=1e-6)
   # The image embedding is the normalised, bias-free projection of the image tower's features.
-  feats = M.build_model("vit", patch_size=8, width=16, depth=1, num_heads=2, ln_pre=True).apply(
-      {"params": v["params"]["image_encoder"]}, images)
+  feats = _apply(M.build_model("vit", patch_size=8, width=16, depth=1, num_heads=2, ln_pre=True),
+                 {"params": v["params"]["image_encoder"]}, images)
   proj = np.asarray(feats, np.float64) @ np.asarray(v["params"]["image_proj"]["kernel"])
   np.testing.assert_allclose(zimg, proj / np.linalg.norm(proj, axis=-1, keepdims=True),
                              rtol=1e-5, atol=1e-6)
@@ -503,9 +512,10 @@ def test_clip_with_resnet_tower():
                       text_kwargs=dict(TEXT_KW, depth=1), embed_dim=8)
   images = _images(12, 2, 16, 16)
   tokens = jax.random.randint(jax.random.key(12), (2, 12), 0, 50)
-  v = clip.init(jax.random.key(0), images, tokens)
+  v = jax.eval_shape(clip.init, jax.random.key(0), images, tokens)
   assert "batch_stats" in v
-  out, _ = clip.apply(v, images, tokens, train=True, mutable=["batch_stats"])
+  out, _ = jax.eval_shape(lambda v: clip.apply(v, images, tokens, train=True,
+                                               mutable=["batch_stats"]), v)
   assert out["zimg"].shape == (2, 8)
 
 
