@@ -97,17 +97,22 @@ def check_finite(step: int, scalars: dict[str, float]) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _features(method, state, images, mesh, batch_size):
-  encode = functools.partial(method.encode, state)
-  return feature_lib.extract_features(lambda x: encode(x).astype(jnp.float32), images,
-                                      mesh=mesh, batch_size=batch_size)
+def make_encode_fn(method):
+  """``(state, images [b,H,W,3]) -> [b, F] float32``; built once per run so it compiles once."""
+  def encode(state, images):
+    return method.encode(state, images).astype(jnp.float32)
+  return encode
 
 
-def evaluate(method, state, eval_data, mesh, config, *, final: bool) -> dict[str, float]:
+def evaluate(method, state, eval_data, mesh, config, *, final: bool,
+             encode_fn=None) -> dict[str, float]:
   """kNN monitor every time; linear probes (all labels, few labels) when ``final``."""
   cfg = config.eval
-  train_f = _features(method, state, eval_data["train"]["image"], mesh, cfg.batch_size)
-  test_f = _features(method, state, eval_data["test"]["image"], mesh, cfg.batch_size)
+  encode_fn = encode_fn or make_encode_fn(method)
+  features = lambda images: feature_lib.extract_features(
+      encode_fn, images, mesh=mesh, batch_size=cfg.batch_size, variables=state)
+  train_f = features(eval_data["train"]["image"])
+  test_f = features(eval_data["test"]["image"])
   train_y, test_y = eval_data["train"]["label"], eval_data["test"]["label"]
   num_classes = int(eval_data["num_classes"])
   out = {}
@@ -225,6 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_data["num_classes"] = 1 + int(max(eval_data["train"]["label"].max(),
                                            eval_data["test"]["label"].max()))
 
+  encode_fn = make_encode_fn(method)
+
   # --- Periodic actions.
   hooks = []
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
@@ -269,7 +276,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       if eval_data is not None and config.eval.every_steps and not at_end \
           and step % config.eval.every_steps == 0:
-        res = evaluate(method, state, eval_data, mesh, config, final=False)
+        res = evaluate(method, state, eval_data, mesh, config, final=False,
+                       encode_fn=encode_fn)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
 
       stop = checkpoint.reached_preemption(step, preempted) or step == config.get("stop_at_step")
@@ -291,7 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              "train_seconds_this_run": round(train_time, 1),
                              "final_train": last_scalars, "train_history": history}
   if eval_data is not None:
-    summary["eval"] = evaluate(method, state, eval_data, mesh, config, final=True)
+    summary["eval"] = evaluate(method, state, eval_data, mesh, config, final=True,
+                               encode_fn=encode_fn)
     writer.write_scalars(num_steps, {f"eval/{k}": v for k, v in summary["eval"].items()})
     if config.eval.get("raw_pixel_baseline", False):
       summary["raw_pixels"] = raw_pixel_baseline(eval_data, config)

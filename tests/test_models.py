@@ -42,6 +42,32 @@ def _apply(model, variables, *args, **kwargs):
   return jax.jit(lambda v, *a: model.apply(v, *a, **kwargs))(variables, *args)
 
 
+def _random_variables(model, *args, seed=0):
+  """Variables of ``model`` with random values from numpy, without running ``model.init``.
+
+  Compiling a ResNet's init (one random kernel per parameter shape) costs more than everything
+  else on 2 CPU cores; tests of forward/backward numerics need parameters, not flax's init.
+  BN statistics start at mean 0, var 1, scales near 1, kernels ~ N(0, 1/fan_in).
+  """
+  shapes = jax.eval_shape(model.init, jax.random.key(0), *args)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    name = path[-1].key
+    if name == "mean":
+      return jnp.zeros(s.shape, s.dtype)
+    if name == "var":
+      return jnp.ones(s.shape, s.dtype)
+    if name == "scale":
+      return jnp.asarray(1.0 + 0.1 * rng.normal(size=s.shape), s.dtype)
+    if name == "bias":
+      return jnp.asarray(0.1 * rng.normal(size=s.shape), s.dtype)
+    fan_in = max(1, int(np.prod(s.shape[:-1])))
+    return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(fan_in), s.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 # ----------------------------------------------------------------------------------------------
 # Published parameter counts (params only: BN's scale and bias, not batch_stats).
 
@@ -116,15 +142,23 @@ def test_stems_and_v15_stride_placement():
 
 
 def test_zero_init_residual():
-  x = _images(4, 2, 16, 16)
-  for name, last in (("resnet18", "bn2"), ("resnet50", "bn3")):
-    model = M.build_model(name, width=1 / 16, stem="cifar", zero_init_residual=True)
-    params = _init(model, x)["params"]
-    blocks = [k for k in params if k.startswith("stage")]
-    assert blocks
-    for k in blocks:
-      np.testing.assert_array_equal(params[k][last]["scale"], 0.0)
-      np.testing.assert_array_equal(params[k]["bn1"]["scale"], 1.0)
+  # Block level: a whole ResNet's init takes long to compile on 2 cores; ResNet forwards the flag.
+  from contrastive_jax.models.resnet import BasicBlock, BottleneckBlock
+  x = _images(4, 2, 4, 4, c=8)
+  for cls, last in ((BasicBlock, "bn2"), (BottleneckBlock, "bn3")):
+    for zero in (True, False):
+      block = cls(features=8, stride=2, zero_init_residual=zero)
+      params = block.init(jax.random.key(0), x)["params"]
+      np.testing.assert_array_equal(params[last]["scale"], 0.0 if zero else 1.0)
+      np.testing.assert_array_equal(params["bn1"]["scale"], 1.0)
+      assert "proj_conv" in params  # stride 2: projection shortcut
+      if zero:  # the residual branch is off: output = relu(BN(proj(x))), at init stats (eval)
+        out = block.apply(block.init(jax.random.key(0), x), x, train=False)
+        sc = jax.lax.conv_general_dilated(
+            x, params["proj_conv"]["kernel"], (2, 2), ((0, 0), (0, 0)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        np.testing.assert_allclose(out, np.maximum(np.asarray(sc) / np.sqrt(1 + 1e-5), 0),
+                                   rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,8 +240,9 @@ def test_sync_bn_and_ghost_bn_on_8_devices():
   dev0 = jax.devices()[0]
 
   # Sync BN: the sharded global-view computation equals one device on the whole batch.
-  out_s, st_s = _train_apply(plain)(v_repl, x_sharded)
-  out_1, st_1 = _train_apply(plain)(jax.device_put(variables, dev0), jax.device_put(x, dev0))
+  plain_step = _train_apply(plain)
+  out_s, st_s = plain_step(v_repl, x_sharded)
+  out_1, st_1 = plain_step(jax.device_put(variables, dev0), jax.device_put(x, dev0))
   assert len(out_s.sharding.device_set) == 8
   np.testing.assert_allclose(out_s, out_1, rtol=1e-4, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), st_s, st_1)
@@ -216,7 +251,7 @@ def test_sync_bn_and_ghost_bn_on_8_devices():
   out_g, st_g = _train_apply(_EncoderWithHead(bn_groups=8))(v_repl, x_sharded)
   outs, stats = [], []
   for i in range(8):
-    o, s = _train_apply(plain)(variables, x[2 * i:2 * i + 2])
+    o, s = plain_step(jax.device_put(variables, dev0), jax.device_put(x[2 * i:2 * i + 2], dev0))
     outs.append(o)
     stats.append(s)
   np.testing.assert_allclose(out_g, np.concatenate(outs), rtol=1e-4, atol=1e-5)
@@ -359,7 +394,7 @@ def test_bf16_forward_close_to_float32_with_float32_params(name, kwargs):
   x = _images(7, 4, 16, 16)
   m32 = M.build_model(name, **kwargs)
   m16 = M.build_model(name, dtype=jnp.bfloat16, **kwargs)
-  v = _init(m32, x)
+  v = _random_variables(m32, x)
   v16 = jax.eval_shape(m16.init, jax.random.key(0), x)
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(v16))
   o32, s32 = _apply(m32, v, x, train=True, mutable=["batch_stats"])
@@ -419,7 +454,7 @@ def test_remat_same_outputs_and_gradients(name, kwargs, inputs):
        else jax.random.randint(jax.random.key(9), (2, 12), 0, 50))
   m0 = M.build_model(name, **kwargs)
   m1 = M.build_model(name, remat=True, **kwargs)
-  v = _init(m0, x)
+  v = _random_variables(m0, x)
   assert jax.tree.structure(v) == jax.tree.structure(jax.eval_shape(m1.init, jax.random.key(0), x))
   rngs = {"dropout": jax.random.key(3)}
 
@@ -495,8 +530,8 @@ def test_clip_contract(siglip):
     np.testing.assert_allclose(out["logit_scale"], math.log(1 / 0.07), rtol=1e-6)
     assert "logit_bias" not in out and "logit_bias" not in v["params"]
   assert "bias" not in v["params"]["image_proj"] and "bias" not in v["params"]["text_proj"]
-  zimg = _apply(clip, v, images, False, method="encode_image")
-  ztxt = _apply(clip, v, tokens, False, method="encode_text")
+  zimg = _apply(clip, v, images, train=False, method="encode_image")
+  ztxt = _apply(clip, v, tokens, train=False, method="encode_text")
   np.testing.assert_allclose(zimg, out["zimg"], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(ztxt, out["ztxt"], rtol=1e-6, atol=1e-6)
   # The image embedding is the normalised, bias-free projection of the image tower's features.

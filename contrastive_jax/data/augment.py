@@ -293,12 +293,14 @@ def color_jitter(image: tf.Tensor, seed, brightness: float, contrast: float,
     order = tf.argsort(_uniform(seed, 5, (len(ops),)))
   else:
     order = tf.range(len(ops))
-  for i in range(len(ops)):
-    current = image
-    branches = [
-        (lambda f=f, x=current: tf.clip_by_value(f(x, seed), 0.0, 1.0)) for f in ops]
-    image = tf.switch_case(order[i], branches)
-    image.set_shape(current.shape)
+
+  # One while_loop over the positions traces each op once (not once per position).
+  def body(i, x):
+    branches = [(lambda f=f: tf.clip_by_value(f(x, seed), 0.0, 1.0)) for f in ops]
+    y = tf.switch_case(order[i], branches)
+    return i + 1, tf.ensure_shape(y, x.shape)
+
+  _, image = tf.while_loop(lambda i, x: i < len(ops), body, (tf.constant(0), image))
   return image
 
 

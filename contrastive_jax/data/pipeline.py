@@ -296,6 +296,7 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
                             reshuffle_each_iteration=False).take(spe * b).map(
                                 lambda r: (epoch, r))
 
+  @tf.autograph.experimental.do_not_convert  # plain graph code: skip autograph's rewrite
   def make_example(epoch, record):
     image = src_lib.decode_record(record)
     ex_seed = aug_lib.example_seed(seed, epoch, record["id"])
@@ -349,6 +350,7 @@ def _eval_dataset(source: src_lib.IndexedSource, cfg: aug_lib.AugmentConfig, tok
   table = (tf.constant(src_lib.format_captions(source.eval_templates[:1], source.class_names))
            if source.class_names else None)
 
+  @tf.autograph.experimental.do_not_convert
   def fn(r):
     rec = {k: tf.gather(v, r) for k, v in cols.items()}
     out = {"image": aug_lib.eval_preprocess(src_lib.decode_record(rec), cfg),
@@ -424,6 +426,7 @@ def eval_iterator(data_config, split: str, batch_size: int, *,
     table = (tf.constant(src_lib.format_captions(source.eval_templates[:1], source.class_names))
              if source.class_names else None)
 
+    @tf.autograph.experimental.do_not_convert
     def fn(rec):
       out = {"image": aug_lib.eval_preprocess(src_lib.decode_record(rec), cfg),
              "label": tf.cast(rec["label"], tf.int32), "index": rec["id"]}

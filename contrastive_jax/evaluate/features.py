@@ -58,17 +58,27 @@ def _num_steps_all_processes(local_steps: int) -> int:
   return int(np.max(counts))
 
 
-def extract_features(encode_fn: Callable[[jax.Array], jax.Array], images: np.ndarray, *,
-                     mesh: Mesh, batch_size: int) -> np.ndarray:
+def _bind(jitted: Callable[..., jax.Array], variables: Any) -> Callable[[jax.Array], jax.Array]:
+  return jitted if variables is None else functools.partial(jitted, variables)
+
+
+def extract_features(encode_fn: Callable[..., jax.Array], images: np.ndarray, *,
+                     mesh: Mesh, batch_size: int, variables: Any = None) -> np.ndarray:
   """Runs ``encode_fn`` over ``images`` in global batches sharded on ``"data"``.
 
   Args:
     encode_fn: jittable ``[b, H, W, C] -> [b, F]`` map of a global batch, row by row (the
-      caller closes over the parameters). Any output dtype; returned as float32.
+      caller closes over the parameters), or ``(variables, [b, H, W, C]) -> [b, F]`` when
+      ``variables`` is given. Any output dtype; returned as float32.
     images: ``[N, H, W, C]`` (any dtype; uint8 stays uint8 until ``encode_fn`` casts it) for
       this process: the whole dataset in a single process, this process's shard otherwise.
     mesh: the 1-D ``("data",)`` mesh of ``contrastive_jax.distributed.make_mesh``.
     batch_size: global batch per step; a multiple of ``mesh.size`` (and of the process count).
+    variables: optional pytree (parameters, BatchNorm statistics, a train state) passed to
+      ``encode_fn`` as a jit argument, in whatever sharding it already has. Prefer this in a
+      training loop: jit caches by function, so a stable ``encode_fn`` compiles once per run,
+      while a fresh closure at every evaluation is traced and compiled again (and its closed-over
+      parameters become constants of the program).
 
   Returns:
     ``[N, F] float32``: exactly one row per input image, in input order.
@@ -83,7 +93,7 @@ def extract_features(encode_fn: Callable[[jax.Array], jax.Array], images: np.nda
   steps = _num_steps_all_processes(-(-n // local_batch))
   sharding = data_sharding(mesh)
   # One jit object and one input shape for every step: a single compilation.
-  encode = jax.jit(encode_fn, out_shardings=sharding)
+  encode = _bind(jax.jit(encode_fn, out_shardings=sharding), variables)
 
   def fetch(out: jax.Array, valid: int) -> np.ndarray:
     return _host_local_rows(out)[:valid].astype(np.float32)
@@ -110,9 +120,9 @@ def extract_features(encode_fn: Callable[[jax.Array], jax.Array], images: np.nda
   return feats
 
 
-def extract_features_from_iterator(encode_fn: Callable[[jax.Array], jax.Array],
+def extract_features_from_iterator(encode_fn: Callable[..., jax.Array],
                                    batches: Iterable[Mapping[str, Any]], *,
-                                   mesh: Mesh) -> np.ndarray:
+                                   mesh: Mesh, variables: Any = None) -> np.ndarray:
   """Features of an iterator of padded batches, masked rows dropped.
 
   Args:
@@ -123,13 +133,14 @@ def extract_features_from_iterator(encode_fn: Callable[[jax.Array], jax.Array],
       compile once. With several processes, every process must yield the same number of
       batches.
     mesh: the ``("data",)`` mesh.
+    variables: as in :func:`extract_features`.
 
   Returns:
     ``[M, F] float32``: the rows whose mask is set, in iteration order (``M`` = number of set
     mask entries over all local batches).
   """
   sharding = data_sharding(mesh)
-  encode = jax.jit(encode_fn, out_shardings=sharding)
+  encode = _bind(jax.jit(encode_fn, out_shardings=sharding), variables)
   outputs, pending = [], None
   for batch in batches:
     if "image" not in batch or "mask" not in batch:

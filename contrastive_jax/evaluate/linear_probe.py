@@ -183,7 +183,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float,
   val = []
   for c in np.unique(labels):
     idx = rng.permutation(np.flatnonzero(labels == c))
-    n_val = int(round(val_fraction * len(idx)))
+    n_val = min(int(round(val_fraction * len(idx))), len(idx) - 1)
     val.append(idx[:n_val])
   val = np.sort(np.concatenate(val)).astype(np.int64)
   train = np.setdiff1d(np.arange(labels.shape[0]), val)

@@ -24,7 +24,7 @@ from contrastive_jax.models.layers import BatchNorm
 
 Dtype = Any
 
-# torchvision's init for convolutions: kaiming normal, fan_out, gain sqrt(2).
+# torchvision's init for convolutions: (untruncated) kaiming normal, fan_out, gain sqrt(2).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 STAGES: dict[int, tuple[str, tuple[int, ...]]] = {
