@@ -162,34 +162,41 @@ def test_eval_arrays_and_padded_eval_iterator():
 
 # ----------------------------------------------------------------------------- sharding, resume
 
-def test_two_processes_disjoint_union_and_global_batch(folder):
+@pytest.fixture(scope="module")
+def two_process_runs(folder):
+  """6 steps (2 epochs of 3 global batches of 8) on each of 2 simulated processes."""
   c = _config(source="folder", path=folder)
+  return c, [_run(c, 6, process_index=p, process_count=2)[0] for p in range(2)]
+
+
+def test_two_processes_disjoint_union_and_global_batch(two_process_runs):
+  c, runs = two_process_runs
   n = N_PER_CLASS * len(CLASSES)  # 24 = 3 global batches of 8
-  runs = [_run(c, 3, process_index=p, process_count=2)[0] for p in range(2)]
-  ids = [np.concatenate([b["index"] for b in r]) for r in runs]
-  assert all(len(i) == n // 2 for i in ids)
-  assert not set(ids[0]) & set(ids[1])
-  assert sorted(np.concatenate(ids).tolist()) == list(range(n))
+  for epoch in range(2):
+    ids = [np.concatenate([b["index"] for b in r[3 * epoch:3 * epoch + 3]]) for r in runs]
+    assert all(len(i) == n // 2 for i in ids)
+    assert not set(ids[0]) & set(ids[1])
+    assert sorted(np.concatenate(ids).tolist()) == list(range(n))
+  # The next epoch is another permutation.
+  assert not np.array_equal(runs[0][3]["index"], runs[0][0]["index"])
   # The global batch (processes' batches side by side) does not depend on the process count.
   single, _ = _run(c, 3, process_index=0, process_count=1)
   for step in range(3):
     for key in ("view1", "view2", "index", "label"):
       np.testing.assert_array_equal(
           np.concatenate([runs[0][step][key], runs[1][step][key]]), single[step][key])
-  # The next epoch is another permutation.
-  more, _ = _run(c, 6, process_index=0, process_count=1)
-  assert not np.array_equal(more[3]["index"], more[0]["index"])
 
 
-@pytest.mark.parametrize("start", [2, 4])
-def test_resume_equals_uninterrupted(folder, start):
-  c = _config(source="folder", path=folder)
-  full, _ = _run(c, start + 2, process_index=1, process_count=2)  # crosses an epoch (3 steps)
-  resumed, it = _run(c, 2, process_index=1, process_count=2, start_step=start)
-  assert it.step == start + 2
-  for a, b in zip(full[start:], resumed):
+def test_resume_equals_uninterrupted(two_process_runs):
+  c, runs = two_process_runs
+  start = 2  # the resumed run crosses the epoch boundary at step 3
+  resumed, it = _run(c, 3, process_index=1, process_count=2, start_step=start)
+  assert it.step == start + 3
+  for a, b in zip(runs[1][start:], resumed):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
+  # Skipped examples are never decoded: the resumed pipeline starts with the ids of step 2.
+  np.testing.assert_array_equal(resumed[0]["index"], runs[1][start]["index"])
 
 
 def test_global_batch_not_divisible_raises(folder):
@@ -296,6 +303,12 @@ def test_tfds_mock_data():
                           process_count=2)
     b = next(it)
     assert b["view1"].shape == (4, SIZE, SIZE, 3)
+    # Streaming (no cache): encoded records of this process's even sub-split.
+    c.cache = False
+    it = P.train_iterator(c, mode="views", global_batch=8, seed=0, process_index=1,
+                          process_count=2)
+    b = next(it)
+    assert b["view2"].shape == (4, SIZE, SIZE, 3) and b["index"].dtype == np.int64
 
 
 def test_tfds_missing_dataset_says_how_to_prepare(tmp_path):

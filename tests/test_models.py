@@ -33,11 +33,6 @@ def _images(key, b=4, h=32, w=32, c=3):
   return jax.random.normal(jax.random.key(key), (b, h, w, c), jnp.float32)
 
 
-def _init(model, *args, **kwargs):
-  """Jitted init: one compilation is far cheaper than flax's op-by-op eager init on 2 cores."""
-  return jax.jit(lambda *a: model.init(jax.random.key(0), *a, **kwargs))(*args)
-
-
 def _apply(model, variables, *args, **kwargs):
   return jax.jit(lambda v, *a: model.apply(v, *a, **kwargs))(variables, *args)
 
@@ -234,7 +229,7 @@ def test_sync_bn_and_ghost_bn_on_8_devices():
   mesh = distributed.make_mesh(8)
   x = _images(5, 16, 8, 8) * 2.0 + 1.0
   plain = _EncoderWithHead()
-  variables = plain.init(jax.random.key(0), x)
+  variables = _random_variables(plain, x)
   x_sharded = jax.device_put(x, distributed.data_sharding(mesh))
   v_repl = jax.device_put(variables, distributed.replicated(mesh))
   dev0 = jax.devices()[0]
@@ -307,7 +302,7 @@ def test_text_transformer_matches_numpy_and_pools_first_eot():
   tokens[0, 4] = 3
   tokens[0, 7] = 3  # pooling takes the FIRST eot
   tokens[1, 9] = 3
-  v = _init(model, jnp.asarray(tokens))
+  v = _random_variables(model, jnp.asarray(tokens))
   out = _apply(model, v, jnp.asarray(tokens))
   p = _np(v["params"])
   x = p["token_embed"]["embedding"][tokens] + p["pos_embedding"][:10]
@@ -325,7 +320,7 @@ def test_text_transformer_matches_numpy_and_pools_first_eot():
 def test_causal_mask_hides_future_tokens():
   model = M.build_model("clip_text", **TEXT_KW)
   tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 50)
-  v = _init(model, tokens)
+  v = _random_variables(model, tokens)
   t = 5
   changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % 50)
   f = jax.jit(lambda tok: model.apply(v, tok, method="token_features"))
@@ -344,7 +339,7 @@ def _np_patchify(x, p):
 def test_vit_matches_numpy_reference():
   model = M.build_model("vit", patch_size=8, width=16, depth=2, num_heads=4)
   x = _images(6, 2, 16, 24)
-  v = _init(model, x)
+  v = _random_variables(model, x)
   p = _np(v["params"])
   out = _apply(model, v, x)
   pe = p["patch_embed"]
@@ -409,7 +404,7 @@ def test_frozen_patch_projection_never_updates():
   model = M.build_model("vit", patch_size=8, width=16, depth=1, num_heads=2,
                         freeze_patch_embed=True, posemb="sincos2d")
   x = _images(8, 2, 16, 16)
-  params = _init(model, x)["params"]
+  params = _random_variables(model, x)["params"]
   assert "patch_embed_frozen" in params
   mask = M.frozen_mask(params)
   assert all(jax.tree.leaves(mask["patch_embed_frozen"]))
@@ -477,7 +472,7 @@ def test_heads_recipes_structure_and_shapes():
   x = jax.random.normal(jax.random.key(10), (8, 6))
 
   def init(head):
-    v = _init(head, x)
+    v = _random_variables(head, x)
     out, _ = _apply(head, v, x, train=True, mutable=["batch_stats"])
     return v, out
 
@@ -517,26 +512,31 @@ def test_clip_contract(siglip):
                       text_kwargs=dict(TEXT_KW, depth=1), embed_dim=8, siglip=siglip)
   images = _images(11, 3, 16, 16)
   tokens = jax.random.randint(jax.random.key(11), (3, 12), 0, 50)
-  v = _init(clip, images, tokens)
-  out = _apply(clip, v, images, tokens)
+  out, v = jax.jit(lambda i, t: clip.init_with_output(jax.random.key(0), i, t))(images, tokens)
   assert out["zimg"].shape == (3, 8) and out["ztxt"].shape == (3, 8)
   np.testing.assert_allclose(np.linalg.norm(out["zimg"], axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(out["ztxt"], axis=-1), 1.0, rtol=1e-5)
   assert out["logit_scale"].shape == ()
+  assert "bias" not in v["params"]["image_proj"] and "bias" not in v["params"]["text_proj"]
   if siglip:
     np.testing.assert_allclose(out["logit_scale"], math.log(10.0), rtol=1e-6)
     np.testing.assert_allclose(out["logit_bias"], -10.0)
-  else:
-    np.testing.assert_allclose(out["logit_scale"], math.log(1 / 0.07), rtol=1e-6)
-    assert "logit_bias" not in out and "logit_bias" not in v["params"]
-  assert "bias" not in v["params"]["image_proj"] and "bias" not in v["params"]["text_proj"]
-  zimg = _apply(clip, v, images, train=False, method="encode_image")
-  ztxt = _apply(clip, v, tokens, train=False, method="encode_text")
+    return
+  np.testing.assert_allclose(out["logit_scale"], math.log(1 / 0.07), rtol=1e-6)
+  assert "logit_bias" not in out and "logit_bias" not in v["params"]
+  tower = M.build_model("vit", patch_size=8, width=16, depth=1, num_heads=2, ln_pre=True)
+
+  @jax.jit
+  def parts(v):
+    zimg = clip.apply(v, images, train=False, method="encode_image")
+    ztxt = clip.apply(v, tokens, train=False, method="encode_text")
+    feats = tower.apply({"params": v["params"]["image_encoder"]}, images)
+    return zimg, ztxt, feats
+
+  zimg, ztxt, feats = parts(v)
   np.testing.assert_allclose(zimg, out["zimg"], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(ztxt, out["ztxt"], rtol=1e-6, atol=1e-6)
   # The image embedding is the normalised, bias-free projection of the image tower's features.
-  feats = _apply(M.build_model("vit", patch_size=8, width=16, depth=1, num_heads=2, ln_pre=True),
-                 {"params": v["params"]["image_encoder"]}, images)
   proj = np.asarray(feats, np.float64) @ np.asarray(v["params"]["image_proj"]["kernel"])
   np.testing.assert_allclose(zimg, proj / np.linalg.norm(proj, axis=-1, keepdims=True),
                              rtol=1e-5, atol=1e-6)

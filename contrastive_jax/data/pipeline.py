@@ -419,7 +419,11 @@ def eval_iterator(data_config, split: str, batch_size: int, *,
                                    c.get("image_key", "image"), c.get("label_key", "label"),
                                    c.get("caption_key", "") or None)
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-      total = tfds.builder(c.name, data_dir=c.data_dir or None).info.splits[split].num_examples
+      try:
+        total = tfds.builder(c.name, data_dir=c.data_dir or None).info.splits[
+            split].num_examples
+      except (KeyError, ValueError, TypeError):  # no split metadata (mock data)
+        total = source.num_examples * num_p
     else:
       source = src_lib.tfrecord_stream(_split_path(c.path, split), p, num_p)
       total = source.num_examples * num_p
@@ -458,6 +462,9 @@ def eval_iterator(data_config, split: str, batch_size: int, *,
         diagnose(e)
         raise
       if batch is None:  # this process ran out first: an all-padding batch
+        if template is None:
+          raise ValueError(f"process {p} of {num_p} has no {split} examples; use fewer "
+                           "processes for evaluation or a larger split")
         batch = {k: v[:0] for k, v in template.items()}
       template = batch
       n = len(batch["label"])

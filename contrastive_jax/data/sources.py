@@ -336,6 +336,11 @@ def write_image_text_tfrecords(examples: Iterable[tuple[bytes, str] | tuple[byte
   return paths
 
 
+def count_examples(ds: tf.data.Dataset) -> int:
+  """Length of a finite dataset, by reading it once (no decoding)."""
+  return int(ds.reduce(np.int64(0), lambda c, _: c + 1).numpy())
+
+
 def tfrecord_files(pattern: str) -> list[str]:
   if not pattern:
     raise ValueError("data.source='tfrecord' needs data.path=<glob of TFRecord shards>")
@@ -469,7 +474,10 @@ def tfds_stream(name: str, split: str, data_dir: str | None, process_index: int,
       name, sub, data_dir, shuffle_files=False,
       decoders={image_key: tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(add_tfds_id=True))
-  num = int(info.splits[sub].num_examples)
+  try:
+    num = int(info.splits[sub].num_examples)
+  except (KeyError, ValueError, TypeError):  # split metadata missing (e.g. mock data): count
+    num = count_examples(ds)
 
   def to_record(ex):
     rec = {"image_bytes": ex[image_key],
@@ -492,6 +500,6 @@ def tfrecord_stream(pattern: str, process_index: int, process_count: int) -> Str
     ds = tfrecord_dataset(files[process_index::process_count])
   else:
     ds = tfrecord_dataset(files).shard(process_count, process_index)
-  num = int(ds.map(lambda r: r["label"]).reduce(np.int64(0), lambda c, _: c + 1).numpy())
+  num = count_examples(ds)
   return StreamSource(name=f"tfrecord:{pattern}[{process_index}/{process_count}]",
                       dataset=ds, num_examples=num)

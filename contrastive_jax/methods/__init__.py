@@ -5,9 +5,11 @@ from __future__ import annotations
 import ml_collections
 from jax.sharding import Mesh
 
+from contrastive_jax.methods.clip import CLIP
+from contrastive_jax.methods.moco import MoCoV2, MoCoV3
 from contrastive_jax.methods.simclr import SimCLR
 
-METHODS = {"simclr": SimCLR}
+METHODS = {"simclr": SimCLR, "mocov2": MoCoV2, "mocov3": MoCoV3, "clip": CLIP, "siglip": CLIP}
 
 
 def build_method(config: ml_collections.ConfigDict, mesh: Mesh):

@@ -10,7 +10,10 @@ method's name:
   dict of ``TrainState`` fields the forward pass produced (new BN statistics, keys to enqueue);
 * ``post_update(state, updates) -> state`` after the optimizer step (EMA, queue; for SimCLR and
   CLIP it only stores the new BN statistics);
-* ``encode(state, images) -> [B, F]`` frozen-encoder features for the evaluators.
+* ``encode(state, images) -> [B, F]`` frozen-encoder features for the evaluators;
+* optional ``extra_evaluations(state, mesh, config) -> dict[str, float]``: evaluations only the
+  method knows how to run (CLIP: zero-shot, retrieval); the trainer calls them through
+  ``extra_evaluations`` below at the final evaluation.
 """
 
 from __future__ import annotations
@@ -74,3 +77,10 @@ def embedding_summaries(z1: jax.Array, z2: jax.Array) -> dict[str, jax.Array]:
   """Alignment and uniformity (Wang & Isola 2020) of the L2-normalised positive pairs."""
   return {"alignment": em.alignment(z1, z2),
           "uniformity": 0.5 * (em.uniformity(z1) + em.uniformity(z2))}
+
+
+def extra_evaluations(method: Any, state: Any, mesh: Any,
+                      config: ml_collections.ConfigDict) -> dict[str, float]:
+  """The method's own evaluations (``method.extra_evaluations``), ``{}`` when it has none."""
+  fn = getattr(method, "extra_evaluations", None)
+  return {} if fn is None else dict(fn(state, mesh, config))

@@ -1,0 +1,208 @@
+"""CLIP and SigLIP: image and text towers trained to agree on matching pairs.
+
+CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+Supervision", Fig. 3): symmetric cross-entropy over the cosine similarities of the global batch,
+scaled by a learned ``exp(t)``, ``t`` initialised at ``log(1 / 0.07)``. SigLIP (Zhai et al. 2023,
+"Sigmoid Loss for Language Image Pre-Training", Alg. 1): the pairwise sigmoid loss with a learned
+scale (``t`` initialised at ``log 10``) and bias (initialised at -10). ``config.clip.loss``
+picks ``"clip"`` or ``"siglip"``; the towers come from ``models.build_clip``.
+
+The logit scale is clipped where it is used: the loss multiplies the similarities by
+``exp(min(t, log(max_logit_scale)))`` with ``config.clip.max_logit_scale = 100`` (CLIP Sec. 2.5,
+REFERENCE.md item 9; ``None`` turns the clip off). Above the cap the scale gets no gradient, so
+``post_update`` also clamps the parameter itself into ``[0, log(max_logit_scale)]`` after each
+optimizer step, as open_clip does, so that it can come back below the cap.
+
+Weight decay (AdamW, wd 0.2 in the recipe) skips gains, biases, embeddings and the logit
+scale/bias: ``optim.weight_decay_mask`` excludes them by name and rank (checked in
+tests/test_methods.py on the CLIP parameter tree).
+
+Evaluation: ``encode`` gives the image tower's features (before the projection) for kNN and
+linear probes; ``encode_image`` / ``encode_text`` give the L2-normalised joint embeddings;
+``extra_evaluations`` reports zero-shot accuracy with held-out caption templates and image-text
+retrieval recall on the evaluation split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from contrastive_jax import losses, models
+from contrastive_jax.data import pipeline
+from contrastive_jax.data import tokenizer as tok_lib
+from contrastive_jax.evaluate import features as feature_lib
+from contrastive_jax.evaluate import retrieval, zero_shot
+from contrastive_jax.methods import base
+from contrastive_jax.train_state import TrainState
+
+LOSS_NAMES = ("clip", "siglip")
+
+
+def clipped_logit_scale(log_scale: jax.Array, max_scale: float | None) -> jax.Array:
+  """``exp(min(log_scale, log(max_scale)))`` ([] float32); no clip when ``max_scale`` is None."""
+  log_scale = jnp.asarray(log_scale, jnp.float32)
+  if max_scale is not None:
+    log_scale = jnp.minimum(log_scale, math.log(max_scale))
+  return jnp.exp(log_scale)
+
+
+def _image_features(module, images):
+  return module.image_encoder(images, train=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIP:
+  """CLIP / SigLIP on the common method surface (see ``methods/base.py``).
+
+  Config: ``config.model`` (image tower: ``name`` and ``kwargs``), ``config.text.kwargs``
+  (``TextTransformer`` fields; ``vocab_size``, ``context_length`` and ``eot_id`` default to the
+  data tokenizer's), ``config.clip``: ``loss`` ("clip" | "siglip"), ``embed_dim``,
+  ``max_logit_scale`` (100), ``logit_scale_init`` / ``logit_bias_init`` (None: the paper's).
+  """
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  input_mode: str = "image_text"
+
+  def __post_init__(self):
+    name = self.loss_name
+    if name not in LOSS_NAMES:
+      raise ValueError(f"config.clip.loss={name!r} is unknown; use one of {LOSS_NAMES}")
+    if self.config.method == "siglip" and name != "siglip":
+      raise ValueError("config.method='siglip' needs config.clip.loss='siglip' (or use "
+                       "config.method='clip' for the softmax CLIP loss)")
+    max_scale = self.max_logit_scale
+    if max_scale is not None and max_scale <= 1.0:
+      raise ValueError(f"config.clip.max_logit_scale={max_scale} must be > 1 (100 in CLIP) "
+                       "or None for no clip")
+
+  @property
+  def loss_name(self) -> str:
+    return self.config.clip.get("loss", "clip")
+
+  @property
+  def max_logit_scale(self) -> float | None:
+    value = self.config.clip.get("max_logit_scale", 100.0)
+    return None if value is None else float(value)
+
+  @property
+  def model(self) -> models.CLIP:
+    data = self.config.data
+    text_kwargs = dict(self.config.text.get("kwargs", {}) or {})
+    if "vocab_size" not in text_kwargs:
+      text_kwargs["vocab_size"] = pipeline.make_tokenizer(data).vocab_size
+    text_kwargs.setdefault("context_length", int(data.context_length))
+    text_kwargs.setdefault("eot_id", tok_lib.EOT_ID)  # our EOT is not the largest id
+    clip_cfg = self.config.clip
+    extra = {k: clip_cfg.get(k) for k in ("logit_scale_init", "logit_bias_init")
+             if clip_cfg.get(k) is not None}
+    return models.build_clip(
+        self.config.model.name, image_kwargs=dict(self.config.model.get("kwargs", {}) or {}),
+        text_kwargs=text_kwargs, embed_dim=int(clip_cfg.embed_dim),
+        siglip=self.loss_name == "siglip", dtype=base.compute_dtype(self.config),
+        remat=bool(self.config.get("remat", False)), **extra)
+
+  def init_state(self, rng: jax.Array, tx: Any) -> TrainState:
+    size = self.config.data.image_size
+    init_rng, state_rng = jax.random.split(rng)
+    images = jnp.zeros((2, size, size, 3), jnp.float32)
+    tokens = jnp.zeros((2, int(self.config.data.context_length)), jnp.int32)
+    variables = self.model.init({"params": init_rng, "dropout": init_rng}, images, tokens,
+                                train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      rng=state_rng)
+
+  def loss_fn(self, params, state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+    """Args: batch["image"] [B, H, W, 3] float32, batch["tokens"] [B, L] int32, global."""
+    out, new_vars = self.model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"], batch["tokens"],
+        train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+    scale = clipped_logit_scale(out["logit_scale"], self.max_logit_scale)
+    if self.loss_name == "siglip":
+      loss, aux = losses.sharded(losses.siglip_loss, self.mesh, return_metrics=True)(
+          out["zimg"], out["ztxt"], scale, out["logit_bias"])
+    else:
+      loss, aux = losses.sharded(losses.clip_loss, self.mesh, return_metrics=True)(
+          out["zimg"], out["ztxt"], scale)
+    metrics = {"loss": loss, "contrastive_accuracy": aux["accuracy"], "logit_scale": scale,
+               **base.embedding_summaries(out["zimg"], out["ztxt"])}
+    if "logit_bias" in out:
+      metrics["logit_bias"] = out["logit_bias"]
+    return loss, (metrics, {"batch_stats": new_vars.get("batch_stats", {})})
+
+  def post_update(self, state: TrainState, updates: dict[str, Any]) -> TrainState:
+    """Stores the BN statistics (ResNet towers) and clamps the log-scale into [0, log max]."""
+    params = state.params
+    if self.max_logit_scale is not None:
+      params = dict(params)
+      params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0,
+                                       math.log(self.max_logit_scale))
+    return state.replace(params=params, batch_stats=updates["batch_stats"])
+
+  # -- evaluation
+  def _variables(self, state: TrainState) -> dict[str, Any]:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+  def encode(self, state: TrainState, images: jax.Array) -> jax.Array:
+    """[B, H, W, 3] -> [B, F] image-tower features (before the projection), inference mode."""
+    return self.model.apply(self._variables(state), images, method=_image_features)
+
+  def encode_image(self, state: TrainState, images: jax.Array) -> jax.Array:
+    """[B, H, W, 3] -> [B, E] float32 L2-normalised joint image embeddings."""
+    return self.model.apply(self._variables(state), images, train=False,
+                            method=models.CLIP.encode_image)
+
+  def encode_text(self, state: TrainState, tokens: jax.Array) -> jax.Array:
+    """[B, L] int32 -> [B, E] float32 L2-normalised joint text embeddings."""
+    return self.model.apply(self._variables(state), tokens, train=False,
+                            method=models.CLIP.encode_text)
+
+  def extra_evaluations(self, state: TrainState, mesh: Mesh,
+                        config: ml_collections.ConfigDict) -> dict[str, float]:
+    """Zero-shot classification and image-text retrieval on ``config.data.eval_split``.
+
+    * ``zero_shot/top1`` (and ``top5`` with more than 5 classes): class embeddings from the
+      HELD-OUT caption templates (``pipeline.class_prompts(templates="eval")``, never seen as
+      training captions), prompt-ensembled as in CLIP Sec. 3.1.4.
+    * ``retrieval/image_to_text/R@K``, ``retrieval/text_to_image/R@K`` (K = 1, 5): each image
+      against the captions of the split (its caption column, or the first held-out template
+      of its class). With class-template captions many captions are identical strings, and ties
+      count against the model (``evaluate.retrieval``), so R@1 stays low by construction; it is
+      meaningful on data with per-image captions.
+    """
+    data = config.data
+    batch_size = int(config.eval.batch_size)
+    split = pipeline.eval_arrays(data, data.eval_split, with_text=True)
+    image_fn = jax.jit(self.encode_image)
+    text_fn = jax.jit(self.encode_text)
+    image_emb = feature_lib.extract_features(image_fn, split["image"], mesh=mesh,
+                                             batch_size=batch_size, variables=state)
+    out: dict[str, float] = {}
+    try:
+      prompts = pipeline.class_prompts(data, templates="eval")
+    except ValueError:
+      prompts = None  # a source without class names: retrieval only
+    if prompts is not None:
+      by_name = dict(zip(prompts["class_names"], prompts["prompts"]))
+      num_templates = len(prompts["prompts"][0])
+      templates = [lambda name, t=t: by_name[name][t] for t in range(num_templates)]
+      tokenizer = pipeline.make_tokenizer(data)
+      class_emb = zero_shot.class_text_embeddings(
+          lambda tokens: text_fn(state, jnp.asarray(tokens)), tokenizer.encode,
+          prompts["class_names"], templates)
+      res = zero_shot.zero_shot_accuracy(image_emb, class_emb, split["label"])
+      out.update({f"zero_shot/{k}": float(v) for k, v in res.items()})
+    text_emb = feature_lib.extract_features(text_fn, split["tokens"], mesh=mesh,
+                                            batch_size=batch_size, variables=state)
+    res = retrieval.retrieval_recall(image_emb, text_emb, np.arange(len(text_emb)), ks=(1, 5))
+    out.update({f"retrieval/{k}": float(v) for k, v in res.items() if "R@" in k})
+    return out

@@ -1,0 +1,363 @@
+"""MoCo v2 and MoCo v3: a query encoder trained against a momentum (EMA) key encoder.
+
+MoCo v2 (He et al. 2020, "Momentum Contrast for Unsupervised Visual Representation Learning",
+Eq. 1-2, Sec. 3.2-3.3, Alg. 1; Chen et al. 2020, "Improved Baselines with Momentum Contrastive
+Learning"): query encoder + 2-layer MLP head; the key encoder is the EMA of the query encoder and
+head (``theta_k <- m theta_k + (1 - m) theta_q``, m = 0.999); the negatives of the InfoNCE loss
+(T = 0.2) are a FIFO queue of K past keys; keys are computed with shuffle-BN.
+
+MoCo v3 (Chen, Xie & He 2021, "An Empirical Study of Training Self-Supervised Vision
+Transformers", Alg. 1): query encoder + projector + predictor; key encoder = EMA of encoder +
+projector with the cosine momentum schedule ``m_t = 1 - (1 - m0)(cos(pi t / T) + 1) / 2``; no
+queue; the symmetric loss ``ctr(q1, k2) + ctr(q2, k1)`` with the keys of the global batch as
+candidates (``losses.moco_v3_loss``, each term scaled by 2 tau); sync BN.
+
+Timing of the momentum update (REFERENCE.md item 7). MoCo updates the key encoder at the start
+of iteration t, from the query parameters left by the optimizer step of iteration t - 1, and
+then computes the keys. Here ``post_update`` applies that same update right after the optimizer
+step of iteration t - 1 (with the momentum of iteration t: ``m(state.step)`` where ``state.step``
+is already t), so the keys of iteration t come from exactly the same key encoder. At t = 0 MoCo's
+update is a no-op because the key encoder starts as a copy of the query encoder, which is how
+``init_state`` initialises ``ema_params``.
+
+Key-encoder BN statistics. Like the reference code (where only ``parameters()`` get the momentum
+update and the key encoder runs in train mode), the key encoder normalises with its batch
+statistics and keeps its own running statistics in ``ema_batch_stats``, updated by its forward
+passes; they are never used by the evaluators (``encode`` uses the query encoder).
+
+Several views in one forward pass. Views are concatenated along the batch and every BatchNorm
+is built with ``bn_groups = views x groups_per_view`` (``models.BatchNorm``): each view gets its
+own statistics, as with the reference code's separate forward calls, in one pass.
+
+Shuffle-BN (MoCo Sec. 3.3, MoCo v2 option ``config.moco.shuffle_bn``, default True): the
+reference trains with per-GPU BN, so each device's query statistics come from its own
+sub-batch. Keys are computed on the global batch permuted at random (``shuffle_permutation``,
+``shuffle``), with per-device statistics (``bn_groups = mesh.size``: group g is device g's
+contiguous block of the shuffled batch), then put back in order (``unshuffle``). A query and its
+positive key are then normalised with different sub-batches, which removes the BN "cheat". The
+query encoder uses per-device BN as well, as in the reference. ``shuffle_bn=False`` uses sync BN
+(statistics of the global batch per view) for queries and keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from contrastive_jax import losses, models
+from contrastive_jax.methods import base
+from contrastive_jax.train_state import TrainState, cosine_momentum, ema_update, enqueue, \
+    init_queue
+
+
+# ----------------------------------------------------------------------------- shuffle-BN
+
+
+def shuffle_permutation(rng: jax.Array, batch: int) -> jax.Array:
+  """A random permutation ``[B] int32`` of the global batch (drawn inside jit from the step key)."""
+  return jax.random.permutation(rng, batch).astype(jnp.int32)
+
+
+def shuffle(x: jax.Array, perm: jax.Array) -> jax.Array:
+  """``x[perm]``: row ``i`` of the result is row ``perm[i]`` of ``x``. ``[B, ...] -> [B, ...]``.
+
+  Under ``jit`` on a batch sharded over ``"data"`` this gather moves rows across devices, so
+  device g's contiguous block (its BN group) holds the images ``perm[g n:(g + 1) n]``.
+  """
+  return jnp.take(x, perm, axis=0)
+
+
+def unshuffle(y: jax.Array, perm: jax.Array) -> jax.Array:
+  """Inverse of ``shuffle``: ``unshuffle(shuffle(x, perm), perm) == x``. ``[B, ...]``."""
+  return jnp.take(y, jnp.argsort(perm), axis=0)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _encoder_has_bn_groups(config: ml_collections.ConfigDict) -> bool:
+  enc = base.build_encoder(config)
+  return any(f.name == "bn_groups" for f in dataclasses.fields(enc))
+
+
+def _apply(model: nn.Module, params, batch_stats, x: jax.Array, rng: jax.Array):
+  """Train-mode forward: ``((h, z, p), new_batch_stats)``."""
+  out, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                              mutable=["batch_stats"], rngs={"dropout": rng})
+  return out, new_vars.get("batch_stats", {})
+
+
+def _split(x: jax.Array, num: int) -> list[jax.Array]:
+  return list(jnp.split(x, num, axis=0))
+
+
+def _copy(tree: Any) -> Any:
+  # Distinct buffers: the state is donated to the step, and one buffer may not be donated twice.
+  return jax.tree.map(jnp.copy, tree)
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  return models.l2_normalize(x)
+
+
+# ----------------------------------------------------------------------------- MoCo v2
+
+
+@dataclasses.dataclass(frozen=True)
+class MoCoV2:
+  """MoCo v2 on the common method surface (see ``methods/base.py``).
+
+  Config (``config.moco``): ``queue_size`` K (65,536), ``momentum`` m (0.999), ``shuffle_bn``
+  (True), ``symmetric`` (False). ``config.loss.temperature`` (0.2), ``config.head``
+  (``hidden_dim`` 2048, ``out_dim`` 128: the queue's dimension).
+
+  ``symmetric=True`` (the MoCo CIFAR demo's variant): the loss is the SUM
+  ``L(q1, k2) + L(q2, k1)`` (both against the same pre-step queue) and the keys of both views
+  are enqueued (view 1's keys, then view 2's), so 2B keys a step and K must be a multiple of 2B.
+  """
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  input_mode: str = "views"
+
+  def __post_init__(self):
+    moco = self.config.moco
+    per_step = self.keys_per_step
+    k = int(moco.queue_size)
+    if k <= 0 or k % per_step:
+      what = "2 x config.global_batch (config.moco.symmetric=True enqueues both views)" \
+          if moco.get("symmetric", False) else "config.global_batch"
+      fix = max(1, round(k / per_step)) * per_step
+      raise ValueError(
+          f"config.moco.queue_size={k} must be a positive multiple of {what} = {per_step}, so "
+          f"that the FIFO writes never straddle the end of the queue; set "
+          f"config.moco.queue_size={fix} (or change config.global_batch)")
+    if not 0.0 <= float(moco.momentum) <= 1.0:
+      raise ValueError(f"config.moco.momentum={moco.momentum} must be in [0, 1] (0.999 in MoCo)")
+
+  # -- settings
+  @property
+  def num_views(self) -> int:
+    """Views forwarded per step through each encoder (2 when symmetric)."""
+    return 2 if self.config.moco.get("symmetric", False) else 1
+
+  @property
+  def keys_per_step(self) -> int:
+    return self.num_views * int(self.config.global_batch)
+
+  @property
+  def shuffle_bn(self) -> bool:
+    return bool(self.config.moco.get("shuffle_bn", True))
+
+  @property
+  def temperature(self) -> float:
+    return float(self.config.loss.temperature)
+
+  def momentum(self, step: jax.Array | int) -> jax.Array:  # noqa: ARG002 -- fixed in MoCo v2
+    return jnp.float32(self.config.moco.momentum)
+
+  @property
+  def groups_per_view(self) -> int:
+    """BN groups of one view: one per device with shuffle-BN (per-device BN), else 1 (sync)."""
+    return self.mesh.size if self.shuffle_bn else 1
+
+  def model(self, bn_groups: int = 1) -> base.EncoderWithHeads:
+    """Encoder + MoCo v2 head; ``bn_groups`` only changes how train-mode BN groups the batch."""
+    extra = {"bn_groups": bn_groups} if _encoder_has_bn_groups(self.config) else {}
+    head = models.mocov2_head(dtype=base.compute_dtype(self.config), bn_groups=bn_groups,
+                              **dict(self.config.head))
+    return base.EncoderWithHeads(encoder=base.build_encoder(self.config, **extra), head=head)
+
+  # -- surface
+  def init_state(self, rng: jax.Array, tx: Any) -> TrainState:
+    size = self.config.data.image_size
+    init_rng, queue_rng, state_rng = jax.random.split(rng, 3)
+    dummy = jnp.zeros((2, size, size, 3), jnp.float32)
+    variables = self.model().init({"params": init_rng, "dropout": init_rng}, dummy, train=False)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    dim = int(self.config.head.out_dim)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), rng=state_rng,
+                      ema_params=_copy(params), ema_batch_stats=_copy(batch_stats),
+                      queue=init_queue(queue_rng, int(self.config.moco.queue_size), dim),
+                      queue_ptr=jnp.zeros((), jnp.int32))
+
+  def keys(self, state: TrainState, views: list[jax.Array], rng: jax.Array
+           ) -> tuple[list[jax.Array], Any, list[jax.Array] | None]:
+    """Key-encoder projections of ``views`` (each ``[B, H, W, 3]``), in the views' row order.
+
+    Returns ``(keys [V x [B, D]] (raw, no gradient), new ema_batch_stats, permutations or
+    None)``. With shuffle-BN each view is permuted with its own random permutation before the
+    per-device-BN forward pass and unpermuted after.
+    """
+    shuffle_rng, dropout_rng = jax.random.split(rng)
+    perms = None
+    if self.shuffle_bn:
+      perms = [shuffle_permutation(r, v.shape[0])
+               for r, v in zip(jax.random.split(shuffle_rng, len(views)), views)]
+      views = [shuffle(v, p) for v, p in zip(views, perms)]
+    model = self.model(len(views) * self.groups_per_view)
+    (_, k, _), new_stats = _apply(model, state.ema_params, state.ema_batch_stats,
+                                  jnp.concatenate(views, axis=0), dropout_rng)
+    ks = _split(jax.lax.stop_gradient(k), len(views))
+    if perms is not None:
+      ks = [unshuffle(kv, p) for kv, p in zip(ks, perms)]
+    return ks, new_stats, perms
+
+  def loss_fn(self, params, state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+    """Args: batch["view1"], batch["view2"]: [B, H, W, 3] float32 global batches.
+
+    ``updates``: ``batch_stats``, ``ema_batch_stats`` and ``keys`` ``[V B, D]`` (the
+    L2-normalised keys of the global batch to enqueue, no gradient).
+    """
+    v1, v2 = batch["view1"], batch["view2"]
+    query_views = [v1, v2] if self.num_views == 2 else [v1]
+    key_views = [v2, v1] if self.num_views == 2 else [v2]   # the positive of q(v1) is k(v2)
+    q_rng, k_rng = jax.random.split(rng)
+    model = self.model(len(query_views) * self.groups_per_view)
+    (_, q, _), new_stats = _apply(model, params, state.batch_stats,
+                                  jnp.concatenate(query_views, axis=0), q_rng)
+    qs = _split(q, len(query_views))
+    ks, new_ema_stats, _ = self.keys(state, key_views, k_rng)
+
+    loss_fn = losses.sharded(losses.moco_loss, self.mesh, return_metrics=True)
+    loss, accuracy = 0.0, 0.0
+    for qv, kv in zip(qs, ks):
+      # The queue as it was before this step (state.queue); it is replaced in post_update.
+      term, aux = loss_fn(qv, kv, state.queue, self.temperature)
+      loss, accuracy = loss + term, accuracy + aux["accuracy"] / len(qs)
+    # Enqueue order: keys of view 1, then of view 2 (symmetric); just view 2's otherwise.
+    enqueue_keys = [_l2_normalize(k) for k in (ks[::-1] if len(ks) == 2 else ks)]
+    metrics = {"loss": loss, "contrastive_accuracy": accuracy,
+               "temperature": jnp.float32(self.temperature),
+               "momentum": self.momentum(state.step + 1),
+               **base.embedding_summaries(_l2_normalize(qs[0]), _l2_normalize(ks[0]))}
+    updates = {"batch_stats": new_stats, "ema_batch_stats": new_ema_stats,
+               "keys": jnp.concatenate(enqueue_keys, axis=0)}
+    return loss, (metrics, updates)
+
+  def post_update(self, state: TrainState, updates: dict[str, Any]) -> TrainState:
+    """EMA of the key encoder from the just-updated query parameters, then FIFO enqueue."""
+    m = self.momentum(state.step)
+    queue, ptr = enqueue(state.queue, state.queue_ptr, updates["keys"])
+    return state.replace(batch_stats=updates["batch_stats"],
+                         ema_params=ema_update(state.ema_params, state.params, m),
+                         ema_batch_stats=updates["ema_batch_stats"],
+                         queue=queue, queue_ptr=ptr)
+
+  def encode(self, state: TrainState, images: jax.Array) -> jax.Array:
+    """[B, H, W, 3] -> [B, F] query-encoder features (before the head), BN in inference mode."""
+    return self.model().apply({"params": state.params, "batch_stats": state.batch_stats},
+                              images, train=False, method=base.EncoderWithHeads.features)
+
+
+# ----------------------------------------------------------------------------- MoCo v3
+
+
+_KEY_PARTS = ("encoder", "head")  # what the momentum encoder mirrors (not the predictor)
+
+
+def _key_part(tree: Any) -> dict[str, Any]:
+  return {k: tree[k] for k in _KEY_PARTS if k in tree}
+
+
+def schedule_steps(config: ml_collections.ConfigDict) -> int:
+  """Total steps T of the momentum schedule: ``config.moco.schedule_steps`` or
+  ``config.total_steps``."""
+  steps = config.moco.get("schedule_steps") or config.get("total_steps")
+  if not steps:
+    raise ValueError(
+        "MoCo v3's cosine momentum schedule needs the run length in steps: set "
+        "config.total_steps, or config.moco.schedule_steps when the run is given in "
+        "config.total_epochs")
+  return int(steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoCoV3:
+  """MoCo v3 on the common method surface (see ``methods/base.py``).
+
+  Config: ``config.head`` (projector: ``num_layers`` 2 for ResNet / 3 for ViT, ``hidden_dim``
+  4096, ``out_dim`` 256), ``config.predictor`` (``hidden_dim`` 4096, ``out_dim`` 256),
+  ``config.moco.momentum`` (m0 = 0.99, cosine to 1 over ``schedule_steps``),
+  ``config.loss.temperature`` (1.0 ResNet, 0.2 ViT). Sync BN throughout.
+  """
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  input_mode: str = "views"
+
+  def __post_init__(self):
+    schedule_steps(self.config)
+    if not 0.0 <= float(self.config.moco.momentum) <= 1.0:
+      raise ValueError(f"config.moco.momentum={self.config.moco.momentum} must be in [0, 1] "
+                       "(0.99 in MoCo v3)")
+
+  @property
+  def temperature(self) -> float:
+    return float(self.config.loss.temperature)
+
+  def momentum(self, step: jax.Array | int) -> jax.Array:
+    """``m_t = 1 - (1 - m0)(cos(pi t / T) + 1) / 2`` ([] float32)."""
+    return cosine_momentum(step, schedule_steps(self.config), float(self.config.moco.momentum))
+
+  def model(self, bn_groups: int = 1, predictor: bool = True) -> base.EncoderWithHeads:
+    """Encoder + projector (+ predictor). ``bn_groups`` = views per pass (per-view sync BN)."""
+    dtype = base.compute_dtype(self.config)
+    extra = {"bn_groups": bn_groups} if _encoder_has_bn_groups(self.config) else {}
+    head = models.mocov3_projector(dtype=dtype, bn_groups=bn_groups, **dict(self.config.head))
+    pred = models.mocov3_predictor(dtype=dtype, bn_groups=bn_groups,
+                                   **dict(self.config.predictor)) if predictor else None
+    return base.EncoderWithHeads(encoder=base.build_encoder(self.config, **extra), head=head,
+                                 predictor=pred)
+
+  def init_state(self, rng: jax.Array, tx: Any) -> TrainState:
+    size = self.config.data.image_size
+    init_rng, state_rng = jax.random.split(rng)
+    dummy = jnp.zeros((2, size, size, 3), jnp.float32)
+    variables = self.model().init({"params": init_rng, "dropout": init_rng}, dummy, train=False)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), rng=state_rng,
+                      ema_params=_copy(_key_part(params)),
+                      ema_batch_stats=_copy(_key_part(batch_stats)))
+
+  def loss_fn(self, params, state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+    """Args: batch["view1"], batch["view2"]: [B, H, W, 3] float32 global batches.
+
+    Both views in one pass per encoder with per-view (global, sync) BN statistics. The loss is
+    ``moco_v3_loss(q1, k2) + moco_v3_loss(q2, k1)``; keys carry no gradient.
+    """
+    x = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
+    q_rng, k_rng = jax.random.split(rng)
+    (_, _, p), new_stats = _apply(self.model(2), params, state.batch_stats, x, q_rng)
+    (_, k, _), new_ema_stats = _apply(self.model(2, predictor=False), state.ema_params,
+                                      state.ema_batch_stats, x, k_rng)
+    k = jax.lax.stop_gradient(k)
+    q1, q2 = base.split_views(p)
+    k1, k2 = base.split_views(k)
+    loss_fn = losses.sharded(losses.moco_v3_loss, self.mesh, return_metrics=True)
+    l12, a12 = loss_fn(q1, k2, self.temperature)
+    l21, a21 = loss_fn(q2, k1, self.temperature)
+    loss = l12 + l21
+    metrics = {"loss": loss, "contrastive_accuracy": 0.5 * (a12["accuracy"] + a21["accuracy"]),
+               "temperature": jnp.float32(self.temperature),
+               "momentum": self.momentum(state.step + 1),
+               **base.embedding_summaries(_l2_normalize(q1), _l2_normalize(k2))}
+    return loss, (metrics, {"batch_stats": new_stats, "ema_batch_stats": new_ema_stats})
+
+  def post_update(self, state: TrainState, updates: dict[str, Any]) -> TrainState:
+    """EMA of encoder + projector with ``m(state.step)`` (the next iteration's momentum)."""
+    m = self.momentum(state.step)
+    return state.replace(batch_stats=updates["batch_stats"],
+                         ema_params=ema_update(state.ema_params, _key_part(state.params), m),
+                         ema_batch_stats=updates["ema_batch_stats"])
+
+  def encode(self, state: TrainState, images: jax.Array) -> jax.Array:
+    """[B, H, W, 3] -> [B, F] query-encoder features (before the projector), inference BN."""
+    return self.model().apply({"params": state.params, "batch_stats": state.batch_stats},
+                              images, train=False, method=base.EncoderWithHeads.features)

@@ -1,0 +1,447 @@
+"""Memory-bounded ring forms of the in-batch contrastive losses (same values and gradients).
+
+The all-gather losses of ``losses.py`` build an ``[n, N]`` logit matrix on every device (``n``
+local rows, ``N`` global candidates), so per-device memory grows with the *global* batch. Here
+the candidate (key) blocks ``[n, D]`` travel around the ring of the ``"data"`` axis instead
+(``jax.lax.ppermute``, device ``i`` sends to ``i + 1 mod W``); after ``t`` hops device ``i``
+holds the block of device ``i - t mod W``. Each device scores its local anchors against one
+``[n, n]`` block at a time and keeps per-row running statistics, the blockwise (online)
+log-sum-exp of Milakov & Gimelshein 2018 ("Online normalizer calculation for softmax"), as in
+ring attention (Liu et al. 2023) and the chunked SigLIP loss (Zhai et al. 2023, Sec. 3.3):
+
+  m_r <- max(m_r, max_c l_rc),   s_r <- s_r exp(m_r_old - m_r) + sum_c exp(l_rc - m_r),
+  lse_r = m_r + log s_r,         loss_r = lse_r - l_r,pos.
+
+The positive of every anchor lives in the anchor's own block (hop 0: the block whose source
+index equals this device's index), which is where the label offset ``axis_index * n`` of the
+all-gather form went; self-masking (NT-Xent) also only happens there, with ``-inf``.
+
+Backward pass (``jax.custom_vjp``): nothing per block is stored. The residuals are the inputs
+and the per-row ``lse`` ``[n]``; the backward pass sends the key blocks around the ring again,
+recomputes each block's logits and ``P = exp(l - lse)`` (the softmax restricted to the block)
+and, with ``g_r`` the cotangent of row r's loss, ``G = g (P - Y)`` (``Y`` the one-hot positive,
+own block only) ``= dL/dl``. With logits ``l = f(s) sim`` (``f(s) = 1/T`` for a temperature,
+``f(s) = s`` for a logit scale):
+
+  dL/dA      = f(s) sum_blocks G K_b          accumulated on the anchors' device;
+  dL/dK_b    = f(s) G^T A                      a gradient buffer that travels *with* block b:
+               it leaves home at hop 0, every device it visits adds its share, and after the
+               W-1 hops of the block plus one last hop of the buffer alone it is back home;
+  dL/ds      = f'(s) sum_rc G_rc sim_rc = f'(s) sum_r g_r (E_{P_r}[sim_r] - sim_r,pos)
+               = f'(s) sum_r A_r . (sum_b G_b K_b)_r  (sim = A K^T: read off the dL/dA sum),
+               (f' = -1/T^2 for a temperature, 1 for a scale).
+
+SigLIP's loss is additive over blocks (no normaliser): ``loss_r = sum_c softplus(-z_rc l_rc)``
+with ``l = t sim + b``, ``z = +1`` on the positive; its backward pass is the same ring with
+``G = -g z sigmoid(-z l)`` and ``dL/db = sum G``.
+
+Peak temporary memory per device is O(n x n) (one block of logits) plus O(n x D) (the blocks
+in flight and the gradient buffer), in the forward and the backward pass: no ``[n, N]`` array.
+Top-1 accuracy is exact, including ties: ``argmax`` picks the first maximal global column, so a
+row is a hit iff no candidate scores above the positive and no candidate at an earlier global
+column scores equal to it; each block's columns are checked against that rule as they pass.
+
+Signatures, conventions (what is averaged or summed, the ``2T`` of MoCo v3), input handling
+(raw embeddings, L2-normalised in float32 inside) and metrics equal those of ``losses.py``;
+``axis_name=None`` is the ring of length one (the single-device loss).
+
+Communication: clip makes two ring passes (image->text and text->image), each moving one
+``[n, D]`` float32 block per hop forward and, in the backward pass, the block plus its
+``[n, D]`` gradient buffer; this is ``2 (W - 1)`` extra latencies per step compared with one
+all-gather, the price of the bounded memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from contrastive_jax import losses
+from contrastive_jax.losses import (_check_embeddings, _check_positive, _global_mean,
+                                    _normalize, _out, _sim)
+
+
+# ----------------------------------------------------------------------------- ring engine
+
+
+@dataclasses.dataclass(frozen=True)
+class _RingSpec:
+  """Static description of one ring loss (hashable: a ``custom_vjp`` non-diff argument).
+
+  kind: "softmax" (InfoNCE, online log-sum-exp) or "sigmoid" (SigLIP, additive).
+  divide: logits are ``sim / scale`` (a temperature) instead of ``sim * scale``; kept separate
+    so that the logits are computed exactly as in ``losses.py``.
+  pos_shift: anchor r's positive is column ``(r + pos_shift) % c`` of its own block.
+  mask_self: drop column r of anchor r's own block (NT-Xent: an anchor is not its own candidate).
+  halves: the block is ``halves`` stacked sub-blocks, each a slice of a different global
+    column range (NT-Xent's block is [z1_j; z2_j]: columns j n.. and N + j n..); used for the
+    tie rule of the accuracy only.
+  keys_grad: whether the keys receive a gradient (False for MoCo v3's momentum keys).
+  axis_name: the ring axis, or None for one device.
+  """
+  kind: str
+  divide: bool
+  pos_shift: int
+  mask_self: bool
+  halves: int
+  keys_grad: bool
+  axis_name: str | None
+
+
+def _ring_size(axis_name: str | None) -> int:
+  return 1 if axis_name is None else int(jax.lax.axis_size(axis_name))
+
+
+def _my_index(axis_name: str | None) -> jax.Array:
+  return jnp.zeros((), jnp.int32) if axis_name is None else jax.lax.axis_index(axis_name)
+
+
+def _varying(x: jax.Array, axis_name: str | None) -> jax.Array:
+  """Marks a replicated value as device-varying, so that loop carries and the cotangents of the
+  custom VJP (per-device partial sums) have one type; autodiff turns this into a ``psum``."""
+  if axis_name is None:
+    return x
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)        # jax >= 0.9; older: ``aval.vma``
+  varying = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+  if axis_name in varying:
+    return x
+  return jax.lax.pcast(x, axis_name, to="varying")
+
+
+def _hop(x: Any, axis_name: str | None, size: int) -> Any:
+  """Sends ``x`` (a pytree) one step along the ring: device i -> i + 1 mod W."""
+  if axis_name is None or size == 1:
+    return x
+  perm = [(i, (i + 1) % size) for i in range(size)]
+  return jax.tree.map(lambda v: jax.lax.ppermute(v, axis_name, perm), x)
+
+
+def _factor(spec: _RingSpec, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``f(s)`` and ``f'(s)`` of ``logits = f(s) * sim (+ bias)``."""
+  if spec.divide:
+    return 1.0 / scale, -1.0 / (scale * scale)
+  return scale, jnp.ones_like(scale)
+
+
+def _block_logits(spec: _RingSpec, anchors, block, scale, bias):
+  """[m, D] x [c, D] -> ([m, c] logits, [m, c] similarities), computed as in ``losses.py``."""
+  sim = _sim(anchors, block)
+  if spec.divide:
+    logits = sim / scale
+  else:
+    logits = scale * sim
+  if spec.kind == "sigmoid":
+    logits = logits + bias
+  return logits, sim
+
+
+def _own_block_masks(spec: _RingSpec, m: int, c: int):
+  """Boolean [m, c] positive and self masks of the own block (static)."""
+  rows = jnp.arange(m)[:, None]
+  cols = jnp.arange(c)[None, :]
+  is_pos = cols == (rows + spec.pos_shift) % c
+  is_self = (cols == rows) if spec.mask_self else jnp.zeros((m, c), bool)
+  return is_pos, is_self
+
+
+def _global_columns(spec: _RingSpec, source: jax.Array, c: int, size: int) -> jax.Array:
+  """[c] global column index (in the all-gather layout) of block ``source``'s columns."""
+  width = c // spec.halves
+  col = jnp.arange(c)
+  return (col // width) * (size * width) + source * width + col % width
+
+
+def _beaten(logits, pos_logit, columns, pos_column):
+  """[m] True where some column of this block would win the argmax over the positive."""
+  above = logits > pos_logit[:, None]
+  tie_before = (logits == pos_logit[:, None]) & (columns[None, :] < pos_column[:, None])
+  return jnp.any(above | tie_before, axis=1)
+
+
+def _ring_forward(spec: _RingSpec, anchors, keys, scale, bias):
+  """Returns per-row loss [m], hit [m] and the per-row lse [m] (softmax) for the backward."""
+  size = _ring_size(spec.axis_name)
+  me = _my_index(spec.axis_name)
+  m, c = anchors.shape[0], keys.shape[0]
+  is_pos, is_self = _own_block_masks(spec, m, c)
+
+  logits, _ = _block_logits(spec, anchors, keys, scale, bias)
+  logits = jnp.where(is_self, -jnp.inf, logits)
+  pos_logit = jnp.sum(jnp.where(is_pos, logits, 0.0), axis=1)
+  own_columns = _global_columns(spec, me, c, size)
+  pos_column = own_columns[(jnp.arange(m) + spec.pos_shift) % c]
+  hit = ~_beaten(logits, pos_logit, own_columns, pos_column)
+
+  if spec.kind == "softmax":
+    row_max = jnp.max(logits, axis=1)
+    state = (row_max, jnp.sum(jnp.exp(logits - row_max[:, None]), axis=1))
+  else:
+    signs = jnp.where(is_pos, 1.0, -1.0).astype(logits.dtype)
+    state = (-jnp.sum(jax.nn.log_sigmoid(signs * logits), axis=1),)
+
+  def body(hop, carry):
+    block, hit, state = carry
+    block = _hop(block, spec.axis_name, size)
+    source = (me - hop) % size
+    logits, _ = _block_logits(spec, anchors, block, scale, bias)
+    hit = hit & ~_beaten(logits, pos_logit, _global_columns(spec, source, c, size), pos_column)
+    if spec.kind == "softmax":
+      row_max, sum_exp = state
+      new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
+      sum_exp = (sum_exp * jnp.exp(row_max - new_max)
+                 + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=1))
+      state = (new_max, sum_exp)
+    else:  # every candidate of another block is a negative: z = -1
+      state = (state[0] - jnp.sum(jax.nn.log_sigmoid(-logits), axis=1),)
+    return block, hit, state
+
+  _, hit, state = jax.lax.fori_loop(1, size, body, (keys, hit, state))
+  if spec.kind == "softmax":
+    lse = state[0] + jnp.log(state[1])
+    per_row = lse - pos_logit
+  else:
+    lse = jnp.zeros((m,), anchors.dtype)
+    per_row = state[0]
+  return per_row, hit.astype(per_row.dtype), lse
+
+
+def _ring_backward(spec: _RingSpec, residuals, cotangents):
+  anchors, keys, scale, bias, lse = residuals
+  g = cotangents[0]                                   # the hit output has no gradient
+  size = _ring_size(spec.axis_name)
+  m, c = anchors.shape[0], keys.shape[0]
+  is_pos, is_self = _own_block_masks(spec, m, c)
+  f, df = _factor(spec, scale)
+
+  def block_grad(block, own):
+    """G = dL/dlogits [m, c] of one block."""
+    logits, _ = _block_logits(spec, anchors, block, scale, bias)
+    if spec.kind == "softmax":
+      if own:
+        logits = jnp.where(is_self, -jnp.inf, logits)
+      grad = jnp.exp(logits - lse[:, None])
+      if own:
+        grad = grad - is_pos.astype(grad.dtype)
+    else:
+      signs = jnp.where(is_pos, 1.0, -1.0).astype(logits.dtype) if own else -1.0
+      grad = -signs * jax.nn.sigmoid(-signs * logits)
+    return g[:, None] * grad
+
+  def contract(grad, block):
+    """(G K_b [m, D], G^T A [c, D] or None, sum G)."""
+    d_anchors = jnp.einsum("mc,cd->md", grad, block, precision=losses._HIGHEST)
+    d_block = (jnp.einsum("mc,md->cd", grad, anchors, precision=losses._HIGHEST)
+               if spec.keys_grad else None)
+    return d_anchors, d_block, jnp.sum(grad)
+
+  d_anchors, d_keys_buf, d_bias = contract(block_grad(keys, own=True), keys)
+  if d_keys_buf is None:
+    d_keys_buf = jnp.zeros((0,), keys.dtype)          # nothing travels back for MoCo v3
+
+  def body(_, carry):
+    block, d_buf, d_anchors, d_bias = carry
+    # The gradient buffer of a block travels with the block, so both hop together.
+    if spec.keys_grad:
+      block, d_buf = _hop((block, d_buf), spec.axis_name, size)
+    else:
+      block = _hop(block, spec.axis_name, size)
+    da, db, dbias = contract(block_grad(block, own=False), block)
+    if db is not None:
+      d_buf = d_buf + db
+    return block, d_buf, d_anchors + da, d_bias + dbias
+
+  _, d_keys_buf, d_anchors, d_bias = jax.lax.fori_loop(
+      1, size, body, (keys, d_keys_buf, d_anchors, d_bias))
+  # After W - 1 hops the buffer sits one device before the block's owner: one last hop home.
+  if spec.keys_grad:
+    d_keys = f * _hop(d_keys_buf, spec.axis_name, size)
+  else:
+    d_keys = jnp.zeros_like(keys)
+  # sum_rc G_rc sim_rc = sum_r A_r . (sum_c G_rc K_c): the scale's gradient comes from the
+  # accumulated d_anchors, so no block of similarities is kept in the backward pass.
+  d_scale = df * jnp.sum(anchors * d_anchors)
+  if spec.kind == "softmax":
+    d_bias = jnp.zeros_like(bias)
+  return f * d_anchors, d_keys, d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(spec: _RingSpec, anchors, keys, scale, bias):
+  per_row, hit, _ = _ring_forward(spec, anchors, keys, scale, bias)
+  return per_row, hit
+
+
+def _ring_fwd(spec, anchors, keys, scale, bias):
+  per_row, hit, lse = _ring_forward(spec, anchors, keys, scale, bias)
+  return (per_row, hit), (anchors, keys, scale, bias, lse)
+
+
+_ring.defvjp(_ring_fwd, _ring_backward)
+
+
+def _run_ring(spec: _RingSpec, anchors, keys, scale, bias=0.0):
+  """Per-row loss [m] and hit [m] of ``anchors`` against the ring of ``keys`` blocks."""
+  dtype = anchors.dtype
+  scale = _varying(jnp.asarray(scale, dtype), spec.axis_name)
+  bias = _varying(jnp.asarray(bias, dtype), spec.axis_name)
+  return _ring(spec, anchors, keys, scale, bias)
+
+
+def _spec(kind="softmax", *, divide, axis_name, pos_shift=0, mask_self=False, halves=1,
+          keys_grad=True) -> _RingSpec:
+  return _RingSpec(kind=kind, divide=divide, pos_shift=pos_shift, mask_self=mask_self,
+                   halves=halves, keys_grad=keys_grad, axis_name=axis_name)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float | jax.Array,
+            axis_name: str | None = None, *, return_metrics: bool = False):
+  """SimCLR's NT-Xent over the global batch, ring form of ``losses.nt_xent`` (same value).
+
+  Args:
+    z1, z2: [n, D] this shard's projections of the two views. Any float dtype.
+    temperature: scalar tau > 0.
+    axis_name: ring axis inside ``shard_map``; ``None`` on one device.
+    return_metrics: also return ``{"accuracy": ...}``.
+
+  Returns:
+    Scalar float32 mean over the 2N anchors of ``-log softmax(sim / tau)[twin]``; the anchors
+    are this shard's 2n views, each block of candidates is ``[z1_j; z2_j]`` [2n, D] of device
+    j, and an anchor is masked out of its own block only.
+  """
+  _check_embeddings("z1", z1, "z2", z2)
+  _check_positive("temperature", temperature)
+  n = z1.shape[0]
+  views = jnp.concatenate([_normalize(z1), _normalize(z2)], axis=0)     # [2n, D]
+  spec = _spec(divide=True, axis_name=axis_name, pos_shift=n, mask_self=True, halves=2)
+  per_anchor, hit = _run_ring(spec, views, views, temperature)
+  loss = _global_mean(per_anchor, axis_name)
+  return _out(loss, {"accuracy": _global_mean(hit, axis_name)}, return_metrics)
+
+
+def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | jax.Array,
+              axis_name: str | None = None, *, return_metrics: bool = False):
+  """CLIP's symmetric InfoNCE, ring form of ``losses.clip_loss`` (same value and metrics).
+
+  Args:
+    image_emb, text_emb: [n, D] this shard's image and text embeddings (pair r matches).
+    logit_scale: scalar multiplier of the cosine similarities, > 0.
+    axis_name: ring axis inside ``shard_map``; ``None`` on one device.
+    return_metrics: also return image->text, text->image and mean top-1 accuracy.
+
+  Returns:
+    Scalar float32 ``(CE(image->text) + CE(text->image)) / 2`` over the global batch. Two ring
+    passes: the text blocks travel past the images, then the image blocks past the texts.
+  """
+  _check_embeddings("image_emb", image_emb, "text_emb", text_emb)
+  _check_positive("logit_scale", logit_scale)
+  img, txt = _normalize(image_emb), _normalize(text_emb)
+  spec = _spec(divide=False, axis_name=axis_name)
+  i2t, hit_i2t = _run_ring(spec, img, txt, logit_scale)
+  t2i, hit_t2i = _run_ring(spec, txt, img, logit_scale)
+  loss = 0.5 * (_global_mean(i2t, axis_name) + _global_mean(t2i, axis_name))
+  acc_i2t, acc_t2i = _global_mean(hit_i2t, axis_name), _global_mean(hit_t2i, axis_name)
+  metrics = {"accuracy": 0.5 * (acc_i2t + acc_t2i), "i2t_accuracy": acc_i2t,
+             "t2i_accuracy": acc_t2i}
+  return _out(loss, metrics, return_metrics)
+
+
+def moco_v3_loss(q: jax.Array, k: jax.Array, temperature: float | jax.Array,
+                 axis_name: str | None = None, *, return_metrics: bool = False):
+  """MoCo v3's loss times ``2T``, ring form of ``losses.moco_v3_loss`` (same value).
+
+  Args:
+    q: [n, D] predictor outputs of one view (gradient flows).
+    k: [n, D] momentum-encoder projections of the other view; no gradient (the ring's
+      backward pass skips the key-gradient buffer altogether).
+    temperature: scalar tau > 0.
+    axis_name: ring axis inside ``shard_map``; ``None`` on one device.
+    return_metrics: also return ``{"accuracy": ...}``.
+
+  Returns:
+    Scalar float32 ``2 tau * mean_i CE(q_i . K^T / tau, i)`` over the global batch.
+  """
+  _check_embeddings("q", q, "k", k)
+  _check_positive("temperature", temperature)
+  q = _normalize(q)
+  k = jax.lax.stop_gradient(_normalize(k))
+  spec = _spec(divide=True, axis_name=axis_name, keys_grad=False)
+  per_row, hit = _run_ring(spec, q, k, temperature)
+  loss = 2.0 * temperature * _global_mean(per_row, axis_name)
+  return _out(loss, {"accuracy": _global_mean(hit, axis_name)}, return_metrics)
+
+
+def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | jax.Array,
+                logit_bias: float | jax.Array, axis_name: str | None = None, *,
+                return_metrics: bool = False):
+  """SigLIP's sigmoid loss, ring form of ``losses.siglip_loss`` (same value and metrics).
+
+  Args:
+    image_emb, text_emb: [n, D] this shard's image and text embeddings (pair r matches).
+    logit_scale: scalar multiplier t > 0.
+    logit_bias: scalar b.
+    axis_name: ring axis inside ``shard_map``; ``None`` on one device.
+    return_metrics: also return ``{"accuracy": ...}``.
+
+  Returns:
+    Scalar float32 ``-(1/N) sum_ij log sigmoid(z_ij (t x_i.y_j + b))`` over the global batch;
+    the text blocks travel past the images, each block's terms are added as it passes.
+  """
+  _check_embeddings("image_emb", image_emb, "text_emb", text_emb)
+  _check_positive("logit_scale", logit_scale)
+  if jnp.ndim(logit_bias) != 0:
+    raise ValueError(f"logit_bias must be a scalar, got shape {jnp.shape(logit_bias)}")
+  img, txt = _normalize(image_emb), _normalize(text_emb)
+  spec = _spec("sigmoid", divide=False, axis_name=axis_name)
+  per_row, hit = _run_ring(spec, img, txt, logit_scale, logit_bias)
+  loss = _global_mean(per_row, axis_name)
+  return _out(loss, {"accuracy": _global_mean(hit, axis_name)}, return_metrics)
+
+
+# MoCo v2's negatives are the queue, not the batch: nothing is gathered, so its loss is the
+# same function in both implementations.
+RING_LOSSES: dict[str, Callable[..., Any]] = {
+    "nt_xent": nt_xent,
+    "clip": clip_loss,
+    "moco": losses.moco_loss,
+    "moco_v3": moco_v3_loss,
+    "siglip": siglip_loss,
+}
+
+IMPLEMENTATIONS = ("all_gather", "ring")
+
+
+def get_loss(name: str, impl: str = "all_gather") -> Callable[..., Any]:
+  """The per-shard loss function ``name`` ("nt_xent", "clip", "moco", "moco_v3", "siglip").
+
+  ``impl="all_gather"`` gives ``losses.LOSSES[name]`` (fastest while the [n, N] logits fit);
+  ``impl="ring"`` the memory-bounded form here. Both have the same signature and values.
+  """
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"loss impl must be one of {IMPLEMENTATIONS}, got {impl!r}; "
+                     "set config.loss_impl to 'all_gather' or 'ring'")
+  table = losses.LOSSES if impl == "all_gather" else RING_LOSSES
+  if name not in table:
+    raise ValueError(f"unknown loss {name!r}; choose one of {sorted(table)}")
+  return table[name]
+
+
+def sharded_ring(loss: str | Callable[..., Any], mesh: jax.sharding.Mesh, *,
+                 axis_name: str = "data", num_batch_args: int = 2,
+                 return_metrics: bool = False) -> Callable[..., Any]:
+  """``losses.sharded`` for a ring loss, given by name (see ``RING_LOSSES``) or as a function.
+
+  Runs on global [N, D] arrays split over ``axis_name`` with ``shard_map``; usable inside or
+  outside ``jit`` and differentiable with respect to every argument.
+  """
+  fn = get_loss(loss, "ring") if isinstance(loss, str) else loss
+  return losses.sharded(fn, mesh, axis_name=axis_name, num_batch_args=num_batch_args,
+                        return_metrics=return_metrics)
