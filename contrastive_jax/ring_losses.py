@@ -25,8 +25,8 @@ own block only) ``= dL/dl``. With logits ``l = f(s) sim`` (``f(s) = 1/T`` for a 
 
   dL/dA      = f(s) sum_blocks G K_b          accumulated on the anchors' device;
   dL/dK_b    = f(s) G^T A                      a gradient buffer that travels *with* block b:
-               it leaves home at hop 0, every device it visits adds its share, and after the
-               W-1 hops of the block plus one last hop of the buffer alone it is back home;
+               every device adds its share for the block it holds, then passes block and
+               buffer on together; after W hops both are back at the block's owner;
   dL/ds      = f'(s) sum_rc G_rc sim_rc = f'(s) sum_r g_r (E_{P_r}[sim_r] - sim_r,pos)
                = f'(s) sum_r A_r . (sum_b G_b K_b)_r  (sim = A K^T: read off the dL/dA sum),
                (f' = -1/T^2 for a temperature, 1 for a scale).
@@ -37,9 +37,12 @@ with ``l = t sim + b``, ``z = +1`` on the positive; its backward pass is the sam
 
 Peak temporary memory per device is O(n x n) (one block of logits) plus O(n x D) (the blocks
 in flight and the gradient buffer), in the forward and the backward pass: no ``[n, N]`` array.
-Top-1 accuracy is exact, including ties: ``argmax`` picks the first maximal global column, so a
-row is a hit iff no candidate scores above the positive and no candidate at an earlier global
-column scores equal to it; each block's columns are checked against that rule as they pass.
+Each hop is one iteration of a ``fori_loop`` whose body is the same for every hop (the own
+block is selected by ``hop == 0`` inside it), so the compiler cannot overlap two blocks.
+
+Top-1 accuracy is exact, including ties: a running (max, argmax) per row, where the argmax is
+the *global* column index in the all-gather layout and ties go to the smaller index, exactly
+``jnp.argmax`` over the gathered row; a hit is ``argmax == positive's global column``.
 
 Signatures, conventions (what is averaged or summed, the ``2T`` of MoCo v3), input handling
 (raw embeddings, L2-normalised in float32 inside) and metrics equal those of ``losses.py``;
@@ -47,8 +50,9 @@ Signatures, conventions (what is averaged or summed, the ``2T`` of MoCo v3), inp
 
 Communication: clip makes two ring passes (image->text and text->image), each moving one
 ``[n, D]`` float32 block per hop forward and, in the backward pass, the block plus its
-``[n, D]`` gradient buffer; this is ``2 (W - 1)`` extra latencies per step compared with one
-all-gather, the price of the bounded memory.
+``[n, D]`` gradient buffer; W hops per pass (the forward's last hop only brings the block
+home) instead of one all-gather: more latencies, the price of the bounded memory. On one
+device (or ``axis_name=None``) no message is sent.
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ def _factor(spec: _RingSpec, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _block_logits(spec: _RingSpec, anchors, block, scale, bias):
-  """[m, D] x [c, D] -> ([m, c] logits, [m, c] similarities), computed as in ``losses.py``."""
+  """[m, D] x [c, D] -> [m, c] float32 logits, computed exactly as in ``losses.py``."""
   sim = _sim(anchors, block)
   if spec.divide:
     logits = sim / scale
@@ -138,137 +142,126 @@ def _block_logits(spec: _RingSpec, anchors, block, scale, bias):
     logits = scale * sim
   if spec.kind == "sigmoid":
     logits = logits + bias
-  return logits, sim
+  return logits
 
 
-def _own_block_masks(spec: _RingSpec, m: int, c: int):
-  """Boolean [m, c] positive and self masks of the own block (static)."""
-  rows = jnp.arange(m)[:, None]
+def _block_masks(spec: _RingSpec, hop: jax.Array, m: int, c: int):
+  """Boolean [m, c] positive and self masks of the block held at ``hop`` (all False but at hop
+  0, the own block). Built from [m] column targets that depend on ``hop``, so that XLA fuses
+  them into their consumers instead of hoisting two constant [m, c] masks out of the loop."""
+  rows = jnp.arange(m)
   cols = jnp.arange(c)[None, :]
-  is_pos = cols == (rows + spec.pos_shift) % c
-  is_self = (cols == rows) if spec.mask_self else jnp.zeros((m, c), bool)
+  own = hop == 0
+  is_pos = cols == jnp.where(own, (rows + spec.pos_shift) % c, -1)[:, None]
+  is_self = (cols == jnp.where(own, rows, -1)[:, None]) if spec.mask_self else None
   return is_pos, is_self
 
 
 def _global_columns(spec: _RingSpec, source: jax.Array, c: int, size: int) -> jax.Array:
-  """[c] global column index (in the all-gather layout) of block ``source``'s columns."""
+  """[c] global column index (in the all-gather layout) of block ``source``'s columns.
+
+  Increasing along the block for every source, so a block's first maximal local column is
+  also its first maximal global column.
+  """
   width = c // spec.halves
   col = jnp.arange(c)
   return (col // width) * (size * width) + source * width + col % width
 
 
-def _beaten(logits, pos_logit, columns, pos_column):
-  """[m] True where some column of this block would win the argmax over the positive."""
-  above = logits > pos_logit[:, None]
-  tie_before = (logits == pos_logit[:, None]) & (columns[None, :] < pos_column[:, None])
-  return jnp.any(above | tie_before, axis=1)
-
-
 def _ring_forward(spec: _RingSpec, anchors, keys, scale, bias):
-  """Returns per-row loss [m], hit [m] and the per-row lse [m] (softmax) for the backward."""
-  size = _ring_size(spec.axis_name)
-  me = _my_index(spec.axis_name)
+  """Returns per-row loss [m], hit [m] and the per-row lse [m] (softmax) for the backward.
+
+  One loop of W identical hops (score the block held, then pass it on): the scheduler never
+  overlaps two iterations, so the peak is one block's logits whatever W is. The last hop brings
+  every block home again; it is one [c, D] message and keeps the body free of special cases.
+  """
+  axis, size = spec.axis_name, _ring_size(spec.axis_name)
+  me = _my_index(axis)
   m, c = anchors.shape[0], keys.shape[0]
-  is_pos, is_self = _own_block_masks(spec, m, c)
-
-  logits, _ = _block_logits(spec, anchors, keys, scale, bias)
-  logits = jnp.where(is_self, -jnp.inf, logits)
-  pos_logit = jnp.sum(jnp.where(is_pos, logits, 0.0), axis=1)
-  own_columns = _global_columns(spec, me, c, size)
-  pos_column = own_columns[(jnp.arange(m) + spec.pos_shift) % c]
-  hit = ~_beaten(logits, pos_logit, own_columns, pos_column)
-
-  if spec.kind == "softmax":
-    row_max = jnp.max(logits, axis=1)
-    state = (row_max, jnp.sum(jnp.exp(logits - row_max[:, None]), axis=1))
-  else:
-    signs = jnp.where(is_pos, 1.0, -1.0).astype(logits.dtype)
-    state = (-jnp.sum(jax.nn.log_sigmoid(signs * logits), axis=1),)
+  dtype = anchors.dtype
+  pos_local = (jnp.arange(m) + spec.pos_shift) % c
 
   def body(hop, carry):
-    block, hit, state = carry
-    block = _hop(block, spec.axis_name, size)
-    source = (me - hop) % size
-    logits, _ = _block_logits(spec, anchors, block, scale, bias)
-    hit = hit & ~_beaten(logits, pos_logit, _global_columns(spec, source, c, size), pos_column)
+    block, pos_logit, best, best_col, state = carry
+    # Hop t holds the block of device me - t: the own block (positives, self) at t = 0.
+    is_pos, is_self = _block_masks(spec, hop, m, c)
+    logits = _block_logits(spec, anchors, block, scale, bias)
+    if is_self is not None:
+      logits = jnp.where(is_self, -jnp.inf, logits)
+    # A gather of m entries, not a masked [m, c] sum (which XLA materialises on CPU).
+    pos_logit = pos_logit + jnp.where(
+        hop == 0, jnp.take_along_axis(logits, pos_local[:, None], axis=1)[:, 0], 0.0)
+    # Running argmax with argmax's rule: the first maximal global column wins.
+    local = jnp.argmax(logits, axis=1)
+    block_max = jnp.max(logits, axis=1)
+    block_col = _global_columns(spec, (me - hop) % size, c, size)[local]
+    better = (block_max > best) | ((block_max == best) & (block_col < best_col))
+    best, best_col = jnp.where(better, block_max, best), jnp.where(better, block_col, best_col)
     if spec.kind == "softmax":
       row_max, sum_exp = state
-      new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
+      new_max = jnp.maximum(row_max, block_max)     # finite from hop 0 on (the positive)
       sum_exp = (sum_exp * jnp.exp(row_max - new_max)
                  + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=1))
       state = (new_max, sum_exp)
-    else:  # every candidate of another block is a negative: z = -1
-      state = (state[0] - jnp.sum(jax.nn.log_sigmoid(-logits), axis=1),)
-    return block, hit, state
+    else:
+      signs = jnp.where(is_pos, 1.0, -1.0).astype(dtype)
+      state = (state[0] - jnp.sum(jax.nn.log_sigmoid(signs * logits), axis=1),)
+    return _hop(block, axis, size), pos_logit, best, best_col, state
 
-  _, hit, state = jax.lax.fori_loop(1, size, body, (keys, hit, state))
+  rows = lambda value, dt=dtype: _varying(jnp.full((m,), value, dt), axis)
+  state = (rows(-jnp.inf), rows(0.0)) if spec.kind == "softmax" else (rows(0.0),)
+  carry = (keys, rows(0.0), rows(-jnp.inf), rows(0, jnp.int32), state)
+  _, pos_logit, _, best_col, state = jax.lax.fori_loop(0, size, body, carry)
+
+  pos_column = _global_columns(spec, me, c, size)[pos_local]
+  hit = (best_col == pos_column).astype(dtype)
   if spec.kind == "softmax":
     lse = state[0] + jnp.log(state[1])
-    per_row = lse - pos_logit
-  else:
-    lse = jnp.zeros((m,), anchors.dtype)
-    per_row = state[0]
-  return per_row, hit.astype(per_row.dtype), lse
+    return lse - pos_logit, hit, lse
+  return state[0], hit, jnp.zeros((m,), dtype)
 
 
 def _ring_backward(spec: _RingSpec, residuals, cotangents):
+  """Second ring pass: recompute each block, accumulate dL/dA here and dL/dK in a buffer that
+  travels with the block; after W hops block and buffer are back at the block's owner."""
   anchors, keys, scale, bias, lse = residuals
   g = cotangents[0]                                   # the hit output has no gradient
-  size = _ring_size(spec.axis_name)
+  axis, size = spec.axis_name, _ring_size(spec.axis_name)
   m, c = anchors.shape[0], keys.shape[0]
-  is_pos, is_self = _own_block_masks(spec, m, c)
+  dtype = anchors.dtype
   f, df = _factor(spec, scale)
 
-  def block_grad(block, own):
-    """G = dL/dlogits [m, c] of one block."""
-    logits, _ = _block_logits(spec, anchors, block, scale, bias)
+  def body(hop, carry):
+    block, d_keys, d_anchors, d_bias = carry
+    is_pos, is_self = _block_masks(spec, hop, m, c)
+    logits = _block_logits(spec, anchors, block, scale, bias)
     if spec.kind == "softmax":
-      if own:
+      if is_self is not None:
         logits = jnp.where(is_self, -jnp.inf, logits)
-      grad = jnp.exp(logits - lse[:, None])
-      if own:
-        grad = grad - is_pos.astype(grad.dtype)
+      grad = jnp.exp(logits - lse[:, None]) - is_pos.astype(dtype)
     else:
-      signs = jnp.where(is_pos, 1.0, -1.0).astype(logits.dtype) if own else -1.0
+      signs = jnp.where(is_pos, 1.0, -1.0).astype(dtype)
       grad = -signs * jax.nn.sigmoid(-signs * logits)
-    return g[:, None] * grad
-
-  def contract(grad, block):
-    """(G K_b [m, D], G^T A [c, D] or None, sum G)."""
-    d_anchors = jnp.einsum("mc,cd->md", grad, block, precision=losses._HIGHEST)
-    d_block = (jnp.einsum("mc,md->cd", grad, anchors, precision=losses._HIGHEST)
-               if spec.keys_grad else None)
-    return d_anchors, d_block, jnp.sum(grad)
-
-  d_anchors, d_keys_buf, d_bias = contract(block_grad(keys, own=True), keys)
-  if d_keys_buf is None:
-    d_keys_buf = jnp.zeros((0,), keys.dtype)          # nothing travels back for MoCo v3
-
-  def body(_, carry):
-    block, d_buf, d_anchors, d_bias = carry
-    # The gradient buffer of a block travels with the block, so both hop together.
+    grad = g[:, None] * grad                                              # dL/dlogits [m, c]
+    d_anchors = d_anchors + jnp.einsum("mc,cd->md", grad, block, precision=losses._HIGHEST)
+    if spec.kind == "sigmoid":
+      d_bias = d_bias + jnp.sum(grad)
     if spec.keys_grad:
-      block, d_buf = _hop((block, d_buf), spec.axis_name, size)
+      d_keys = d_keys + jnp.einsum("mc,md->cd", grad, anchors, precision=losses._HIGHEST)
+      block, d_keys = _hop((block, d_keys), axis, size)
     else:
-      block = _hop(block, spec.axis_name, size)
-    da, db, dbias = contract(block_grad(block, own=False), block)
-    if db is not None:
-      d_buf = d_buf + db
-    return block, d_buf, d_anchors + da, d_bias + dbias
+      block = _hop(block, axis, size)
+    return block, d_keys, d_anchors, d_bias
 
-  _, d_keys_buf, d_anchors, d_bias = jax.lax.fori_loop(
-      1, size, body, (keys, d_keys_buf, d_anchors, d_bias))
-  # After W - 1 hops the buffer sits one device before the block's owner: one last hop home.
-  if spec.keys_grad:
-    d_keys = f * _hop(d_keys_buf, spec.axis_name, size)
-  else:
+  zeros = lambda shape: _varying(jnp.zeros(shape, dtype), axis)
+  carry = (keys, zeros(keys.shape if spec.keys_grad else (0,)), zeros(anchors.shape), zeros(()))
+  _, d_keys, d_anchors, d_bias = jax.lax.fori_loop(0, size, body, carry)
+  if not spec.keys_grad:
     d_keys = jnp.zeros_like(keys)
   # sum_rc G_rc sim_rc = sum_r A_r . (sum_c G_rc K_c): the scale's gradient comes from the
   # accumulated d_anchors, so no block of similarities is kept in the backward pass.
   d_scale = df * jnp.sum(anchors * d_anchors)
-  if spec.kind == "softmax":
-    d_bias = jnp.zeros_like(bias)
-  return f * d_anchors, d_keys, d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
+  return f * d_anchors, f * d_keys, d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

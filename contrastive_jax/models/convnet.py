@@ -13,10 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from contrastive_jax.models.resnet import _ConvBN
+from contrastive_jax.models.layers import ConvBNBase
 
 
-class ConvNet(_ConvBN):
+class ConvNet(ConvBNBase):
   """``[B, H, W, C] float -> [B, widths[-1]]`` in ``dtype``.
 
   Attributes:

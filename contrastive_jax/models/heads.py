@@ -2,15 +2,18 @@
 
 ``ProjectionMLP`` stacks ``num_layers - 1`` hidden layers ``Dense(hidden_dim) [- BN] - ReLU`` and a
 last ``Dense(out_dim) [- BN]``. A Dense followed by BN has no bias (BN's beta replaces it).
-The recipes (factories below give each one):
+The recipes, each with a factory below:
 
-| recipe | call |
-|---|---|
-| SimCLR v1 (Chen et al., 2020a, Sec. 2.1: ``W2 ReLU(W1 h)``) | ``simclr_head(version=1)``: 2 layers, Dense-BN-ReLU-Dense |
-| SimCLR v2 (Chen et al., 2020b, Sec. 2) | ``simclr_head(version=2)``: 3 layers with BN, last BN scale-only as in the official TF code |
-| MoCo v2 (Chen et al., 2020c; official code) | ``mocov2_head()``: Dense(2048)-ReLU-Dense(128), biases, no BN |
-| MoCo v3 projector (Chen et al., 2021, Sec. 3; official code) | ``mocov3_projector(num_layers)``: BN after every layer, last BN without affine, no biases; 3 layers (ViT) or 2 (ResNet in the code) |
-| MoCo v3 predictor | ``mocov3_predictor()``: Dense-BN-ReLU-Dense, no biases, no last BN |
+* SimCLR v1 (Chen et al., 2020a, Sec. 2.1, ``g(h) = W2 ReLU(W1 h)``): ``simclr_head(version=1)``,
+  2 layers, ``Dense-BN-ReLU-Dense``.
+* SimCLR v2 (Chen et al., 2020b, Sec. 2): ``simclr_head(version=2)``, 3 layers with BN after each,
+  the last BN with gamma and no beta as in the official TF code.
+* MoCo v2 (Chen et al., 2020c, official code): ``mocov2_head()``, ``Dense(2048)-ReLU-Dense(128)``
+  with biases and no BN.
+* MoCo v3 projector (Chen et al., 2021, Sec. 3, official code): ``mocov3_projector(num_layers)``,
+  bias-free Dense, BN after every layer, the last BN without affine; 3 layers for ViT, 2 for
+  ResNet-50 in the official code.
+* MoCo v3 predictor: ``mocov3_predictor()``, ``Dense-BN-ReLU-Dense``, bias-free, no last BN.
 """
 
 from __future__ import annotations

@@ -100,15 +100,23 @@ class BatchNorm(nn.Module):
 
 
 class LayerNormF32(nn.Module):
-  """LayerNorm whose statistics and affine transform run in float32; output in ``dtype``."""
+  """LayerNorm over the last axis, ``(x - mu) / sqrt(var + eps) * scale + bias``, with the
+  statistics and the affine transform in float32 whatever the compute dtype; output in ``dtype``
+  (default: the input's). Params ``scale``, ``bias`` ``[C] param_dtype``."""
   epsilon: float = 1e-6
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = nn.LayerNorm(epsilon=self.epsilon, dtype=jnp.float32, param_dtype=self.param_dtype,
-                     name="ln")(x.astype(jnp.float32))
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return y.astype(self.dtype or x.dtype)
 
 
@@ -243,6 +251,33 @@ class Transformer(nn.Module):
                     attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
                     param_dtype=self.param_dtype, name=f"block{i}")(x, train)
     return x
+
+
+# torchvision's init for convolutions: (untruncated) kaiming normal, fan_out, gain sqrt(2).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class ConvBNBase(nn.Module):
+  """Fields and helpers shared by the convolutional encoders and their blocks."""
+  bn_groups: int = 1
+  bn_momentum: float = 0.9
+  bn_eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def conv(self, features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
+    """Bias-free ``kernel x kernel`` convolution with symmetric ``(kernel - 1) / 2`` padding
+    (torchvision's alignment, not XLA's asymmetric "SAME" for stride 2)."""
+    pad = (kernel - 1) // 2
+    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+                   use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name=name)
+
+  def bn(self, train: bool, zero_init: bool = False, name: str | None = None) -> BatchNorm:
+    return BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                     epsilon=self.bn_eps, bn_groups=self.bn_groups,
+                     scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
+                     dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
 
 def _path_is_frozen(path: tuple[Any, ...]) -> bool:

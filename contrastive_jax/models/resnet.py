@@ -14,18 +14,11 @@ Output: global-average-pooled features ``[B, F]`` with ``F = 512 * width`` (18/3
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from contrastive_jax.models.layers import BatchNorm
-
-Dtype = Any
-
-# torchvision's init for convolutions: (untruncated) kaiming normal, fan_out, gain sqrt(2).
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+from contrastive_jax.models.layers import ConvBNBase
 
 STAGES: dict[int, tuple[str, tuple[int, ...]]] = {
     18: ("basic", (2, 2, 2, 2)),
@@ -37,28 +30,7 @@ STAGES: dict[int, tuple[str, tuple[int, ...]]] = {
 STEMS = ("imagenet", "cifar")
 
 
-class _ConvBN(nn.Module):
-  """Shared fields of the convolutional modules."""
-  bn_groups: int = 1
-  bn_momentum: float = 0.9
-  bn_eps: float = 1e-5
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  def conv(self, features: int, kernel: int, stride: int = 1, name: str | None = None):
-    pad = (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                   use_bias=False, kernel_init=conv_init, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name=name)
-
-  def bn(self, train: bool, zero_init: bool = False, name: str | None = None):
-    return BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     epsilon=self.bn_eps, bn_groups=self.bn_groups,
-                     scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
-                     dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-
-
-class Stem(_ConvBN):
+class Stem(ConvBNBase):
   """``[B, H, W, 3] -> [B, H/4, W/4, C]`` (imagenet) or ``[B, H, W, C]`` (cifar)."""
   features: int = 64
   kind: str = "imagenet"
@@ -73,7 +45,7 @@ class Stem(_ConvBN):
     raise ValueError(f"stem={self.kind!r} is unknown; use one of {STEMS}")
 
 
-class BasicBlock(_ConvBN):
+class BasicBlock(ConvBNBase):
   """Two 3x3 convolutions; output channels ``features``."""
   features: int = 64
   stride: int = 1
@@ -88,7 +60,7 @@ class BasicBlock(_ConvBN):
     return nn.relu(x + y)
 
 
-class BottleneckBlock(_ConvBN):
+class BottleneckBlock(ConvBNBase):
   """1x1 reduce, 3x3 (carrying the stride: v1.5), 1x1 expand to ``4 * features`` channels."""
   features: int = 64
   stride: int = 1
@@ -105,7 +77,7 @@ class BottleneckBlock(_ConvBN):
     return nn.relu(x + y)
 
 
-class ResNet(_ConvBN):
+class ResNet(ConvBNBase):
   """ResNet v1.5 encoder: ``[B, H, W, 3] float -> [B, feature_dim]`` in ``dtype``.
 
   Attributes:

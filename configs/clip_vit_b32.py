@@ -1,0 +1,64 @@
+"""CLIP ViT-B/32 (Radford et al. 2021; OpenAI's B/32 architecture, 63.2% ImageNet zero-shot).
+
+Batch 32,768; AdamW lr 5e-4 (no batch scaling), b1 0.9, b2 0.98, eps 1e-6, wd 0.2 (gains,
+biases, embeddings and the logit scale excluded by ``optim.weight_decay_mask``), 10,000
+warmup steps (open_clip) then cosine; learned temperature initialised at 1/0.07, scale
+clipped at 100; 32 epochs of 400M pairs. Image tower ViT-B/32 with ln_pre, bias-free patch
+conv and QuickGELU; text tower 12 x 512, 8 heads, context 77.
+
+Data: image-text TFRecords (``data.path``, ``{split}`` is replaced by the split; records with
+``image`` (encoded bytes) and ``caption``). Tokenizer: a SentencePiece model (``data.spm_model``)
+whose size, plus our 3 special ids, is ``text.kwargs.vocab_size``. The trainer's in-memory
+evaluators do not scale to this: evaluation is off (zero-shot on ImageNet is a separate job).
+``:quick`` keeps the recipe but shrinks sizes to a laptop smoke test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = common.parse_arg(arg, quick=False, batch=32_768, examples_seen=32 * 400_000_000,
+                       path="gs://YOUR_BUCKET/image_text/{split}-*.tfrecord",
+                       spm_model="gs://YOUR_BUCKET/spm/32k.model", spm_vocab=32_000)
+  c = common.base_config()
+  c.method = "clip"
+  c.global_batch = 16 if a.quick else a.batch
+  c.total_steps = 4 if a.quick else math.ceil(a.examples_seen / a.batch)
+  c.log_every = 1 if a.quick else 100
+
+  clip_image = dict(ln_pre=True, patch_bias=False, ln_eps=1e-5, activation="quick_gelu")
+  if a.quick:
+    c.model = ml_collections.ConfigDict(dict(
+        name="vit", kwargs=dict(patch_size=32, width=64, depth=2, num_heads=2, **clip_image)))
+    text = dict(width=64, depth=2, num_heads=2)
+  else:
+    c.model = ml_collections.ConfigDict(dict(name="vit_b32", kwargs=clip_image))
+    text = dict(width=512, depth=12, num_heads=8)
+  c.text = ml_collections.ConfigDict(dict(kwargs=dict(
+      vocab_size=a.spm_vocab + 3, context_length=77, ln_eps=1e-5, activation="quick_gelu",
+      **text)))
+  c.clip = ml_collections.ConfigDict(dict(
+      loss="clip", embed_dim=512, max_logit_scale=100.0, logit_scale_init=None,
+      logit_bias_init=None))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="tfrecord", name="", train_split="train", eval_split="validation",
+      data_dir="", path=a.path, image_size=64 if a.quick else 224, recipe="clip",
+      augment=dict(), shuffle_buffer=1000 if a.quick else 100_000, skip_corrupt=True,
+      context_length=77, tokenizer="sentencepiece", spm_model=a.spm_model, cache=False))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", base_lr=5e-4, lr_scaling="none", warmup_steps=1 if a.quick else 10_000,
+      schedule="cosine", weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6))
+
+  c.dtype = "bfloat16"
+  c.remat = not a.quick
+  c.checkpoint.every_steps = 2 if a.quick else 2000
+  c.eval.enabled = False
+  return c

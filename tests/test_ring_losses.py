@@ -1,0 +1,162 @@
+"""Ring losses equal the all-gather losses (values, gradients, metrics) and bound the memory."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from contrastive_jax import distributed, losses, ring_losses
+import loss_reference as ref
+
+N, D = 16, 8
+
+# name -> (loss name, float64 reference, scalar arguments, indices of args to differentiate)
+CASES = {
+    "nt_xent_t0.33": ("nt_xent", ref.nt_xent, (0.33,), (0, 1, 2)),
+    "nt_xent_t0.07": ("nt_xent", ref.nt_xent, (0.07,), (0, 1, 2)),
+    "clip_s3.7": ("clip", ref.clip_loss, (3.7,), (0, 1, 2)),
+    "clip_s14.3": ("clip", ref.clip_loss, (14.3,), (0, 1, 2)),
+    "moco_v3_t0.07": ("moco_v3", ref.moco_v3_loss, (0.07,), (0, 2)),
+    "moco_v3_t0.33": ("moco_v3", ref.moco_v3_loss, (0.33,), (0, 2)),
+    "siglip_s3.7_b1.3": ("siglip", ref.siglip_loss, (3.7, 1.3), (0, 1, 2, 3)),
+    "siglip_s10_b-10": ("siglip", ref.siglip_loss, (10.0, -10.0), (0, 1, 2, 3)),
+}
+BASE = ["nt_xent_t0.33", "clip_s3.7", "moco_v3_t0.07", "siglip_s3.7_b1.3"]
+
+
+def _inputs(seed, tie_device=None, num_devices=8):
+  rng = np.random.default_rng(seed)
+  a = rng.normal(size=(N, D))
+  b = a + 0.8 * rng.normal(size=(N, D))
+  if tie_device is not None:   # every row of one device identical: argmax ties inside a block
+    n = N // num_devices
+    rows = slice(tie_device * n, (tie_device + 1) * n)
+    a[rows], b[rows] = a[tie_device * n], b[tie_device * n]
+  return a, b
+
+
+def _f32(args):
+  return [jnp.asarray(x, jnp.float32) for x in args]
+
+
+def _compare(case, num_devices, a, b):
+  name, ref_fn, scalars, grad_idx = CASES[case]
+  mesh = distributed.make_mesh(num_devices)
+  args = _f32((a, b) + scalars)
+  results = []
+  for fn in (losses.sharded(losses.LOSSES[name], mesh, return_metrics=True),
+             ring_losses.sharded_ring(name, mesh, return_metrics=True)):
+    step = jax.jit(jax.value_and_grad(lambda *x, fn=fn: fn(*x), argnums=grad_idx, has_aux=True))
+    results.append(step(*args))
+  ((v_ag, m_ag), g_ag), ((v_ring, m_ring), g_ring) = results
+
+  want_loss, want_acc = ref_fn(a, b, *scalars)
+  assert v_ring.dtype == jnp.float32
+  np.testing.assert_allclose(float(v_ring), float(v_ag), rtol=1e-5, err_msg=case)
+  np.testing.assert_allclose(float(v_ring), want_loss, rtol=1e-5, err_msg=case)
+  for key in m_ag:
+    assert float(m_ring[key]) == float(m_ag[key]), (case, key)
+  np.testing.assert_allclose(float(m_ring["accuracy"]), want_acc, atol=1e-6, err_msg=case)
+  for i, got, want in zip(grad_idx, g_ring, g_ag):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.all(np.isfinite(got)), (case, i)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * max(np.max(np.abs(want)), 1e-12),
+                               err_msg=f"{case}: d/d arg {i}")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ring_equals_all_gather_on_8_devices(case):
+  _compare(case, 8, *_inputs(0))
+
+
+@pytest.mark.parametrize("num_devices", [1, 2])
+@pytest.mark.parametrize("case", BASE)
+def test_ring_equals_all_gather_on_short_rings(case, num_devices):
+  _compare(case, num_devices, *_inputs(1))
+
+
+@pytest.mark.parametrize("case", BASE)
+def test_ties_inside_one_device_block(case):
+  """All rows of device 5 equal: argmax must pick the first maximal global column, as the
+  all-gather loss and the float64 reference do (only that device's first row is a hit)."""
+  _compare(case, 8, *_inputs(2, tie_device=5))
+
+
+def test_gradient_reference_float64():
+  """The ring gradient against central differences of the paper's formula (not our code)."""
+  a, b = _inputs(3)
+  mesh = distributed.make_mesh(8)
+  for name, ref_fn, scalars in [("nt_xent", ref.nt_xent, (0.33,)),
+                                ("siglip", ref.siglip_loss, (3.7, 1.3))]:
+    fn = ring_losses.sharded_ring(name, mesh)
+    args = (a, b) + scalars
+    grads = jax.jit(jax.grad(lambda *x, fn=fn: fn(*x), argnums=(0, 2)))(*_f32(args))
+    for g, i in zip(grads, (0, 2)):
+      want = np.asarray(ref.numerical_grad(lambda *x: ref_fn(*x)[0], args, i))
+      np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=1e-4,
+                                 atol=1e-5 * np.max(np.abs(want)), err_msg=f"{name} arg {i}")
+
+
+def test_moco_v3_keys_get_no_gradient():
+  a, b = _f32(_inputs(4))
+  fn = ring_losses.sharded_ring("moco_v3", distributed.make_mesh(8))
+  g_k = jax.jit(jax.grad(lambda q, k: fn(q, k, 0.2), argnums=1))(a, b)
+  assert np.all(np.asarray(g_k) == 0.0)
+
+
+@pytest.mark.parametrize("case", BASE)
+def test_bf16_inputs_give_float32_loss(case):
+  name, _, scalars, _ = CASES[case]
+  a, b = _inputs(5)
+  fn = ring_losses.get_loss(name, "ring")
+  bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (a, b)]
+  rounded = _f32([np.asarray(x, np.float64) for x in bf16])
+  got = fn(*bf16, *scalars)                         # axis_name=None: the ring of length one
+  assert got.dtype == jnp.float32 and np.isfinite(float(got))
+  np.testing.assert_allclose(float(got), float(losses.LOSSES[name](*rounded, *scalars)),
+                             rtol=1e-5)
+
+
+def _temp_bytes(fn, mesh, n_local, scalars):
+  x = jax.ShapeDtypeStruct((mesh.size * n_local, 128), jnp.float32,
+                           sharding=distributed.data_sharding(mesh))
+  step = jax.jit(jax.value_and_grad(lambda a, b: fn(a, b, *scalars), argnums=(0, 1)))
+  return step.lower(x, x).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("name, scalars, views", [("nt_xent", (0.1,), 2), ("clip", (10.0,), 1)])
+def test_ring_temp_memory_is_per_block(name, scalars, views):
+  """Compile only. At 8 x 512 rows the all-gather needs [n, N] logits; the ring needs blocks."""
+  n = 512
+  mesh = distributed.make_mesh(8)
+  ring = _temp_bytes(ring_losses.sharded_ring(name, mesh), mesh, n, scalars)
+  gather = _temp_bytes(losses.sharded(losses.LOSSES[name], mesh), mesh, n, scalars)
+  logits_bytes = (views * n) * (views * 8 * n) * 4     # one [rows, global columns] float32 matrix
+  assert ring * 4 < gather, (ring, gather)
+  assert ring < 0.6 * logits_bytes, (ring, logits_bytes)
+  # Fixed local batch, 4x the global batch: the ring's memory stays, the all-gather's grows.
+  small = distributed.make_mesh(2)
+  ring_small = _temp_bytes(ring_losses.sharded_ring(name, small), small, n, scalars)
+  gather_small = _temp_bytes(losses.sharded(losses.LOSSES[name], small), small, n, scalars)
+  assert ring <= 1.1 * ring_small, (ring, ring_small)
+  assert gather > 3 * gather_small, (gather, gather_small)
+
+
+def test_get_loss_and_errors():
+  assert ring_losses.get_loss("clip") is losses.clip_loss
+  assert ring_losses.get_loss("clip", "ring") is ring_losses.clip_loss
+  assert ring_losses.get_loss("moco", "ring") is losses.moco_loss      # queue: nothing gathered
+  with pytest.raises(ValueError, match="loss impl must be one of"):
+    ring_losses.get_loss("clip", "ringg")
+  with pytest.raises(ValueError, match="unknown loss"):
+    ring_losses.get_loss("simclr", "ring")
+  a, b = _f32(_inputs(6))
+  mesh = distributed.make_mesh(8)
+  with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+    ring_losses.sharded_ring("nt_xent", mesh)(a[:12], b[:12], 0.1)
+  with pytest.raises(ValueError, match="temperature must be positive"):
+    ring_losses.sharded_ring(ring_losses.moco_v3_loss, mesh)(a, b, -0.2)
+  with pytest.raises(ValueError, match="logit_bias must be a scalar"):
+    ring_losses.siglip_loss(a, b, 10.0, jnp.zeros(3))
