@@ -440,6 +440,7 @@ def test_frozen_patch_projection_never_updates():
 
 @pytest.mark.parametrize("name,kwargs,inputs", [
     ("resnet18", dict(width=1 / 16, stem="cifar"), "image"),
+    ("convnet", dict(widths=(4, 8), strides=(1, 2)), "image"),
     ("vit", dict(patch_size=8, width=16, depth=2, num_heads=2, dropout_rate=0.1), "image"),
     ("clip_text", TEXT_KW, "text"),
 ])
