@@ -74,3 +74,21 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
   assert [h["step"] for h in second["train_history"]] == [3, 4]
   np.testing.assert_allclose(second["final_train"]["param_norm"],
                              full["final_train"]["param_norm"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["simclr_mnist", "simclr_resnet18_cifar10",
+                                  "simclr_resnet50_imagenet"])
+@pytest.mark.parametrize("arg", [None, "quick"])
+def test_configs_build_and_init_shape_only(name, arg):
+  """Every SimCLR config builds its method and state (shapes only: nothing is compiled)."""
+  import importlib
+  import functools
+  from contrastive_jax import distributed, methods, optim
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  mesh = distributed.make_mesh(8)
+  method = methods.build_method(config, mesh)
+  steps = train.total_steps(config, 50_000)
+  tx, _ = optim.build_optimizer(config.optim, global_batch=config.global_batch,
+                                total_steps=steps)
+  state = jax.eval_shape(functools.partial(method.init_state, tx=tx), jax.random.key(0))
+  assert state.params and int(np.prod(state.step.shape)) == 1
