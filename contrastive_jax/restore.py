@@ -116,16 +116,8 @@ def set_value(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   value = _tuples(value)
   if isinstance(node[last], float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
-  with config.unlocked() if hasattr(config, "unlocked") else _null():
+  with config.unlocked():  # a config from main.py's flags is locked against new keys only
     node[last] = value
-
-
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
 
 
 def apply_overrides(config: ml_collections.ConfigDict,

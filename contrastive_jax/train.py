@@ -24,8 +24,8 @@ from etils import epath
 
 from contrastive_jax import checkpoint, distributed, methods, optim
 from contrastive_jax.data import pipeline
-from contrastive_jax.evaluate import features as feature_lib
-from contrastive_jax.evaluate import knn, linear_probe
+from contrastive_jax import evaluate as evaluators
+from contrastive_jax.methods import base as method_base
 from contrastive_jax.train_state import TrainState
 
 class NonFiniteLossError(FloatingPointError):
@@ -109,21 +109,21 @@ def evaluate(method, state, eval_data, mesh, config, *, final: bool,
   """kNN monitor every time; linear probes (all labels, few labels) when ``final``."""
   cfg = config.eval
   encode_fn = encode_fn or make_encode_fn(method)
-  features = lambda images: feature_lib.extract_features(
+  features = lambda images: evaluators.extract_features(
       encode_fn, images, mesh=mesh, batch_size=cfg.batch_size, variables=state)
   train_f = features(eval_data["train"]["image"])
   test_f = features(eval_data["test"]["image"])
   train_y, test_y = eval_data["train"]["label"], eval_data["test"]["label"]
   num_classes = int(eval_data["num_classes"])
   out = {}
-  res = knn.knn_accuracy(train_f, train_y, test_f, test_y, num_classes=num_classes,
+  res = evaluators.knn_accuracy(train_f, train_y, test_f, test_y, num_classes=num_classes,
                          k=cfg.knn_k, temperature=cfg.knn_temperature)
   out.update({f"knn/{k}": v for k, v in res.items() if np.isscalar(v)})
   if final:
-    res = linear_probe.linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes,
+    res = evaluators.linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes,
                                     seed=config.seed)
     out.update({f"linear/{k}": v for k, v in res.items() if np.isscalar(v)})
-    res = linear_probe.few_label_probe(train_f, train_y, test_f, test_y,
+    res = evaluators.few_label_probe(train_f, train_y, test_f, test_y,
                                        num_classes=num_classes, shots=tuple(cfg.few_shots),
                                        seed=config.seed)
     out.update(_flatten("few", res))
@@ -137,10 +137,10 @@ def raw_pixel_baseline(eval_data, config) -> dict[str, float]:
   train_y, test_y = eval_data["train"]["label"], eval_data["test"]["label"]
   num_classes = int(eval_data["num_classes"])
   out = {}
-  res = linear_probe.linear_probe(train_x, train_y, test_x, test_y, num_classes=num_classes,
+  res = evaluators.linear_probe(train_x, train_y, test_x, test_y, num_classes=num_classes,
                                   seed=config.seed)
   out.update({f"linear/{k}": v for k, v in res.items() if np.isscalar(v)})
-  res = linear_probe.few_label_probe(train_x, train_y, test_x, test_y, num_classes=num_classes,
+  res = evaluators.few_label_probe(train_x, train_y, test_x, test_y, num_classes=num_classes,
                                      shots=tuple(config.eval.few_shots), seed=config.seed)
   out.update(_flatten("few", res))
   return out
@@ -301,6 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if eval_data is not None:
     summary["eval"] = evaluate(method, state, eval_data, mesh, config, final=True,
                                encode_fn=encode_fn)
+    summary["eval"].update(method_base.extra_evaluations(method, state, mesh, config))
     writer.write_scalars(num_steps, {f"eval/{k}": v for k, v in summary["eval"].items()})
     if config.eval.get("raw_pixel_baseline", False):
       summary["raw_pixels"] = raw_pixel_baseline(eval_data, config)

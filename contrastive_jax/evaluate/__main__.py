@@ -1,0 +1,214 @@
+"""Standalone evaluation of a training run's checkpoint.
+
+  python -m contrastive_jax.evaluate --workdir=DIR --eval=knn|linear_probe|few_label|extra|all \
+      [--step=N] [--config=configs/x.py[:arg]] [--set eval.batch_size=64 ...] \
+      [--embedding_plot=pca|tsne]
+
+Reads the config saved with the checkpoint (or ``--config``, then ``--set`` overrides; only
+evaluation settings such as ``eval.*`` should differ from the run), rebuilds the method on a mesh
+of all devices, restores the newest good checkpoint (or ``--step``), and runs the chosen
+evaluators on frozen encoder features exactly as ``train.evaluate`` does at the end of a run
+(same features, same kNN, same probes, same seeds), so the numbers match the trainer's summary
+of the same state. ``extra`` runs the method's own evaluations (CLIP: zero-shot and retrieval)
+when it has any; ``all`` is ``knn,linear_probe,few_label,extra``. Several may be given with
+commas. Prints a table and writes ``DIR/eval_<name>.json``.
+
+Evaluators (see the modules): weighted kNN (Wu et al. 2018, Eq. 3-4; k=200, tau=0.07 by
+default), L2-regularised logistic regression on frozen features (the linear-evaluation protocol
+of SimCLR/MoCo), few-label probes over seeded balanced draws.
+
+This entry point sits above the trainer (it imports ``contrastive_jax.restore`` and ``train``);
+the rest of the ``evaluate`` package stays layer 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+EVALS = ("knn", "linear_probe", "few_label", "extra")
+
+
+def parse_evals(text: str) -> tuple[str, ...]:
+  """``"knn,linear_probe"`` / ``"all"`` -> the evaluator names, in ``EVALS`` order."""
+  names = {n.strip() for n in text.split(",") if n.strip()}
+  if "all" in names:
+    names = set(EVALS) | (names - {"all"})
+  unknown = sorted(names - set(EVALS))
+  if unknown or not names:
+    raise ValueError(f"--eval={text!r}: unknown evaluator(s) {unknown}; use a comma list of "
+                     f"{EVALS} or 'all'")
+  return tuple(n for n in EVALS if n in names)
+
+
+def load_eval_data(config) -> dict[str, Any]:
+  """The train and eval splits in memory with eval preprocessing, as ``train.py`` loads them."""
+  from contrastive_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  data = {"train": pipeline.eval_arrays(config.data, config.data.train_split),
+          "test": pipeline.eval_arrays(config.data, config.data.eval_split)}
+  data["num_classes"] = 1 + int(max(data["train"]["label"].max(), data["test"]["label"].max()))
+  return data
+
+
+def _flatten(prefix: str, tree: Any) -> dict[str, float]:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  out = {}
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      out.update(_flatten(f"{prefix}/{k}", v))
+  elif np.isscalar(tree) and not isinstance(tree, str):
+    out[prefix] = float(tree)
+  return out
+
+
+def run_evaluations(method, state, mesh, config, evals: Sequence[str],
+                    eval_data: dict[str, Any] | None = None,
+                    return_features: bool = False):
+  """Runs ``evals`` on ``state``; returns ``{name: value}`` (keys as in the trainer's summary).
+
+  The calls and arguments mirror ``train.evaluate(..., final=True)`` one for one (features
+  from ``train.make_encode_fn`` through ``extract_features`` with ``config.eval.batch_size``;
+  ``knn_accuracy`` with ``eval.knn_k``/``knn_temperature``; the probes with ``config.seed``), so
+  each number equals the trainer's. With ``return_features``, also returns the test features
+  ``[N, F] float32`` (or None when no feature evaluator ran).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from contrastive_jax import train  # pylint: disable=g-import-not-at-top
+  from contrastive_jax.evaluate import features as feature_lib  # pylint: disable=g-import-not-at-top
+  from contrastive_jax.evaluate import knn as knn_lib  # pylint: disable=g-import-not-at-top
+  # The submodule's functions by name: the package re-exports a function called
+  # ``linear_probe`` that shadows the submodule as a package attribute.
+  from contrastive_jax.evaluate.linear_probe import (  # pylint: disable=g-import-not-at-top
+      few_label_probe, linear_probe)
+  from contrastive_jax.methods import base  # pylint: disable=g-import-not-at-top
+
+  cfg = config.eval
+  out: dict[str, float] = {}
+  test_f = None
+  if set(evals) & {"knn", "linear_probe", "few_label"}:
+    eval_data = eval_data or load_eval_data(config)
+    encode_fn = train.make_encode_fn(method)
+    features = lambda images: feature_lib.extract_features(
+        encode_fn, images, mesh=mesh, batch_size=cfg.batch_size, variables=state)
+    train_f = features(eval_data["train"]["image"])
+    test_f = features(eval_data["test"]["image"])
+    train_y, test_y = eval_data["train"]["label"], eval_data["test"]["label"]
+    num_classes = int(eval_data["num_classes"])
+    if "knn" in evals:
+      res = knn_lib.knn_accuracy(train_f, train_y, test_f, test_y, num_classes=num_classes,
+                                 k=cfg.knn_k, temperature=cfg.knn_temperature)
+      out.update({f"knn/{k}": v for k, v in res.items() if np.isscalar(v)})
+    if "linear_probe" in evals:
+      res = linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes,
+                         seed=config.seed)
+      out.update({f"linear/{k}": v for k, v in res.items() if np.isscalar(v)})
+    if "few_label" in evals:
+      res = few_label_probe(train_f, train_y, test_f, test_y, num_classes=num_classes,
+                            shots=tuple(cfg.few_shots), seed=config.seed)
+      out.update(_flatten("few", res))
+  if "extra" in evals:
+    out.update(base.extra_evaluations(method, state, mesh, config))
+  out = {k: float(v) for k, v in out.items()}
+  return (out, test_f) if return_features else out
+
+
+def format_table(results: dict[str, float], title: str) -> str:
+  """A two-column plain-text table, one evaluator metric a line."""
+  width = max([len(k) for k in results] + [6])
+  lines = [title, f"  {'metric':{width}s}  value", f"  {'-' * width}  ------"]
+  lines += [f"  {k:{width}s}  {v:.4f}" for k, v in sorted(results.items())]
+  return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m contrastive_jax.evaluate",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", required=True, help="the training run's directory")
+  parser.add_argument("--eval", default="all",
+                      help=f"comma list of {EVALS}, or 'all' (default)")
+  parser.add_argument("--step", type=int, default=None,
+                      help="checkpoint step (default: the newest good one)")
+  parser.add_argument("--config", default=None,
+                      help="configs/x.py[:arg] to use instead of the config saved in the "
+                      "checkpoint (it must describe the same model and optimizer)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set eval.batch_size=64")
+  parser.add_argument("--embedding_plot", choices=("none", "pca", "tsne"), default="none",
+                      help="also write DIR/embeddings_<method>.png of the test features")
+  parser.add_argument("--out", default=None, help="JSON path (default DIR/eval_<name>.json)")
+  return parser.parse_args(argv)
+
+
+def evaluate_checkpoint(workdir: str, evals: Sequence[str] | str = "all", *,
+                        step: int | None = None, config_spec: str | None = None,
+                        overrides: Sequence[str] = (), embedding_plot: str = "none",
+                        out_path: str | None = None, verbose: bool = True) -> dict[str, Any]:
+  """The CLI as a function: restores, evaluates, writes the JSON; returns its content."""
+  from contrastive_jax import restore  # pylint: disable=g-import-not-at-top
+  from contrastive_jax.evaluate import plots  # pylint: disable=g-import-not-at-top
+
+  evals = parse_evals(evals) if isinstance(evals, str) else parse_evals(",".join(evals))
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")) and "://" not in workdir:
+    raise ValueError(f"--workdir={workdir!r} has no checkpoints/ directory; pass the directory "
+                     "of a training run (the --workdir given to contrastive_jax.main)")
+  config = None
+  if config_spec:
+    config = restore.load_config(config_spec)
+  elif overrides:
+    config, _ = restore.saved_config(workdir, step)
+  if config is not None and overrides:
+    restore.apply_overrides(config, overrides)
+  t0 = time.time()
+  run = restore.restore_run(workdir, step=step, config=config)
+  results, test_f = run_evaluations(run.method, run.state, run.mesh, run.config, evals,
+                                    return_features=True)
+  name = "all" if set(evals) == set(EVALS) else "+".join(evals)
+  report = {"workdir": str(workdir), "step": run.step, "method": run.config.method,
+            "evals": list(evals), "config": config_spec or "saved with the checkpoint",
+            "overrides": list(overrides), "seconds": round(time.time() - t0, 1),
+            "results": results}
+  if embedding_plot != "none":
+    if test_f is None:
+      raise ValueError("--embedding_plot needs a feature evaluator (knn, linear_probe or "
+                       "few_label) in --eval")
+    labels = load_eval_data(run.config)["test"]["label"]
+    report["embedding_plot"] = plots.save_embedding_plot(
+        test_f, labels, os.path.join(workdir, f"embeddings_{embedding_plot}.png"),
+        method=embedding_plot, title=f"{run.config.method} step {run.step}: test features "
+        f"({embedding_plot})")
+  out_path = out_path or os.path.join(workdir, f"eval_{name}.json")
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    with open(out_path, "w") as f:
+      json.dump(report, f, indent=2)
+    if verbose:
+      print(format_table(results, f"== {run.config.method}, {workdir} step {run.step} =="))
+      print(f"written: {out_path}")
+  report["path"] = out_path
+  return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  sys.path.insert(0, os.getcwd())  # configs/*.py import `from configs import common`
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data
+  except RuntimeError:  # TF already initialised (called in-process): leave it
+    pass
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_threefry_partitionable", True)
+  evaluate_checkpoint(args.workdir, args.eval, step=args.step, config_spec=args.config,
+                      overrides=args.set, embedding_plot=args.embedding_plot, out_path=args.out)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
