@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_devices = ml_collections.config_dict.placeholder(int)  # None: all devices
   c.dtype = "float32"           # compute dtype of models and heads; params stay float32
   c.remat = False
+  c.loss_impl = "all_gather"    # or "ring": memory-bounded InfoNCE (ring_losses.py)
   c.total_steps = ml_collections.config_dict.placeholder(int)
   c.total_epochs = ml_collections.config_dict.placeholder(float)
   c.log_every = 50

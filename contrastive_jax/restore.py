@@ -1,4 +1,4 @@
-"""Rebuild a run from its directory: config files, overrides, and the method + state of a checkpoint.
+"""Rebuild a run from its directory: config files, overrides, method and state of a checkpoint.
 
 Used by the standalone evaluator (``python -m contrastive_jax.evaluate``) and the launch tools
 (``launch/sweep.py``, ``launch/results_table.py``). A checkpoint step holds the run's config as
@@ -90,7 +90,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 
 
 def parse_value(text: str) -> Any:
-  """A command-line value: a Python literal (``0.1``, ``True``, ``(16, 32)``, ``None``) or a string."""
+  """A command-line value: a Python literal (``0.1``, ``True``, ``(16, 32)``, ``None``) or text."""
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):

@@ -92,3 +92,12 @@ def test_configs_build_and_init_shape_only(name, arg):
                                 total_steps=steps)
   state = jax.eval_shape(functools.partial(method.init_state, tx=tx), jax.random.key(0))
   assert state.params and int(np.prod(state.step.shape)) == 1
+
+
+def test_ring_loss_impl_trains_like_all_gather(tmp_path):
+  runs = {impl: train.train_and_evaluate(tiny_config(total_steps=2, loss_impl=impl),
+                                         str(tmp_path / impl))
+          for impl in ("all_gather", "ring")}
+  np.testing.assert_allclose(_losses(runs["ring"]), _losses(runs["all_gather"]), rtol=1e-5)
+  np.testing.assert_allclose(runs["ring"]["final_train"]["grad_norm"],
+                             runs["all_gather"]["final_train"]["grad_norm"], rtol=1e-4)

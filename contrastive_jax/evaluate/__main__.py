@@ -80,7 +80,7 @@ def run_evaluations(method, state, mesh, config, evals: Sequence[str],
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from contrastive_jax import train  # pylint: disable=g-import-not-at-top
-  from contrastive_jax.evaluate import features as feature_lib  # pylint: disable=g-import-not-at-top
+  from contrastive_jax.evaluate import features as feature_lib  # noqa: I001
   from contrastive_jax.evaluate import knn as knn_lib  # pylint: disable=g-import-not-at-top
   # The submodule's functions by name: the package re-exports a function called
   # ``linear_probe`` that shadows the submodule as a package attribute.

@@ -5,7 +5,8 @@
   structure a linear probe sees; t-SNE shows neighbourhoods, which is what the kNN monitor sees
   (its distances between clusters mean little).
 * ``save_line_plot``: a metric against a swept setting, one line per series (``launch/sweep.py``).
-* ``save_image_grid``: rows of images with column and row titles (``launch/preview_augmentations.py``).
+* ``save_image_grid``: rows of images with column and row titles
+  (``launch/preview_augmentations.py``).
 
 Figures are drawn on ``matplotlib.figure.Figure`` with an explicit Agg canvas, never through
 ``pyplot``: no global figure state, no GUI backend, safe in tests and on headless TPU hosts.
@@ -40,7 +41,15 @@ def _figure(figsize: tuple[float, float]):
 
 
 def _save(fig, path: str | os.PathLike) -> str:
+  """Writes the PNG to a local path or, through etils.epath, to a ``gs://`` run directory."""
   path = os.fspath(path)
+  if "://" in path:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as f:
+      fig.savefig(f, dpi=DPI, format="png")
+    return path
   parent = os.path.dirname(path)
   if parent:
     os.makedirs(parent, exist_ok=True)

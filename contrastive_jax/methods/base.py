@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from contrastive_jax import models
+from contrastive_jax import losses, models, ring_losses
 from contrastive_jax.evaluate import embedding_metrics as em
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -84,3 +84,11 @@ def extra_evaluations(method: Any, state: Any, mesh: Any,
   """The method's own evaluations (``method.extra_evaluations``), ``{}`` when it has none."""
   fn = getattr(method, "extra_evaluations", None)
   return {} if fn is None else dict(fn(state, mesh, config))
+
+
+def global_loss(config: ml_collections.ConfigDict, name: str, mesh):
+  """The loss ``name`` over the global batch, ``(loss, metrics)``, as ``config.loss_impl`` says:
+  ``"all_gather"`` (default; fastest while the [n, N] logits fit) or ``"ring"`` (memory-bounded,
+  same values and gradients; see ``ring_losses.py``)."""
+  impl = config.get("loss_impl", "all_gather")
+  return losses.sharded(ring_losses.get_loss(name, impl), mesh, return_metrics=True)

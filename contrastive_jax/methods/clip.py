@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from contrastive_jax import losses, models
+from contrastive_jax import models
 from contrastive_jax.data import pipeline
 from contrastive_jax.data import tokenizer as tok_lib
 from contrastive_jax.evaluate import features as feature_lib
@@ -128,10 +128,10 @@ class CLIP:
         train=True, mutable=["batch_stats"], rngs={"dropout": rng})
     scale = clipped_logit_scale(out["logit_scale"], self.max_logit_scale)
     if self.loss_name == "siglip":
-      loss, aux = losses.sharded(losses.siglip_loss, self.mesh, return_metrics=True)(
+      loss, aux = base.global_loss(self.config, "siglip", self.mesh)(
           out["zimg"], out["ztxt"], scale, out["logit_bias"])
     else:
-      loss, aux = losses.sharded(losses.clip_loss, self.mesh, return_metrics=True)(
+      loss, aux = base.global_loss(self.config, "clip", self.mesh)(
           out["zimg"], out["ztxt"], scale)
     metrics = {"loss": loss, "contrastive_accuracy": aux["accuracy"], "logit_scale": scale,
                **base.embedding_summaries(out["zimg"], out["ztxt"])}

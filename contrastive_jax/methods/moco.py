@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from contrastive_jax import losses, models
+from contrastive_jax import models
 from contrastive_jax.methods import base
 from contrastive_jax.train_state import TrainState, cosine_momentum, ema_update, enqueue, \
     init_queue
@@ -225,7 +225,7 @@ class MoCoV2:
     qs = _split(q, len(query_views))
     ks, new_ema_stats, _ = self.keys(state, key_views, k_rng)
 
-    loss_fn = losses.sharded(losses.moco_loss, self.mesh, return_metrics=True)
+    loss_fn = base.global_loss(self.config, "moco", self.mesh)
     loss, accuracy = 0.0, 0.0
     for qv, kv in zip(qs, ks):
       # The queue as it was before this step (state.queue); it is replaced in post_update.
@@ -340,7 +340,7 @@ class MoCoV3:
     k = jax.lax.stop_gradient(k)
     q1, q2 = base.split_views(p)
     k1, k2 = base.split_views(k)
-    loss_fn = losses.sharded(losses.moco_v3_loss, self.mesh, return_metrics=True)
+    loss_fn = base.global_loss(self.config, "moco_v3", self.mesh)
     l12, a12 = loss_fn(q1, k2, self.temperature)
     l21, a21 = loss_fn(q2, k1, self.temperature)
     loss = l12 + l21

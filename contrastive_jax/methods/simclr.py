@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from contrastive_jax import losses, models
+from contrastive_jax import models
 from contrastive_jax.methods import base
 from contrastive_jax.train_state import TrainState
 
@@ -58,7 +58,7 @@ class SimCLR:
         {"params": params, "batch_stats": state.batch_stats}, x, train=True,
         mutable=["batch_stats"], rngs={"dropout": rng})
     z1, z2 = base.split_views(z)
-    loss, aux = losses.sharded(losses.nt_xent, self.mesh, return_metrics=True)(
+    loss, aux = base.global_loss(self.config, "nt_xent", self.mesh)(
         z1, z2, self.temperature)
     metrics = {"loss": loss, "contrastive_accuracy": aux["accuracy"],
                "temperature": jnp.float32(self.temperature), **base.embedding_summaries(z1, z2)}
