@@ -48,5 +48,6 @@ def base_config() -> ml_collections.ConfigDict:
                                                 async_save=True))
   c.eval = ml_collections.ConfigDict(dict(
       enabled=True, every_steps=0, batch_size=512, knn_k=200, knn_temperature=0.07,
-      few_shots=(10,), raw_pixel_baseline=False))
+      few_shots=(10,), raw_pixel_baseline=False,
+      embedding_plot="pca"))  # PNG of the test features at the end: "pca", "tsne" or ""
   return c

@@ -25,6 +25,7 @@ from etils import epath
 from contrastive_jax import checkpoint, distributed, methods, optim
 from contrastive_jax.data import pipeline
 from contrastive_jax import evaluate as evaluators
+from contrastive_jax.evaluate import plots
 from contrastive_jax.methods import base as method_base
 from contrastive_jax.train_state import TrainState
 
@@ -104,30 +105,55 @@ def make_encode_fn(method):
   return encode
 
 
-def evaluate(method, state, eval_data, mesh, config, *, final: bool,
-             encode_fn=None) -> dict[str, float]:
-  """kNN monitor every time; linear probes (all labels, few labels) when ``final``."""
+FEATURE_EVALS = ("knn", "linear_probe", "few_label")
+PERIODIC_EVALS = ("knn",)
+FINAL_EVALS = ("knn", "linear_probe", "few_label", "extra")
+
+
+def load_eval_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The train and eval splits in memory with eval preprocessing (small datasets only)."""
+  data = {"train": pipeline.eval_arrays(config.data, config.data.train_split),
+          "test": pipeline.eval_arrays(config.data, config.data.eval_split)}
+  data["num_classes"] = 1 + int(max(data["train"]["label"].max(), data["test"]["label"].max()))
+  return data
+
+
+def evaluate(method, state, eval_data, mesh, config, *, evals=FINAL_EVALS, encode_fn=None,
+             return_test_features: bool = False):
+  """The evaluators named in ``evals`` on frozen features of ``state``: ``{name: value}``.
+
+  ``knn`` (weighted kNN monitor), ``linear_probe`` (all labels), ``few_label``
+  (``config.eval.few_shots`` labels per class), ``extra`` (the method's own, e.g. CLIP's
+  zero-shot and retrieval). Also used by ``python -m contrastive_jax.evaluate`` on checkpoints.
+  """
   cfg = config.eval
-  encode_fn = encode_fn or make_encode_fn(method)
-  features = lambda images: evaluators.extract_features(
-      encode_fn, images, mesh=mesh, batch_size=cfg.batch_size, variables=state)
-  train_f = features(eval_data["train"]["image"])
-  test_f = features(eval_data["test"]["image"])
-  train_y, test_y = eval_data["train"]["label"], eval_data["test"]["label"]
-  num_classes = int(eval_data["num_classes"])
-  out = {}
-  res = evaluators.knn_accuracy(train_f, train_y, test_f, test_y, num_classes=num_classes,
-                         k=cfg.knn_k, temperature=cfg.knn_temperature)
-  out.update({f"knn/{k}": v for k, v in res.items() if np.isscalar(v)})
-  if final:
-    res = evaluators.linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes,
-                                    seed=config.seed)
-    out.update({f"linear/{k}": v for k, v in res.items() if np.isscalar(v)})
-    res = evaluators.few_label_probe(train_f, train_y, test_f, test_y,
+  out: dict[str, float] = {}
+  test_f = None
+  if set(evals) & set(FEATURE_EVALS):
+    encode_fn = encode_fn or make_encode_fn(method)
+    features = lambda images: evaluators.extract_features(
+        encode_fn, images, mesh=mesh, batch_size=cfg.batch_size, variables=state)
+    train_f = features(eval_data["train"]["image"])
+    test_f = features(eval_data["test"]["image"])
+    train_y, test_y = eval_data["train"]["label"], eval_data["test"]["label"]
+    num_classes = int(eval_data["num_classes"])
+    if "knn" in evals:
+      res = evaluators.knn_accuracy(train_f, train_y, test_f, test_y, num_classes=num_classes,
+                                    k=cfg.knn_k, temperature=cfg.knn_temperature)
+      out.update({f"knn/{k}": v for k, v in res.items() if np.isscalar(v)})
+    if "linear_probe" in evals:
+      res = evaluators.linear_probe(train_f, train_y, test_f, test_y,
+                                    num_classes=num_classes, seed=config.seed)
+      out.update({f"linear/{k}": v for k, v in res.items() if np.isscalar(v)})
+    if "few_label" in evals:
+      res = evaluators.few_label_probe(train_f, train_y, test_f, test_y,
                                        num_classes=num_classes, shots=tuple(cfg.few_shots),
                                        seed=config.seed)
-    out.update(_flatten("few", res))
-  return out
+      out.update(_flatten("few", res))
+  if "extra" in evals:
+    out.update(method_base.extra_evaluations(method, state, mesh, config))
+  out = {k: float(v) for k, v in out.items()}
+  return (out, test_f) if return_test_features else out
 
 
 def raw_pixel_baseline(eval_data, config) -> dict[str, float]:
@@ -223,12 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Evaluation data (held in memory: the embedded and small datasets).
   eval_data = None
   if config.eval.get("enabled", True):
-    eval_data = {
-        "train": pipeline.eval_arrays(config.data, config.data.train_split),
-        "test": pipeline.eval_arrays(config.data, config.data.eval_split),
-    }
-    eval_data["num_classes"] = 1 + int(max(eval_data["train"]["label"].max(),
-                                           eval_data["test"]["label"].max()))
+    eval_data = load_eval_data(config)
 
   encode_fn = make_encode_fn(method)
 
@@ -276,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       if eval_data is not None and config.eval.every_steps and not at_end \
           and step % config.eval.every_steps == 0:
-        res = evaluate(method, state, eval_data, mesh, config, final=False,
+        res = evaluate(method, state, eval_data, mesh, config, evals=PERIODIC_EVALS,
                        encode_fn=encode_fn)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
 
@@ -299,9 +320,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              "train_seconds_this_run": round(train_time, 1),
                              "final_train": last_scalars, "train_history": history}
   if eval_data is not None:
-    summary["eval"] = evaluate(method, state, eval_data, mesh, config, final=True,
-                               encode_fn=encode_fn)
-    summary["eval"].update(method_base.extra_evaluations(method, state, mesh, config))
+    summary["eval"], test_f = evaluate(method, state, eval_data, mesh, config,
+                                       evals=FINAL_EVALS, encode_fn=encode_fn,
+                                       return_test_features=True)
+    plot = config.eval.get("embedding_plot", "pca")
+    if plot and is_chief:
+      plots.save_embedding_plot(test_f, eval_data["test"]["label"],
+                                str(workdir / "embeddings.png"), method=plot,
+                                title=f"{config.method}: test features after {num_steps} steps")
     writer.write_scalars(num_steps, {f"eval/{k}": v for k, v in summary["eval"].items()})
     if config.eval.get("raw_pixel_baseline", False):
       summary["raw_pixels"] = raw_pixel_baseline(eval_data, config)

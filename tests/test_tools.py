@@ -5,7 +5,6 @@ Tiny budgets: SimCLR ``:quick`` at 16 px, 2 steps, evaluation batch 64.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import os
@@ -31,16 +30,6 @@ def _launch(name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
-
-
-@pytest.fixture
-def trainer_probes(monkeypatch):
-  # train.py does `from contrastive_jax.evaluate import linear_probe`, which yields the
-  # package's re-exported *function* of that name, not the submodule; the trainer's final
-  # evaluation then fails. Until train.py is fixed, point it at the submodule.
-  if not hasattr(train.linear_probe, "few_label_probe"):
-    monkeypatch.setattr(train, "linear_probe",
-                        importlib.import_module("contrastive_jax.evaluate.linear_probe"))
 
 
 # ----------------------------------------------------------------------------- small pieces
@@ -104,7 +93,7 @@ def test_preview_writes_png_of_expected_size(tmp_path):
 def test_sweep_two_points_table_plot_and_resume(tmp_path):
   sweep = _launch("sweep")
   args = ["--config", CONFIG, "--sweep=loss.temperature=0.1,0.5", "--workdir", str(tmp_path),
-          "--metric=train/loss", "--set", "eval.enabled=False", *TINY]
+          "--metric=train/loss", "--set", "eval.enabled=False", "num_devices=1", *TINY]
   assert sweep.main(args) == 0
   table = (tmp_path / "sweep.md").read_text()
   rows = [line for line in table.splitlines() if re.match(r"\| 0\.\d", line)]
@@ -124,7 +113,8 @@ def test_sweep_two_points_table_plot_and_resume(tmp_path):
   mtimes = {t: os.path.getmtime(tmp_path / f"loss.temperature={t}" / "summary.json")
             for t in summaries}
   result = sweep.run_sweep(CONFIG, ["loss.temperature=0.1,0.5"], str(tmp_path),
-                           metric="train/loss", overrides=["eval.enabled=False", *TINY])
+                           metric="train/loss",
+                           overrides=["eval.enabled=False", "num_devices=1", *TINY])
   assert [r["status"] for r in result["rows"]] == ["skipped", "skipped"]
   assert mtimes == {t: os.path.getmtime(tmp_path / f"loss.temperature={t}" / "summary.json")
                     for t in summaries}
@@ -133,8 +123,7 @@ def test_sweep_two_points_table_plot_and_resume(tmp_path):
 # ----------------------------------------------------------------------------- evaluator
 
 
-def test_standalone_evaluator_matches_trainer(tmp_path, trainer_probes):
-  del trainer_probes
+def test_standalone_evaluator_matches_trainer(tmp_path):
   config = restore.apply_overrides(simclr_mnist.get_config("quick"),
                                    TINY + ["eval.few_shots=()"])
   summary = train.train_and_evaluate(config, str(tmp_path))
@@ -146,3 +135,25 @@ def test_standalone_evaluator_matches_trainer(tmp_path, trainer_probes):
                              rtol=0, atol=1e-7)
   np.testing.assert_allclose(report["results"]["knn/top5"], summary["eval"]["knn/top5"],
                              rtol=0, atol=1e-7)
+
+
+def test_sweep_report_with_two_keys(tmp_path):
+  """Table and plot of a 2 x 2 grid from hand-written summaries (no training)."""
+  sweep = _launch("sweep")
+  knn = {("0.1", "a"): 0.5, ("0.1", "b"): 0.7, ("0.5", "a"): 0.9, ("0.5", "b"): None}
+  rows = []
+  for point in sweep.grid([("loss.temperature", ["0.1", "0.5"]), ("data.recipe", ["a", "b"])]):
+    value = knn[tuple(v for _, v in point)]
+    summary = None if value is None else {"eval": {"knn/top1": value}, "steps": 3,
+                                          "final_train": {"loss": 1.0}}
+    rows.append({"point": point, "summary": summary, "seconds": 1.0,
+                 "status": "done" if summary else "failed: FloatingPointError: nan"})
+  table = sweep.sweep_table(rows, ["loss.temperature", "data.recipe"], "eval/knn/top1")
+  lines = table.splitlines()[2:]
+  assert len(lines) == 4
+  assert "**0.9000**" in lines[2] and lines[2].startswith("| 0.5 | a |")
+  assert "**" not in lines[0] + lines[1] and "failed" in lines[3]
+  path = sweep.sweep_plot(rows, ["loss.temperature", "data.recipe"], "eval/knn/top1",
+                          str(tmp_path / "s.png"), "t")
+  with Image.open(path) as img:
+    assert img.size == (600, 400)

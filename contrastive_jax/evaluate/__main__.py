@@ -48,74 +48,21 @@ def parse_evals(text: str) -> tuple[str, ...]:
 
 def load_eval_data(config) -> dict[str, Any]:
   """The train and eval splits in memory with eval preprocessing, as ``train.py`` loads them."""
-  from contrastive_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  data = {"train": pipeline.eval_arrays(config.data, config.data.train_split),
-          "test": pipeline.eval_arrays(config.data, config.data.eval_split)}
-  data["num_classes"] = 1 + int(max(data["train"]["label"].max(), data["test"]["label"].max()))
-  return data
-
-
-def _flatten(prefix: str, tree: Any) -> dict[str, float]:
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  out = {}
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      out.update(_flatten(f"{prefix}/{k}", v))
-  elif np.isscalar(tree) and not isinstance(tree, str):
-    out[prefix] = float(tree)
-  return out
+  from contrastive_jax import train  # pylint: disable=g-import-not-at-top
+  return train.load_eval_data(config)
 
 
 def run_evaluations(method, state, mesh, config, evals: Sequence[str],
                     eval_data: dict[str, Any] | None = None,
                     return_features: bool = False):
-  """Runs ``evals`` on ``state``; returns ``{name: value}`` (keys as in the trainer's summary).
-
-  The calls and arguments mirror ``train.evaluate(..., final=True)`` one for one (features
-  from ``train.make_encode_fn`` through ``extract_features`` with ``config.eval.batch_size``;
-  ``knn_accuracy`` with ``eval.knn_k``/``knn_temperature``; the probes with ``config.seed``), so
-  each number equals the trainer's. With ``return_features``, also returns the test features
-  ``[N, F] float32`` (or None when no feature evaluator ran).
-  """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
+  """Runs ``evals`` on ``state`` with the trainer's own ``train.evaluate``: the numbers equal
+  the trainer's. With ``return_features``, also returns the test features ``[N, F] float32``
+  (or None when no feature evaluator ran)."""
   from contrastive_jax import train  # pylint: disable=g-import-not-at-top
-  from contrastive_jax.evaluate import features as feature_lib  # noqa: I001
-  from contrastive_jax.evaluate import knn as knn_lib  # pylint: disable=g-import-not-at-top
-  # The submodule's functions by name: the package re-exports a function called
-  # ``linear_probe`` that shadows the submodule as a package attribute.
-  from contrastive_jax.evaluate.linear_probe import (  # pylint: disable=g-import-not-at-top
-      few_label_probe, linear_probe)
-  from contrastive_jax.methods import base  # pylint: disable=g-import-not-at-top
-
-  cfg = config.eval
-  out: dict[str, float] = {}
-  test_f = None
-  if set(evals) & {"knn", "linear_probe", "few_label"}:
+  if set(evals) & set(train.FEATURE_EVALS):
     eval_data = eval_data or load_eval_data(config)
-    encode_fn = train.make_encode_fn(method)
-    features = lambda images: feature_lib.extract_features(
-        encode_fn, images, mesh=mesh, batch_size=cfg.batch_size, variables=state)
-    train_f = features(eval_data["train"]["image"])
-    test_f = features(eval_data["test"]["image"])
-    train_y, test_y = eval_data["train"]["label"], eval_data["test"]["label"]
-    num_classes = int(eval_data["num_classes"])
-    if "knn" in evals:
-      res = knn_lib.knn_accuracy(train_f, train_y, test_f, test_y, num_classes=num_classes,
-                                 k=cfg.knn_k, temperature=cfg.knn_temperature)
-      out.update({f"knn/{k}": v for k, v in res.items() if np.isscalar(v)})
-    if "linear_probe" in evals:
-      res = linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes,
-                         seed=config.seed)
-      out.update({f"linear/{k}": v for k, v in res.items() if np.isscalar(v)})
-    if "few_label" in evals:
-      res = few_label_probe(train_f, train_y, test_f, test_y, num_classes=num_classes,
-                            shots=tuple(cfg.few_shots), seed=config.seed)
-      out.update(_flatten("few", res))
-  if "extra" in evals:
-    out.update(base.extra_evaluations(method, state, mesh, config))
-  out = {k: float(v) for k, v in out.items()}
-  return (out, test_f) if return_features else out
+  return train.evaluate(method, state, eval_data, mesh, config, evals=tuple(evals),
+                        return_test_features=return_features)
 
 
 def format_table(results: dict[str, float], title: str) -> str:
