@@ -40,28 +40,121 @@ def total_steps(config: ml_collections.ConfigDict, num_train_examples: int | Non
   """``config.total_steps``, or ``config.total_epochs`` converted with the dataset size."""
   steps, epochs = config.get("total_steps"), config.get("total_epochs")
   if (steps is None) == (epochs is None):
-    raise ValueError("set exactly one of config.total_steps and config.total_epochs")
+    raise ValueError("set exactly one of config.total_steps and config.total_epochs (the other "
+                     "to None)")
   if steps is not None:
     if steps <= 0:
       raise ValueError(f"config.total_steps={steps} must be positive")
     return int(steps)
+  if epochs <= 0:
+    raise ValueError(f"config.total_epochs={epochs} must be positive")
   if not num_train_examples:
     raise ValueError("config.total_epochs needs the dataset size; set config.total_steps")
   return max(1, int(math.ceil(epochs * num_train_examples / config.global_batch)))
 
 
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and the fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
 def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """Cheap checks that fail before anything is compiled, naming the key and the fix."""
-  distributed.check_batch_divisible(config.global_batch, mesh, "config.global_batch")
-  if config.get("log_every", 1) <= 0:
-    raise ValueError("config.log_every must be a positive number of steps")
+  """Cheap checks that fail in well under a second, before any data is read or anything is
+  compiled, each naming the config key and the fix. Method-specific checks (queue size,
+  momentum) run when the method is built, also before compiling."""
+  from contrastive_jax import methods as methods_lib  # late: methods import the data layer
+  from contrastive_jax.models import registry
+  _require("method" in config and config.method in methods_lib.METHODS,
+           f"config.method={config.get('method')!r} is unknown; use one of "
+           f"{sorted(methods_lib.METHODS)}")
+  gb = config.get("global_batch")
+  _require(isinstance(gb, int) and gb > 0,
+           f"config.global_batch={gb!r} must be a positive integer")
+  distributed.check_batch_divisible(gb, mesh, "config.global_batch")
+  for key in ("log_every",):
+    _require(int(config.get(key, 1)) > 0, f"config.{key}={config.get(key)} must be >= 1")
+  _require(int(config.checkpoint.every_steps) > 0,
+           f"config.checkpoint.every_steps={config.checkpoint.every_steps} must be >= 1")
+  _require(config.checkpoint.get("max_to_keep") is None or config.checkpoint.max_to_keep >= 1,
+           f"config.checkpoint.max_to_keep={config.checkpoint.max_to_keep} must be >= 1 "
+           "(or None to keep every checkpoint)")
+  if "loss" in config and config.loss.get("temperature") is not None:
+    t = config.loss.temperature
+    _require(isinstance(t, (int, float)) and t > 0,
+             f"config.loss.temperature={t} must be positive (SimCLR 0.1-0.5, MoCo 0.2)")
+  _require(config.get("loss_impl", "all_gather") in ("all_gather", "ring"),
+           f"config.loss_impl={config.get('loss_impl')!r}; use 'all_gather' or 'ring'")
+  _require(config.get("dtype", "float32") in method_base.DTYPES,
+           f"config.dtype={config.get('dtype')!r}; use one of {sorted(method_base.DTYPES)}")
+  if "model" in config:
+    _require(config.model.name in registry.MODEL_NAMES,
+             f"config.model.name={config.model.name!r} is unknown; known models are "
+             f"{list(registry.MODEL_NAMES)}")
+  optim_cfg = config.optim
+  _require(optim_cfg.get("name") in ("lars", "sgd", "adamw"),
+           f"config.optim.name={optim_cfg.get('name')!r}; use 'lars', 'sgd' or 'adamw'")
+  _require(float(optim_cfg.get("base_lr", 0)) > 0,
+           f"config.optim.base_lr={optim_cfg.get('base_lr')} must be positive")
+  _require(float(optim_cfg.get("weight_decay", 0) or 0) >= 0,
+           f"config.optim.weight_decay={optim_cfg.get('weight_decay')} must be >= 0")
+  data = config.data
+  from contrastive_jax.data import pipeline as pipeline_lib
+  _require(data.get("source") in pipeline_lib.SOURCES,
+           f"config.data.source={data.get('source')!r} is unknown; use one of "
+           f"{list(pipeline_lib.SOURCES)}")
+  _require(isinstance(data.image_size, int) and data.image_size >= 8,
+           f"config.data.image_size={data.image_size!r} must be an integer >= 8")
+  if data.source == "tfds":
+    _require(bool(data.get("name")), "config.data.name must name a tfds dataset (e.g. "
+             "'cifar10') when config.data.source='tfds'")
+  if data.source in ("folder", "csv", "tfrecord"):
+    _require(bool(data.get("path")), f"config.data.path must be set for "
+             f"config.data.source={data.source!r} (a folder, CSV file or TFRecord glob)")
+  patch = None
+  if "model" in config:
+    patch = (dict(config.model.get("kwargs") or {}).get("patch_size")
+             or registry.VIT_PRESETS.get(config.model.name, {}).get("patch_size"))
+  if patch:
+    _require(data.image_size >= patch and data.image_size % patch == 0,
+             f"config.data.image_size={data.image_size} must be a multiple of the ViT patch "
+             f"size {patch} (and at least one patch); change config.data.image_size or the "
+             "patch size")
+  if config.eval.get("enabled", True):
+    distributed.check_batch_divisible(int(config.eval.batch_size), mesh,
+                                      "config.eval.batch_size")
+    _require(int(config.eval.knn_k) > 0, f"config.eval.knn_k={config.eval.knn_k} must be >= 1")
+  total_steps(config, 1)  # exactly one of total_steps / total_epochs, positive
+
+
+def check_workdir(workdir: epath.Path) -> None:
+  """Creates ``workdir`` and proves it writable before any work starts."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f".write_test.{jax.process_index()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise ConfigError(
+        f"--workdir={workdir} is not writable ({e.__class__.__name__}: {e}); pass a directory "
+        "you can write to (local path or gs:// bucket) or fix its permissions / free space"
+    ) from e
 
 
 # ----------------------------------------------------------------------------- step
 
 
-def make_train_step(method: Any, tx: optax.GradientTransformation, lr_schedule):
-  """``step(state, batch) -> (state, metrics)``, pure; jitted by the caller."""
+def make_train_step(method: Any, tx: optax.GradientTransformation, lr_schedule,
+                    skip_nonfinite: bool = False):
+  """``step(state, batch) -> (state, metrics)``, pure; jitted by the caller.
+
+  With ``skip_nonfinite``, a step whose loss or gradients are not finite leaves every field
+  but ``step`` unchanged (the data and the schedules still advance), reports its metrics as 0
+  and counts itself in ``metrics["nonfinite_skipped"]``.
+  """
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -71,9 +164,17 @@ def make_train_step(method: Any, tx: optax.GradientTransformation, lr_schedule):
     params = optax.apply_updates(state.params, param_updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     new_state = method.post_update(new_state, updates)
+    grad_norm = optax.global_norm(grads)
     metrics = dict(metrics, loss=loss, learning_rate=lr_schedule(state.step),
-                   grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params))
+                   grad_norm=grad_norm, param_norm=optax.global_norm(params))
+    if skip_nonfinite:
+      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      keep = state.replace(step=new_state.step, rng=None)
+      merged = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                            new_state.replace(rng=None), keep)
+      new_state = merged.replace(rng=new_state.rng)  # the key never changes within a step
+      metrics = {k: jnp.where(ok, v, jnp.zeros_like(v)) for k, v in metrics.items()}
+      metrics["nonfinite_skipped"] = 1.0 - ok.astype(jnp.float32)
     return new_state, metrics
 
   return step
@@ -85,11 +186,14 @@ def metrics_collection(names):
       **{name: clu_metrics.Average.from_output(name) for name in sorted(names)})
 
 
-def check_finite(step: int, scalars: dict[str, float]) -> None:
+def check_finite(step: int, scalars: dict[str, float], since: int | None = None) -> None:
+  """Raises ``NonFiniteLossError`` naming the step(s) and metric(s) that are NaN or inf."""
   bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
   if bad:
+    where = f"step {step}" if since is None or since >= step - 1 else \
+        f"steps {since + 1}..{step}"
     raise NonFiniteLossError(
-        f"non-finite metric(s) at step {step}: {bad}. No checkpoint of this state is written; "
+        f"non-finite metric(s) in {where}: {bad}. No checkpoint of this state is written; "
         "lower the learning rate, raise the temperature or enable gradient clipping "
         "(config.optim.grad_clip_norm), then restart: the run resumes from the last good "
         "checkpoint.")
@@ -191,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the final summary (also written to ``workdir/summary.json``).
   """
   workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  check_workdir(workdir)
   is_chief = jax.process_index() == 0
 
   # --- Mesh and config checks (before anything compiles).
@@ -242,7 +346,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- The step.
   batch_sharding = distributed.data_sharding(mesh)
-  step_fn = jax.jit(make_train_step(method, tx, lr_schedule), donate_argnums=(0,),
+  step_fn = jax.jit(make_train_step(method, tx, lr_schedule,
+                                    skip_nonfinite=config.get("skip_nonfinite", False)),
+                    donate_argnums=(0,),
                     in_shardings=(state_sharding, batch_sharding),
                     out_shardings=(state_sharding, distributed.replicated(mesh)))
 
@@ -270,7 +376,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_metrics = None
   last_scalars: dict[str, float] = {}
   history: list[dict[str, float]] = []
-  step = start_step
+  step = checked_step = start_step
+  skipped = jnp.zeros((), jnp.float32)  # non-finite steps skipped (config.skip_nonfinite)
   t0 = time.time()
   with metric_writers.ensure_flushes(writer):
     while step < num_steps:
@@ -280,6 +387,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       step += 1
       if collection is None:
         collection = metrics_collection(metrics.keys())
+      if "nonfinite_skipped" in metrics:
+        skipped = skipped + metrics["nonfinite_skipped"]
       update = collection.single_from_model_output(**metrics)
       train_metrics = update if train_metrics is None else train_metrics.merge(update)
       for hook in hooks:
@@ -288,7 +397,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       at_end = step == num_steps
       if step % config.log_every == 0 or at_end:
         last_scalars = {k: float(v) for k, v in train_metrics.compute().items()}
-        check_finite(step, last_scalars)
+        check_finite(step, last_scalars, since=checked_step)
+        checked_step = step
         writer.write_scalars(step, {f"train/{k}": v for k, v in last_scalars.items()})
         history.append({"step": step, **last_scalars})
         train_metrics = None
@@ -303,8 +413,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       stop = checkpoint.reached_preemption(step, preempted) or step == config.get("stop_at_step")
       if step % config.checkpoint.every_steps == 0 or at_end or stop:
-        if step % config.log_every and not at_end:  # never checkpoint an unchecked state
-          check_finite(step, {"loss": float(metrics["loss"])})
+        if train_metrics is not None:  # never checkpoint a state whose steps are unchecked
+          check_finite(step, {k: float(v) for k, v in train_metrics.compute().items()},
+                       since=checked_step)
         ckpt.save(step, state, data_state={"step": step}, config=config, force=stop or at_end)
       if stop:
         ckpt.wait()
@@ -318,7 +429,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Final evaluation and summary.
   summary: dict[str, Any] = {"method": config.method, "steps": num_steps,
                              "train_seconds_this_run": round(train_time, 1),
-                             "final_train": last_scalars, "train_history": history}
+                             "final_train": last_scalars, "train_history": history,
+                             "nonfinite_skipped": int(round(float(skipped)))}
   if eval_data is not None:
     summary["eval"], test_f = evaluate(method, state, eval_data, mesh, config,
                                        evals=FINAL_EVALS, encode_fn=encode_fn,
@@ -359,8 +471,14 @@ def format_summary(summary: dict[str, Any]) -> str:
   lines = [f"== {summary.get('method')} after {summary.get('steps')} steps "
            f"({summary.get('train_seconds_this_run')} s of training in this run) =="]
   ev, raw = summary.get("eval", {}), summary.get("raw_pixels", {})
-  for key in sorted(ev):
-    if key.endswith(("/top1", "/mean", "/std")) or key.startswith("knn/"):
-      base = f"   (raw pixels {raw[key]:.4f})" if key in raw else ""
-      lines.append(f"  {key:28s} {ev[key]:.4f}{base}")
+  rows = [("kNN (k=200) top-1", "knn/top1", None), ("linear probe top-1", "linear/top1", None)]
+  rows += [(f"{k.split('/')[1]} labels/class top-1", k, k.replace("_mean", "_std"))
+           for k in sorted(ev) if k.startswith("few/") and k.endswith("/top1_mean")]
+  rows += [(k, k, None) for k in sorted(ev) if k.startswith(("zero_shot/", "retrieval/"))]
+  lines.append(f"  {'':32s} {'encoder':>16s} {'raw pixels':>16s}")
+  fmt = lambda d, k, s: (f"{d[k]:.4f}" + (f" ± {d[s]:.3f}" if s and s in d else "")
+                         if k in d else "-")
+  for name, key, std in rows:
+    if key in ev:
+      lines.append(f"  {name:32s} {fmt(ev, key, std):>16s} {fmt(raw, key, std):>16s}")
   return "\n".join(lines)
