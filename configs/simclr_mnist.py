@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lars_eta=1e-3))
 
   c.checkpoint.every_steps = 2 if a.quick else 400
+  c.profile_steps = 0 if a.quick else 3  # a short trace at step 10 (TensorBoard profile tab)
   c.eval.every_steps = 0 if a.quick else 400
   c.eval.batch_size = 256
   c.eval.raw_pixel_baseline = not a.quick

@@ -368,7 +368,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.get("profile_steps", 0):
       hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
                                             first_profile=start_step + 10,
-                                            logdir=str(workdir), every_secs=None))
+                                            logdir=str(workdir), every_secs=None,
+                                            profile_duration_ms=None))
   preempted = checkpoint.install_preemption_handler()
 
   # --- The loop.
