@@ -89,18 +89,35 @@ def host_local_to_global(local_batch: Any, mesh: Mesh) -> Any:
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None,
-                           cpu_collectives: str | None = None) -> None:
+                           cpu_collectives: str | None = None,
+                           heartbeat_timeout_s: int | None = None,
+                           shutdown_timeout_s: int | None = None) -> None:
   """Calls ``jax.distributed.initialize`` when a multi-process run is asked for or detected.
 
   On Cloud TPU pods and SLURM, jax detects the cluster itself (all arguments ``None``). On a
   CPU machine (the local multi-process launcher and tests) pass the coordinator, count and id,
   and ``cpu_collectives="gloo"`` so that cross-process collectives work on CPU.
+
+  ``heartbeat_timeout_s``: a process that sent no heartbeat for this long counts as dead and
+  the survivors abort (jax's default 100 s; a survivor of a dead peer otherwise blocks in a
+  collective or in the shutdown barrier until then). ``shutdown_timeout_s``: how long a
+  finishing process waits at exit for the others (jax's default 300 s). ``None`` keeps jax's
+  defaults.
   """
   if cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+  timeouts = {}
+  if heartbeat_timeout_s is not None:
+    timeouts["heartbeat_timeout_seconds"] = int(heartbeat_timeout_s)
+  if shutdown_timeout_s is not None:
+    timeouts["shutdown_timeout_seconds"] = int(shutdown_timeout_s)
+  for name, value in timeouts.items():
+    if value <= 0:
+      raise ValueError(f"{name}={value} must be a positive number of seconds")
   if coordinator_address is None and num_processes is None and process_id is None:
-    jax.distributed.initialize()  # auto-detection (TPU pod, SLURM, ...); raises if none found.
+    # auto-detection (TPU pod, SLURM, ...); raises if none found.
+    jax.distributed.initialize(**timeouts)
     return
   jax.distributed.initialize(
       coordinator_address=coordinator_address, num_processes=num_processes,
-      process_id=process_id)
+      process_id=process_id, **timeouts)

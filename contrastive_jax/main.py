@@ -32,6 +32,10 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (CPU/GP
 flags.DEFINE_integer("num_processes", None, "Number of processes.")
 flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.DEFINE_string("cpu_collectives", None, "'gloo' for multi-process runs on CPU.")
+flags.DEFINE_integer("heartbeat_timeout_s", None, "Multi-process: a process silent this many "
+                     "seconds counts as dead and the others exit with an error (jax: 100).")
+flags.DEFINE_integer("shutdown_timeout_s", None, "Multi-process: seconds a finishing process "
+                     "waits at exit for the others (jax: 300).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,14 +62,20 @@ def main(argv):
   from contrastive_jax import distributed, train
 
   if FLAGS.multihost or FLAGS.coordinator_address:
+    timeouts = dict(heartbeat_timeout_s=FLAGS.heartbeat_timeout_s,
+                    shutdown_timeout_s=FLAGS.shutdown_timeout_s)
     if FLAGS.multihost:
-      distributed.initialize_distributed(cpu_collectives=FLAGS.cpu_collectives)
+      distributed.initialize_distributed(cpu_collectives=FLAGS.cpu_collectives, **timeouts)
     else:
       distributed.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                         FLAGS.process_id, FLAGS.cpu_collectives)
+                                         FLAGS.process_id, FLAGS.cpu_collectives, **timeouts)
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if "stopped_at_step" in summary:  # preemption / stop_at_step: no summary.json yet
+    print(f"stopped at step {summary['stopped_at_step']} with a checkpoint; rerun the same "
+          "command to resume")
+    return
   if jax.process_index() == 0:
     print(train.format_summary(summary))
     print(f"full summary: {os.path.join(FLAGS.workdir, 'summary.json')}; TensorBoard: "

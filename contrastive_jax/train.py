@@ -262,7 +262,12 @@ def evaluate(method, state, eval_data, mesh, config, *, evals=FINAL_EVALS, encod
 
 def raw_pixel_baseline(eval_data, config) -> dict[str, float]:
   """The same probes on flattened raw pixels: what the encoder has to beat."""
-  flat = lambda x: np.asarray(x, np.float32).reshape(len(x), -1)
+  def flat(x):
+    x = np.asarray(x, np.float32)
+    if x.ndim == 4 and all(np.array_equal(x[..., 0], x[..., c]) for c in range(1, x.shape[-1])):
+      x = x[..., :1]  # grayscale replicated to 3 channels: the same pixels, a third the cost
+    return x.reshape(len(x), -1)
+
   train_x, test_x = flat(eval_data["train"]["image"]), flat(eval_data["test"]["image"])
   train_y, test_y = eval_data["train"]["label"], eval_data["test"]["label"]
   num_classes = int(eval_data["num_classes"])
