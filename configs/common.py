@@ -38,11 +38,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"           # compute dtype of models and heads; params stay float32
   c.remat = False
   c.loss_impl = "all_gather"    # or "ring": memory-bounded InfoNCE (ring_losses.py)
+  # GradCache (grad_cache.py; SimCLR and CLIP): M > 1 computes the global batch's loss and
+  # gradient in M micro-batches, holding one micro-batch's activations at a time. Exact without
+  # BN; global_batch must be divisible by M x devices.
+  c.grad_cache = ml_collections.ConfigDict(dict(micro_batches=1))
   c.total_steps = ml_collections.config_dict.placeholder(int)
   c.total_epochs = ml_collections.config_dict.placeholder(float)
   c.log_every = 50
   # Exit cleanly (checkpoint saved) at this step, as on preemption: for jobs with a time limit.
   c.stop_at_step = ml_collections.config_dict.placeholder(int)
+  # True: a step whose loss, gradients or new parameters are NaN/inf leaves the state unchanged
+  # and is counted in summary['nonfinite_skipped']; False: the run stops with
+  # NonFiniteLossError (no checkpoint of the bad state is written).
+  c.skip_nonfinite = False
   c.profile_steps = 0
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3,
                                                 async_save=True))

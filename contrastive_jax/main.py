@@ -5,12 +5,14 @@
 
 Multi-host: on Cloud TPU pods (and SLURM) jax finds the cluster itself (``--multihost``); on
 CPU machines pass ``--coordinator_address``, ``--num_processes`` and ``--process_id`` (see
-``launch/local_multiprocess.sh``). Re-running the same command resumes from ``DIR``'s latest
-good checkpoint.
+``launch/local_multiprocess.sh``). ``--heartbeat_timeout_s`` bounds how long the other
+processes keep running after one has died. Re-running the same command resumes from ``DIR``'s
+latest good checkpoint (see launch/README.md for automatic restarts on spot machines).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -37,6 +39,18 @@ flags.DEFINE_integer("heartbeat_timeout_s", None, "Multi-process: a process sile
 flags.DEFINE_integer("shutdown_timeout_s", None, "Multi-process: seconds a finishing process "
                      "waits at exit for the others (jax: 300).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _out_of_space(error: BaseException | None) -> bool:
+  """Whether ``error`` or one it was raised from is ENOSPC (orbax and clu wrap it)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or \
+        "No space left on device" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -71,7 +85,15 @@ def main(argv):
                                          FLAGS.process_id, FLAGS.cpu_collectives, **timeouts)
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except Exception as error:  # noqa: BLE001 -- re-raised, with a clear message on a full disk
+    if _out_of_space(error):
+      raise OSError(errno.ENOSPC, f"--workdir={FLAGS.workdir} is out of disk space. Complete "
+                    "checkpoints already written are kept (an interrupted one is never "
+                    "listed); free space or move the run, then rerun the same command to "
+                    "resume") from error
+    raise
   if "stopped_at_step" in summary:  # preemption / stop_at_step: no summary.json yet
     print(f"stopped at step {summary['stopped_at_step']} with a checkpoint; rerun the same "
           "command to resume")

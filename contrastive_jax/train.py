@@ -151,24 +151,28 @@ def make_train_step(method: Any, tx: optax.GradientTransformation, lr_schedule,
                     skip_nonfinite: bool = False):
   """``step(state, batch) -> (state, metrics)``, pure; jitted by the caller.
 
-  With ``skip_nonfinite``, a step whose loss or gradients are not finite leaves every field
-  but ``step`` unchanged (the data and the schedules still advance), reports its metrics as 0
-  and counts itself in ``metrics["nonfinite_skipped"]``.
+  With ``skip_nonfinite``, a step whose loss, gradients or updated parameters are not finite
+  leaves every field but ``step`` unchanged (the data and the schedules still advance), reports
+  its metrics as 0 and counts itself in ``metrics["nonfinite_skipped"]``.
   """
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(method.loss_fn, has_aux=True)
+    grad_fn = getattr(method, "value_and_grad", None)  # optional hook, e.g. GradCache
+    if grad_fn is None:
+      grad_fn = jax.value_and_grad(method.loss_fn, has_aux=True)
     (loss, (metrics, updates)), grads = grad_fn(state.params, state, batch, rng)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     new_state = method.post_update(new_state, updates)
     grad_norm = optax.global_norm(grads)
+    param_norm = optax.global_norm(params)
     metrics = dict(metrics, loss=loss, learning_rate=lr_schedule(state.step),
-                   grad_norm=grad_norm, param_norm=optax.global_norm(params))
+                   grad_norm=grad_norm, param_norm=param_norm)
     if skip_nonfinite:
-      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      # Finite gradients can still overflow the parameters (a huge learning rate): skip then too.
+      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
       keep = state.replace(step=new_state.step, rng=None)
       merged = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
                             new_state.replace(rng=None), keep)
