@@ -34,11 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       loss=a.loss, embed_dim=32 if a.quick else 128, max_logit_scale=100.0,
       logit_scale_init=None, logit_bias_init=None))
 
-  c.data = ml_collections.ConfigDict(dict(
-      source="mnist", name="mnist_embedded", train_split="train", eval_split="test",
-      data_dir=None, path=None, image_size=28, recipe="clip", augment=dict(),
-      shuffle_buffer=5000, skip_corrupt=False, context_length=40, tokenizer="bytes",
-      spm_model=None, cache=True))
+  c.data = common.data_config("mnist", recipe="clip", image_size=28, context_length=40)
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", base_lr=1e-3, lr_scaling="none", warmup_fraction=0.05, schedule="cosine",

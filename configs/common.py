@@ -59,3 +59,25 @@ def base_config() -> ml_collections.ConfigDict:
       few_shots=(10,), raw_pixel_baseline=False,
       embedding_plot="pca"))  # PNG of the test features at the end: "pca", "tsne" or ""
   return c
+
+
+def data_config(source: str, *, recipe: str, image_size: int, **overrides):
+  """``config.data`` with every key the pipeline reads; ``overrides`` set any of them.
+
+  Keys: source ("mnist" | "tfds" | "folder" | "csv" | "tfrecord"), name (tfds name), the
+  splits, data_dir (tfds, local or gs://), path (folder / CSV / TFRecord glob, ``{split}`` is
+  replaced), image_size, recipe and ``augment`` overrides (data/augment.py), shuffle_buffer,
+  skip_corrupt (skip and count undecodable images instead of failing), the text settings
+  (context_length, tokenizer "bytes" | "sentencepiece", spm_model) and cache (hold a
+  tfds/TFRecord split in memory for exact random access).
+  """
+  d = dict(source=source, name="mnist_embedded" if source == "mnist" else None,
+           train_split="train", eval_split="test", data_dir=None, path=None,
+           image_size=image_size, recipe=recipe, augment={}, shuffle_buffer=10_000,
+           skip_corrupt=False, context_length=77, tokenizer="bytes", spm_model=None,
+           cache=source in ("mnist", "folder", "csv"))
+  unknown = set(overrides) - set(d)
+  if unknown:
+    raise ValueError(f"unknown data config keys {sorted(unknown)}; known: {sorted(d)}")
+  d.update(overrides)
+  return ml_collections.ConfigDict(d)

@@ -30,11 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       queue_size=(2 if a.symmetric else 1) * 8 * c.global_batch if a.quick else 4096,
       momentum=0.99, shuffle_bn=a.shuffle_bn, symmetric=a.symmetric))
 
-  c.data = ml_collections.ConfigDict(dict(
-      source="mnist", name="mnist_embedded", train_split="train", eval_split="test",
-      data_dir=None, path=None, image_size=28, recipe="mocov2",
-      augment=dict(flip_prob=0.0, blur=False), shuffle_buffer=5000, skip_corrupt=False,
-      context_length=16, tokenizer="bytes", spm_model=None, cache=True))
+  c.data = common.data_config("mnist", recipe="mocov2", image_size=28, context_length=16,
+                              augment=dict(flip_prob=0.0, blur=False))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="sgd", base_lr=0.06, lr_scaling="linear", warmup_fraction=0.05, schedule="cosine",

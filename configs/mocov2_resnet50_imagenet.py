@@ -39,11 +39,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       queue_size=4 * c.global_batch if a.quick else 65_536, momentum=0.999, shuffle_bn=True,
       symmetric=False))
 
-  c.data = ml_collections.ConfigDict(dict(
-      source="tfds", name="imagenet2012", train_split="train", eval_split="validation",
-      data_dir=a.data_dir, path="", image_size=64 if a.quick else 224, recipe="mocov2",
-      augment=dict(), shuffle_buffer=1000 if a.quick else 50_000, skip_corrupt=False,
-      context_length=32, tokenizer="bytes", spm_model="", cache=False))
+  c.data = common.data_config(
+      "tfds", name="imagenet2012", eval_split="validation", data_dir=a.data_dir or None,
+      recipe="mocov2", image_size=64 if a.quick else 224, context_length=32,
+      shuffle_buffer=1000 if a.quick else 50_000)
 
   c.optim = ml_collections.ConfigDict(dict(
       name="sgd", base_lr=0.03, lr_scaling="linear", warmup_steps=0, schedule="cosine",

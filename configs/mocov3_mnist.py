@@ -28,11 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(temperature=0.2))
   c.moco = ml_collections.ConfigDict(dict(momentum=0.99, schedule_steps=None))
 
-  c.data = ml_collections.ConfigDict(dict(
-      source="mnist", name="mnist_embedded", train_split="train", eval_split="test",
-      data_dir=None, path=None, image_size=28, recipe="mocov3",
-      augment=dict(flip_prob=0.0, blur=False), shuffle_buffer=5000, skip_corrupt=False,
-      context_length=16, tokenizer="bytes", spm_model=None, cache=True))
+  c.data = common.data_config("mnist", recipe="mocov3", image_size=28, context_length=16,
+                              augment=dict(flip_prob=0.0, blur=False))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="lars", base_lr=0.3, lr_scaling="linear", warmup_fraction=0.05, schedule="cosine",

@@ -37,11 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(temperature=1.0))
   c.moco = ml_collections.ConfigDict(dict(momentum=0.99, schedule_steps=None))
 
-  c.data = ml_collections.ConfigDict(dict(
-      source="tfds", name="imagenet2012", train_split="train", eval_split="validation",
-      data_dir=a.data_dir, path="", image_size=64 if a.quick else 224, recipe="mocov3",
-      augment=dict(), shuffle_buffer=1000 if a.quick else 50_000, skip_corrupt=False,
-      context_length=32, tokenizer="bytes", spm_model="", cache=False))
+  c.data = common.data_config(
+      "tfds", name="imagenet2012", eval_split="validation", data_dir=a.data_dir or None,
+      recipe="mocov3", image_size=64 if a.quick else 224, context_length=32,
+      shuffle_buffer=1000 if a.quick else 50_000)
 
   c.optim = ml_collections.ConfigDict(dict(
       name="lars", base_lr=0.6, lr_scaling="linear",

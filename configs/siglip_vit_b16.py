@@ -44,11 +44,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       loss="siglip", embed_dim=768, max_logit_scale=100.0, logit_scale_init=None,
       logit_bias_init=None))
 
-  c.data = ml_collections.ConfigDict(dict(
-      source="tfrecord", name="", train_split="train", eval_split="validation",
-      data_dir="", path=a.path, image_size=64 if a.quick else 224, recipe="clip",
-      augment=dict(), shuffle_buffer=1000 if a.quick else 100_000, skip_corrupt=True,
-      context_length=64, tokenizer="sentencepiece", spm_model=a.spm_model, cache=False))
+  c.data = common.data_config(
+      "tfrecord", eval_split="validation", path=a.path, recipe="clip",
+      image_size=64 if a.quick else 224, shuffle_buffer=1000 if a.quick else 100_000,
+      skip_corrupt=True, context_length=64, tokenizer="sentencepiece", spm_model=a.spm_model)
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", base_lr=1e-3, lr_scaling="none", warmup_steps=1 if a.quick else 5_000,

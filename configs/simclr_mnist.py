@@ -25,12 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.head = ml_collections.ConfigDict(dict(version=2, hidden_dim=256, out_dim=64))
   c.loss = ml_collections.ConfigDict(dict(temperature=0.2))
 
-  c.data = ml_collections.ConfigDict(dict(
-      source="mnist", name="mnist_embedded", train_split="train", eval_split="test",
-      data_dir=None, path=None, image_size=28, recipe="simclr",
-      augment=dict(strength=0.5, blur=False, flip_prob=0.0, crop_area=(0.25, 1.0)),
-      shuffle_buffer=5000, skip_corrupt=False, context_length=16, tokenizer="bytes",
-      spm_model=None, cache=True))
+  c.data = common.data_config(
+      "mnist", recipe="simclr", image_size=28, context_length=16,
+      augment=dict(strength=0.5, blur=False, flip_prob=0.0, crop_area=(0.25, 1.0)))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="lars", base_lr=0.3 if not a.quick else 0.1, lr_scaling="linear",

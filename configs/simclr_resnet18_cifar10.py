@@ -26,11 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.head = ml_collections.ConfigDict(dict(version=1, hidden_dim=2048 if not a.quick else 64,
                                           out_dim=128))
   c.loss = ml_collections.ConfigDict(dict(temperature=0.5))
-  c.data = ml_collections.ConfigDict(dict(
-      source="tfds", name="cifar10", train_split="train", eval_split="test", data_dir=None,
-      path=None, image_size=32, recipe="simclr", augment=dict(strength=0.5, blur=False),
-      shuffle_buffer=50_000, skip_corrupt=False, context_length=77, tokenizer="bytes",
-      spm_model=None, cache=True))
+  c.data = common.data_config("tfds", name="cifar10", recipe="simclr", image_size=32,
+                              augment=dict(strength=0.5, blur=False), shuffle_buffer=50_000,
+                              cache=True)
   c.optim = ml_collections.ConfigDict(dict(
       name="lars", base_lr=1.0, lr_scaling="linear",
       warmup_fraction=10 / a.epochs if not a.quick else 0.0, schedule="cosine",

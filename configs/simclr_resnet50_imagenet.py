@@ -33,11 +33,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.head = ml_collections.ConfigDict(dict(version=2, hidden_dim=2048 if not a.quick else 64,
                                           out_dim=128))
   c.loss = ml_collections.ConfigDict(dict(temperature=0.1))
-  c.data = ml_collections.ConfigDict(dict(
-      source="tfds", name="imagenet2012", train_split="train", eval_split="validation",
-      data_dir=None, path=None, image_size=224 if not a.quick else 32, recipe="simclr",
-      augment=dict(strength=1.0, blur=True), shuffle_buffer=50_000, skip_corrupt=False,
-      context_length=77, tokenizer="bytes", spm_model=None, cache=False))
+  c.data = common.data_config(
+      "tfds", name="imagenet2012", eval_split="validation", recipe="simclr",
+      image_size=224 if not a.quick else 32, augment=dict(strength=1.0, blur=True),
+      shuffle_buffer=50_000)
   c.optim = ml_collections.ConfigDict(dict(
       name="lars", base_lr=0.3, lr_scaling="linear",
       warmup_fraction=10 / a.epochs if not a.quick else 0.0, schedule="cosine",
