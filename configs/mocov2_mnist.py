@@ -23,7 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 2 if a.quick else 50
 
   c.model = ml_collections.ConfigDict(dict(
-      name="convnet", kwargs=dict(widths=(16, 16, 32, 32) if a.quick else (32, 64, 128, 256))))
+      name="convnet", kwargs=dict(widths=(16, 16, 32, 32) if a.quick else (16, 32, 64, 128))))
   c.head = ml_collections.ConfigDict(dict(hidden_dim=256, out_dim=64))
   c.loss = ml_collections.ConfigDict(dict(temperature=0.2))
   c.moco = ml_collections.ConfigDict(dict(
@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       momentum=0.99, shuffle_bn=a.shuffle_bn, symmetric=a.symmetric))
 
   c.data = common.data_config("mnist", recipe="mocov2", image_size=28, context_length=16,
-                              augment=dict(flip_prob=0.0, blur=False))
+                              augment=dict(flip_prob=0.0, blur=False, crop_area=(0.5, 1.0)))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="sgd", base_lr=0.06, lr_scaling="linear", warmup_fraction=0.05, schedule="cosine",

@@ -21,7 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 2 if a.quick else 50
 
   c.model = ml_collections.ConfigDict(dict(
-      name="convnet", kwargs=dict(widths=(16, 16, 32, 32) if a.quick else (32, 64, 128, 256))))
+      name="convnet", kwargs=dict(widths=(16, 16, 32, 32) if a.quick else (16, 32, 64, 128))))
   width = 64 if a.quick else 512
   c.head = ml_collections.ConfigDict(dict(num_layers=2, hidden_dim=width, out_dim=64))
   c.predictor = ml_collections.ConfigDict(dict(hidden_dim=width, out_dim=64))
@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.moco = ml_collections.ConfigDict(dict(momentum=0.99, schedule_steps=None))
 
   c.data = common.data_config("mnist", recipe="mocov3", image_size=28, context_length=16,
-                              augment=dict(flip_prob=0.0, blur=False))
+                              augment=dict(flip_prob=0.0, blur=False, crop_area=(0.5, 1.0)))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="lars", base_lr=0.3, lr_scaling="linear", warmup_fraction=0.05, schedule="cosine",

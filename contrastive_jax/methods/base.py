@@ -11,6 +11,10 @@ method's name:
 * ``post_update(state, updates) -> state`` after the optimizer step (EMA, queue; for SimCLR and
   CLIP it only stores the new BN statistics);
 * ``encode(state, images) -> [B, F]`` frozen-encoder features for the evaluators;
+* optional ``value_and_grad(params, state, batch, rng) -> ((loss, (metrics, updates)),
+  grads)``: how the trainer differentiates ``loss_fn`` when the method defines it (SimCLR and
+  CLIP: gradient caching over ``config.grad_cache.micro_batches``, see ``grad_cache.py``);
+  without it the trainer uses ``jax.value_and_grad(loss_fn, has_aux=True)``;
 * optional ``extra_evaluations(state, mesh, config) -> dict[str, float]``: evaluations only the
   method knows how to run (CLIP: zero-shot, retrieval); the trainer calls them through
   ``extra_evaluations`` below at the final evaluation.

@@ -17,6 +17,10 @@ Weight decay (AdamW, wd 0.2 in the recipe) skips gains, biases, embeddings and t
 scale/bias: ``optim.weight_decay_mask`` excludes them by name and rank (checked in
 tests/test_methods.py on the CLIP parameter tree).
 
+``config.grad_cache.micro_batches = M > 1`` computes the same loss and gradient (towers, logit
+scale and bias) in M micro-batches by gradient caching (``grad_cache.py``): exact for the
+BN-free ViT towers; a ResNet image tower normalises each micro-batch with its own statistics.
+
 Evaluation: ``encode`` gives the image tower's features (before the projection) for kNN and
 linear probes; ``encode_image`` / ``encode_text`` give the L2-normalised joint embeddings;
 ``extra_evaluations`` reports zero-shot accuracy with held-out caption templates and image-text
@@ -35,7 +39,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from contrastive_jax import models
+from contrastive_jax import grad_cache, models
 from contrastive_jax.data import pipeline
 from contrastive_jax.data import tokenizer as tok_lib
 from contrastive_jax.evaluate import features as feature_lib
@@ -82,6 +86,9 @@ class CLIP:
     if max_scale is not None and max_scale <= 1.0:
       raise ValueError(f"config.clip.max_logit_scale={max_scale} must be > 1 (100 in CLIP) "
                        "or None for no clip")
+    m = grad_cache.micro_batches(self.config)
+    if m > 1 and self.config.get("global_batch") is not None:
+      grad_cache.check_micro_batches(int(self.config.global_batch), m, self.mesh.size)
 
   @property
   def loss_name(self) -> str:
@@ -121,23 +128,50 @@ class CLIP:
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                       rng=state_rng)
 
-  def loss_fn(self, params, state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-    """Args: batch["image"] [B, H, W, 3] float32, batch["tokens"] [B, L] int32, global."""
+  def _forward(self, params, batch_stats, batch: dict[str, jax.Array], rng: jax.Array):
+    """Both towers: ``({"zimg": [b, E], "ztxt": [b, E]}, new batch_stats)``."""
     out, new_vars = self.model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"], batch["tokens"],
+        {"params": params, "batch_stats": batch_stats}, batch["image"], batch["tokens"],
         train=True, mutable=["batch_stats"], rngs={"dropout": rng})
-    scale = clipped_logit_scale(out["logit_scale"], self.max_logit_scale)
+    return {"zimg": out["zimg"], "ztxt": out["ztxt"]}, new_vars.get("batch_stats", {})
+
+  def _loss(self, params, emb: dict[str, jax.Array]):
+    """The CLIP or SigLIP loss over the global batch, with the (clipped) scale and the bias
+    read from ``params`` (the model's ``logit_scale``/``logit_bias`` outputs are these
+    parameters cast to float32), and the logged metrics."""
+    scale = clipped_logit_scale(params["logit_scale"], self.max_logit_scale)
     if self.loss_name == "siglip":
+      bias = jnp.asarray(params["logit_bias"], jnp.float32)
       loss, aux = base.global_loss(self.config, "siglip", self.mesh)(
-          out["zimg"], out["ztxt"], scale, out["logit_bias"])
+          emb["zimg"], emb["ztxt"], scale, bias)
     else:
       loss, aux = base.global_loss(self.config, "clip", self.mesh)(
-          out["zimg"], out["ztxt"], scale)
+          emb["zimg"], emb["ztxt"], scale)
     metrics = {"loss": loss, "contrastive_accuracy": aux["accuracy"], "logit_scale": scale,
-               **base.embedding_summaries(out["zimg"], out["ztxt"])}
-    if "logit_bias" in out:
-      metrics["logit_bias"] = out["logit_bias"]
-    return loss, (metrics, {"batch_stats": new_vars.get("batch_stats", {})})
+               **base.embedding_summaries(emb["zimg"], emb["ztxt"])}
+    if self.loss_name == "siglip":
+      metrics["logit_bias"] = bias
+    return loss, metrics
+
+  def loss_fn(self, params, state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+    """Args: batch["image"] [B, H, W, 3] float32, batch["tokens"] [B, L] int32, global."""
+    emb, batch_stats = self._forward(params, state.batch_stats, batch, rng)
+    loss, metrics = self._loss(params, emb)
+    return loss, (metrics, {"batch_stats": batch_stats})
+
+  def value_and_grad(self, params, state: TrainState, batch: dict[str, jax.Array],
+                     rng: jax.Array):
+    """``((loss, (metrics, updates)), grads)`` of ``loss_fn``: plain autodiff, or GradCache
+    in ``config.grad_cache.micro_batches`` micro-batches (``grad_cache.value_and_grad``; the
+    logit scale and bias get their gradient from the loss pass)."""
+    m = grad_cache.micro_batches(self.config)
+    if m == 1:
+      return jax.value_and_grad(self.loss_fn, has_aux=True)(params, state, batch, rng)
+    inputs = {"image": batch["image"], "tokens": batch["tokens"]}
+    (loss, (metrics, batch_stats)), grads = grad_cache.value_and_grad(
+        lambda p, x, key: self._forward(p, state.batch_stats, x, key), self._loss,
+        params, inputs, rng, num_micro=m, mesh=self.mesh)
+    return (loss, (metrics, {"batch_stats": batch_stats})), grads
 
   def post_update(self, state: TrainState, updates: dict[str, Any]) -> TrainState:
     """Stores the BN statistics (ResNet towers) and clamps the log-scale into [0, log max]."""
