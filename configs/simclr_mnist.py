@@ -8,8 +8,8 @@ Choices for that budget (each measured side by side at equal steps on the 10-lab
 a 4-layer ConvNet of widths 16-32-64-128 (3.6x fewer FLOPs than 32-...-256 at the same
 accuracy per step), crops of (0.5, 1) of the digit (0.25 cut digits into strokes: -4 points),
 no flips (digits are not mirror-symmetric), no blur (28 px), T = 0.1 (0.2: -3, 0.5: -5 points),
-and LARS with SimCLR's square-root scaling (lr = 0.3 sqrt(B) = 4.8; the linear rule's 0.3 is
-too small for a 900-step run: -4 points).
+and LARS with SimCLR's square-root scaling, lr = 0.3 sqrt(B) = 4.8 (1.2: -3 points; the
+square-root rule suits short runs, as the SimCLR paper notes).
 """
 
 from __future__ import annotations

@@ -127,6 +127,12 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     distributed.check_batch_divisible(int(config.eval.batch_size), mesh,
                                       "config.eval.batch_size")
     _require(int(config.eval.knn_k) > 0, f"config.eval.knn_k={config.eval.knn_k} must be >= 1")
+  micro = int(config.get("grad_cache", {}).get("micro_batches", 1) or 1)
+  _require(micro >= 1, f"config.grad_cache.micro_batches={micro} must be >= 1")
+  if micro > 1:
+    _require(hasattr(methods_lib.METHODS[config.method], "value_and_grad"),
+             f"config.grad_cache.micro_batches={micro} but method {config.method!r} has no "
+             "gradient caching (SimCLR and CLIP do); set it to 1")
   total_steps(config, 1)  # exactly one of total_steps / total_epochs, positive
 
 
