@@ -27,6 +27,7 @@ from contrastive_jax.data import pipeline
 from contrastive_jax import evaluate as evaluators
 from contrastive_jax.evaluate import plots
 from contrastive_jax.methods import base as method_base
+from contrastive_jax.models import registry
 from contrastive_jax.train_state import TrainState
 
 class NonFiniteLossError(FloatingPointError):
@@ -66,17 +67,15 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   """Cheap checks that fail in well under a second, before any data is read or anything is
   compiled, each naming the config key and the fix. Method-specific checks (queue size,
   momentum) run when the method is built, also before compiling."""
-  from contrastive_jax import methods as methods_lib  # late: methods import the data layer
-  from contrastive_jax.models import registry
-  _require("method" in config and config.method in methods_lib.METHODS,
+  _require("method" in config and config.method in methods.METHODS,
            f"config.method={config.get('method')!r} is unknown; use one of "
-           f"{sorted(methods_lib.METHODS)}")
+           f"{sorted(methods.METHODS)}")
   gb = config.get("global_batch")
   _require(isinstance(gb, int) and gb > 0,
            f"config.global_batch={gb!r} must be a positive integer")
   distributed.check_batch_divisible(gb, mesh, "config.global_batch")
-  for key in ("log_every",):
-    _require(int(config.get(key, 1)) > 0, f"config.{key}={config.get(key)} must be >= 1")
+  _require(int(config.get("log_every", 1)) > 0,
+           f"config.log_every={config.get('log_every')} must be >= 1")
   _require(int(config.checkpoint.every_steps) > 0,
            f"config.checkpoint.every_steps={config.checkpoint.every_steps} must be >= 1")
   _require(config.checkpoint.get("max_to_keep") is None or config.checkpoint.max_to_keep >= 1,
@@ -102,10 +101,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   _require(float(optim_cfg.get("weight_decay", 0) or 0) >= 0,
            f"config.optim.weight_decay={optim_cfg.get('weight_decay')} must be >= 0")
   data = config.data
-  from contrastive_jax.data import pipeline as pipeline_lib
-  _require(data.get("source") in pipeline_lib.SOURCES,
+  _require(data.get("source") in pipeline.SOURCES,
            f"config.data.source={data.get('source')!r} is unknown; use one of "
-           f"{list(pipeline_lib.SOURCES)}")
+           f"{list(pipeline.SOURCES)}")
   _require(isinstance(data.image_size, int) and data.image_size >= 8,
            f"config.data.image_size={data.image_size!r} must be an integer >= 8")
   if data.source == "tfds":
@@ -130,7 +128,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   micro = int(config.get("grad_cache", {}).get("micro_batches", 1) or 1)
   _require(micro >= 1, f"config.grad_cache.micro_batches={micro} must be >= 1")
   if micro > 1:
-    _require(hasattr(methods_lib.METHODS[config.method], "value_and_grad"),
+    _require(hasattr(methods.METHODS[config.method], "value_and_grad"),
              f"config.grad_cache.micro_batches={micro} but method {config.method!r} has no "
              "gradient caching (SimCLR and CLIP do); set it to 1")
   total_steps(config, 1)  # exactly one of total_steps / total_epochs, positive
