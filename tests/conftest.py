@@ -6,6 +6,14 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent compilation cache for the whole session, inherited by the subprocesses the
+# tests start (trainer restarts, multi-process runs): the same small programs are compiled
+# once instead of once per run. Only compile time changes; the executables are the same.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="contrastive_jax_xla_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import jax  # noqa: E402
