@@ -344,15 +344,14 @@ def _shard_rows(n: int, process_index, process_count) -> np.ndarray:
   return np.array_split(np.arange(n), num_p)[p]
 
 
-def _eval_dataset(source: src_lib.IndexedSource, cfg: aug_lib.AugmentConfig, tokenizer,
-                  par) -> tf.data.Dataset:
-  cols = source.tf_columns()
+def _eval_example_fn(source, cfg: aug_lib.AugmentConfig, tokenizer):
+  """``record -> {image, label, index[, tokens]}`` with eval preprocessing; without a caption
+  column the caption is the first held-out template of the class name (retrieval text)."""
   table = (tf.constant(src_lib.format_captions(source.eval_templates[:1], source.class_names))
            if source.class_names else None)
 
   @tf.autograph.experimental.do_not_convert
-  def fn(r):
-    rec = {k: tf.gather(v, r) for k, v in cols.items()}
+  def fn(rec):
     out = {"image": aug_lib.eval_preprocess(src_lib.decode_record(rec), cfg),
            "label": tf.cast(rec["label"], tf.int32), "index": rec["id"]}
     if tokenizer is not None:
@@ -361,6 +360,14 @@ def _eval_dataset(source: src_lib.IndexedSource, cfg: aug_lib.AugmentConfig, tok
       out["tokens"] = tokenizer.tf_encode(cap)
     return out
 
+  return fn
+
+
+def _eval_dataset(source: src_lib.IndexedSource, cfg: aug_lib.AugmentConfig, tokenizer,
+                  par) -> tf.data.Dataset:
+  cols = source.tf_columns()
+  example = _eval_example_fn(source, cfg, tokenizer)
+  fn = lambda r: example({k: tf.gather(v, r) for k, v in cols.items()})
   return tf.data.Dataset.range(len(source)).map(fn, num_parallel_calls=par, deterministic=True)
 
 
@@ -427,19 +434,8 @@ def eval_iterator(data_config, split: str, batch_size: int, *,
     else:
       source = src_lib.tfrecord_stream(_split_path(c.path, split), p, num_p)
       total = source.num_examples * num_p
-    table = (tf.constant(src_lib.format_captions(source.eval_templates[:1], source.class_names))
-             if source.class_names else None)
-
-    @tf.autograph.experimental.do_not_convert
-    def fn(rec):
-      out = {"image": aug_lib.eval_preprocess(src_lib.decode_record(rec), cfg),
-             "label": tf.cast(rec["label"], tf.int32), "index": rec["id"]}
-      if tokenizer is not None:
-        cap = rec["caption"] if "caption" in rec else table[0, tf.maximum(
-            tf.cast(rec["label"], tf.int32), 0)]
-        out["tokens"] = tokenizer.tf_encode(cap)
-      return out
-    ds = source.dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = source.dataset.map(_eval_example_fn(source, cfg, tokenizer),
+                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     num_batches = math.ceil(math.ceil(total / num_p) / b)
   else:
     source = indexed_source(c, split)
