@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import ml_collections
 
+# ImageNet-1k train split size, for configs that count their run in epochs of ImageNet.
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
 
 def parse_arg(arg: str | None, **defaults):
   """``"quick,batch=512"`` -> ConfigDict(quick=True, batch=512, ...) over ``defaults``.

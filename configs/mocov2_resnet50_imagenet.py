@@ -18,16 +18,14 @@ import ml_collections
 
 from configs import common
 
-IMAGENET_TRAIN_EXAMPLES = 1_281_167
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, quick=False, epochs=200, batch=256, data_dir="")
   c = common.base_config()
   c.method = "mocov2"
   c.global_batch = 16 if a.quick else a.batch
   # Steps, not epochs: the trainer would otherwise read the split to count it.
-  c.total_steps = 4 if a.quick else math.ceil(a.epochs * IMAGENET_TRAIN_EXAMPLES / a.batch)
+  c.total_steps = 4 if a.quick else math.ceil(
+      a.epochs * common.IMAGENET_TRAIN_EXAMPLES / a.batch)
   c.log_every = 1 if a.quick else 100
 
   c.model = ml_collections.ConfigDict(dict(

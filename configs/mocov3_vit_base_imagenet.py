@@ -17,15 +17,12 @@ import ml_collections
 
 from configs import common
 
-IMAGENET_TRAIN_EXAMPLES = 1_281_167
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, quick=False, epochs=300, batch=4096, data_dir="")
   c = common.base_config()
   c.method = "mocov3"
   c.global_batch = 16 if a.quick else a.batch
-  steps_per_epoch = IMAGENET_TRAIN_EXAMPLES / a.batch
+  steps_per_epoch = common.IMAGENET_TRAIN_EXAMPLES / a.batch
   c.total_steps = 4 if a.quick else math.ceil(a.epochs * steps_per_epoch)
   c.log_every = 1 if a.quick else 100
 
