@@ -18,6 +18,7 @@ import ml_collections
 
 from configs import common
 
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, quick=False, epochs=200, batch=256, data_dir="")
   c = common.base_config()

@@ -17,6 +17,7 @@ import ml_collections
 
 from configs import common
 
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, quick=False, epochs=100, batch=4096, data_dir="")
   c = common.base_config()
