@@ -78,8 +78,8 @@ class _RingSpec:
   """Static description of one ring loss (hashable: a ``custom_vjp`` non-diff argument).
 
   kind: "softmax" (InfoNCE, online log-sum-exp) or "sigmoid" (SigLIP, additive).
-  divide: logits are ``sim / scale`` (a temperature) instead of ``sim * scale``; kept separate
-    so that the logits are computed exactly as in ``losses.py``.
+  divide: the scalar is a temperature (logits ``sim / scale``) rather than a logit scale
+    (``sim * scale``).
   pos_shift: anchor r's positive is column ``(r + pos_shift) % c`` of its own block.
   mask_self: drop column r of anchor r's own block (NT-Xent: an anchor is not its own candidate).
   halves: the block is ``halves`` stacked sub-blocks, each a slice of a different global
