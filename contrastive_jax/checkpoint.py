@@ -56,6 +56,23 @@ DAMAGED_SUBDIR = "damaged"
 _ITEMS = ("state", "data_state", "config")
 
 
+class _QuietOrbax(logging.Filter):
+  """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def show_progress_logs() -> None:
+  """Shows the training progress (steps/s, ETA, evaluations, logged through absl at INFO) without
+  orbax's per-save INFO lines. Called once by each command-line entry point; idempotent."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.INFO)
+  absl_logger = absl_logging.get_absl_logger()
+  if not any(isinstance(f, _QuietOrbax) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietOrbax())
+
+
 def _json_default(obj: Any) -> Any:
   if isinstance(obj, (np.generic, np.ndarray)) or hasattr(obj, "tolist"):
     return np.asarray(obj).tolist()

@@ -16,8 +16,6 @@ import errno
 import os
 import sys
 
-import logging as py_logging
-
 from absl import app, flags
 from absl import logging
 from ml_collections import config_flags
@@ -53,16 +51,10 @@ def _out_of_space(error: BaseException | None) -> bool:
   return False
 
 
-class _QuietLibraries(py_logging.Filter):
-  """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
-
-  def filter(self, record):
-    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from contrastive_jax import checkpoint
+  checkpoint.show_progress_logs()
   # TensorFlow only feeds data: keep it off the accelerators that jax uses.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")

@@ -243,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pass
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_threefry_partitionable", True)
+  from contrastive_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  checkpoint.show_progress_logs()       # in-process runs: their steps/s and ETA
   result = make_table(args.out, [c.strip() for c in args.configs.split(",") if c.strip()],
                       workdir=args.workdir, quick=args.quick, overrides=args.set,
                       use_subprocess=args.subprocess)

@@ -321,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if not args.subprocess:
+    from contrastive_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    checkpoint.show_progress_logs()     # in-process runs: their steps/s and ETA
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     try:
       tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data
