@@ -248,6 +248,54 @@ def test_retrieval_recall_matches_float64_argsort():
     assert res[f"text_to_image/R@{k}"] == pytest.approx(t2i)
 
 
+def test_retrieval_recall_identical_captions_are_one_text():
+  # Four images of two classes, each captioned with its class's one template: captions 0 and 1
+  # are the same string, as are 2 and 3. Images of a class sit near each other and their text.
+  img = np.asarray([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]])
+  txt = np.asarray([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])   # identical copies
+  owner, groups = np.arange(4), np.asarray([0, 0, 1, 1])
+  # Distinct captions: each image's own copy ties with its twin's, and ties count against.
+  res = retrieval_recall(img, txt, owner, ks=(1, 2))
+  assert res["image_to_text/R@1"] == 0.0 and res["image_to_text/R@2"] == 1.0
+  # One text per group: every image finds its class's text first, every caption a same-class
+  # image first.
+  res = retrieval_recall(img, txt, owner, ks=(1,), text_groups=groups, chunk=3)
+  assert res["image_to_text/R@1"] == 1.0 and res["text_to_image/R@1"] == 1.0
+  # The gallery holds each distinct text once: an image whose text is second has rank 1, not
+  # rank 2 (behind both copies of the other text).
+  res = retrieval_recall(img[:, ::-1], txt, owner, ks=(1, 2), text_groups=groups)
+  assert res["image_to_text/R@1"] == 0.0 and res["image_to_text/R@2"] == 1.0
+  # Image 1 moves next to the other class's text: it misses its text, while every caption
+  # still finds a relevant image first (image 0 for class 0; image 2, nearer than 1, class 1).
+  img[1] = [0.2, 1.0]
+  res = retrieval_recall(img, txt, owner, ks=(1,), text_groups=groups)
+  assert res["image_to_text/R@1"] == 0.75 and res["text_to_image/R@1"] == 1.0
+  with pytest.raises(ValueError, match="text_groups must give one id"):
+    retrieval_recall(img, txt, owner, text_groups=np.asarray([0, 1]))
+
+
+def test_retrieval_recall_with_groups_matches_float64_argsort():
+  rng = np.random.default_rng(11)
+  img, txt = rng.normal(size=(15, 6)), rng.normal(size=(30, 6))
+  owner = rng.permutation(np.repeat(np.arange(15), 2))
+  groups = rng.integers(0, 12, size=30)          # shared texts across images
+  relevant = np.zeros((15, 30), bool)             # relevant[i, t]: image i has t's text
+  for t in range(30):
+    relevant[:, t] = np.isin(np.arange(15), owner[groups == groups[t]])
+  sims = _normalize64(img) @ _normalize64(txt).T
+  res = retrieval_recall(img, txt, owner, ks=(1, 3), text_groups=groups, chunk=4)
+  # image -> text ranks distinct texts: a group scores its best caption.
+  ids = np.unique(groups)
+  group_sims = np.stack([sims[:, groups == g].max(axis=1) for g in ids], axis=1)
+  group_relevant = np.stack([relevant[:, groups == g].any(axis=1) for g in ids], axis=1)
+  assert res["num_distinct_texts"] == len(ids)
+  for k in (1, 3):
+    i2t = np.mean([group_relevant[i, np.argsort(-group_sims[i])[:k]].any() for i in range(15)])
+    t2i = np.mean([relevant[np.argsort(-sims[:, t])[:k], t].any() for t in range(30)])
+    assert res[f"image_to_text/R@{k}"] == pytest.approx(i2t)
+    assert res[f"text_to_image/R@{k}"] == pytest.approx(t2i)
+
+
 # ------------------------------------------------------------------------------ extraction
 
 

@@ -387,10 +387,13 @@ def clip_trained(tmp_path_factory):
 def test_clip_zero_shot_beats_chance(clip_trained):
   config, method, state, _ = clip_trained
   res = base.extra_evaluations(method, state, distributed.make_mesh(1), config)
-  # 10 classes: chance is 0.1. Held-out caption templates only.
-  assert res["zero_shot/top1"] > 0.25, res
+  # 10 classes: chance is 0.1. Held-out caption templates only; this run reaches about 0.7.
+  assert res["zero_shot/top1"] > 0.5, res
+  # Captions are one held-out template per class: identical captions are one text, so
+  # image -> text is class retrieval among 10 texts (chance 0.1), text -> image finds an image
+  # of the caption's class first.
   for key in ("retrieval/image_to_text/R@1", "retrieval/text_to_image/R@1"):
-    assert 0.0 <= res[key] <= 1.0
+    assert 0.3 < res[key] <= 1.0, res
   assert base.extra_evaluations(object(), state, None, config) == {}
 
 

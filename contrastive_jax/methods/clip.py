@@ -209,9 +209,9 @@ class CLIP:
       training captions), prompt-ensembled as in CLIP Sec. 3.1.4.
     * ``retrieval/image_to_text/R@K``, ``retrieval/text_to_image/R@K`` (K = 1, 5): each image
       against the captions of the split (its caption column, or the first held-out template
-      of its class). With class-template captions many captions are identical strings, and ties
-      count against the model (``evaluate.retrieval``), so R@1 stays low by construction; it is
-      meaningful on data with per-image captions.
+      of its class). Identical captions (same tokens) count as one text relevant to all their
+      images (``retrieval_recall(text_groups=...)``): with class-template captions this is
+      class-level retrieval; with per-image captions, the COCO protocol.
     """
     data = config.data
     batch_size = int(config.eval.batch_size)
@@ -237,6 +237,8 @@ class CLIP:
       out.update({f"zero_shot/{k}": float(v) for k, v in res.items()})
     text_emb = feature_lib.extract_features(text_fn, split["tokens"], mesh=mesh,
                                             batch_size=batch_size, variables=state)
-    res = retrieval.retrieval_recall(image_emb, text_emb, np.arange(len(text_emb)), ks=(1, 5))
+    groups = np.unique(np.asarray(split["tokens"]), axis=0, return_inverse=True)[1]
+    res = retrieval.retrieval_recall(image_emb, text_emb, np.arange(len(text_emb)), ks=(1, 5),
+                                     text_groups=groups.reshape(-1))
     out.update({f"retrieval/{k}": float(v) for k, v in res.items() if "R@" in k})
     return out
