@@ -102,6 +102,7 @@ def test_clip_bf16_step_is_finite_with_float32_params():
   c = clip_mnist.get_config("quick")
   c.data.image_size = 16
   c.data.context_length = 8
+  c.model.name = "vit"
   c.model.kwargs = dict(patch_size=4, width=16, depth=1, num_heads=2, pool="gap")
   c.text.kwargs = dict(width=16, depth=1, num_heads=2)
   c.clip.embed_dim = 8

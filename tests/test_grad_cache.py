@@ -44,6 +44,7 @@ def _clip_config():
   c.global_batch = BATCH
   c.data.image_size = SIZE
   c.data.context_length = 8
+  c.model.name = "vit"
   c.model.kwargs = dict(VIT)
   c.text.kwargs = dict(width=16, depth=1, num_heads=2)
   c.clip.embed_dim = 8
