@@ -55,8 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
   # NonFiniteLossError (no checkpoint of the bad state is written).
   c.skip_nonfinite = False
   c.profile_steps = 0
+  # preemption_check_every: on multi-host runs without jax's preemption service, the steps
+  # between the cross-host checks for a SIGTERM (checkpoint.reached_preemption).
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3,
-                                                async_save=True))
+                                                async_save=True, preemption_check_every=10))
   c.eval = ml_collections.ConfigDict(dict(
       enabled=True, every_steps=0, batch_size=512, knn_k=200, knn_temperature=0.07,
       few_shots=(10,), raw_pixel_baseline=False,

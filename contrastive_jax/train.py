@@ -78,6 +78,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
            f"config.log_every={config.get('log_every')} must be >= 1")
   _require(int(config.checkpoint.every_steps) > 0,
            f"config.checkpoint.every_steps={config.checkpoint.every_steps} must be >= 1")
+  check_every = config.checkpoint.get("preemption_check_every", 10)
+  _require(int(check_every) > 0,
+           f"config.checkpoint.preemption_check_every={check_every} must be >= 1")
   _require(config.checkpoint.get("max_to_keep") is None or config.checkpoint.max_to_keep >= 1,
            f"config.checkpoint.max_to_keep={config.checkpoint.max_to_keep} must be >= 1 "
            "(or None to keep every checkpoint)")
@@ -425,7 +428,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        encode_fn=encode_fn)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
 
-      stop = checkpoint.reached_preemption(step, preempted) or step == config.get("stop_at_step")
+      stop = (checkpoint.reached_preemption(
+          step, preempted, every=int(config.checkpoint.get("preemption_check_every", 10)))
+              or step == config.get("stop_at_step"))
       if step % config.checkpoint.every_steps == 0 or at_end or stop:
         if train_metrics is not None:  # never checkpoint a state whose steps are unchecked
           check_finite(step, {k: float(v) for k, v in train_metrics.compute().items()},

@@ -208,3 +208,27 @@ def test_preemption_flag_records_sigterm():
     assert preempted() and ckpt.reached_preemption(1, preempted)
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+def test_multihost_fallback_gathers_the_flags_every_n_steps(monkeypatch):
+  """Without jax's preemption service, the cross-host gather runs only every N steps."""
+  gathers = []
+
+  def no_service(step):
+    raise RuntimeError("preemption sync manager is not initialized")
+
+  def allgather(flag):
+    gathers.append(int(flag))
+    return np.stack([np.asarray(flag), np.asarray(0, np.int32)])   # this host, a quiet peer
+
+  monkeypatch.setattr(ckpt.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(ckpt.multihost_utils, "reached_preemption_sync_point", no_service)
+  monkeypatch.setattr(ckpt.multihost_utils, "process_allgather", allgather)
+  sigterm = lambda: True
+  assert [ckpt.reached_preemption(s, sigterm, every=10) for s in (7, 9, 10, 11, 20)] == [
+      False, False, True, False, True]
+  assert gathers == [1, 1]                       # steps 10 and 20 only
+  assert not ckpt.reached_preemption(10, lambda: False, every=10) and gathers == [1, 1, 0]
+  assert ckpt.reached_preemption(3, sigterm) and len(gathers) == 4   # every=1: each step
+  with pytest.raises(ValueError, match="preemption_check_every"):
+    ckpt.reached_preemption(3, sigterm, every=0)
