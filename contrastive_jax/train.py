@@ -428,8 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        encode_fn=encode_fn)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
 
-      stop = (checkpoint.reached_preemption(
-          step, preempted, every=int(config.checkpoint.get("preemption_check_every", 10)))
+      check_every = int(config.checkpoint.get("preemption_check_every", 10))
+      stop = (checkpoint.reached_preemption(step, preempted, every=check_every)
               or step == config.get("stop_at_step"))
       if step % config.checkpoint.every_steps == 0 or at_end or stop:
         if train_metrics is not None:  # never checkpoint a state whose steps are unchecked
