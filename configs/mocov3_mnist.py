@@ -3,6 +3,11 @@
 Sized to pretrain and evaluate within a few minutes on a 2-core CPU:
   python -m contrastive_jax.main --config=configs/mocov3_mnist.py --workdir=/tmp/mocov3_mnist
 ``:quick`` shrinks it to a smoke test (seconds).
+
+LARS at 4.8 x B/256, the default run's rate, not the ImageNet recipe's 0.3: in 300-step runs
+side by side (10-label probe), 0.3 gave 59.3%, 1.2 74.2%, 4.8 80.6% and 9.6 81.2% (within the
+spread of 1.3-1.8 points); at 4.8, m0 = 0.96 instead of 0.99 and T = 0.1 instead of 0.2 changed
+nothing beyond that spread.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                               augment=dict(flip_prob=0.0, blur=False, crop_area=(0.5, 1.0)))
 
   c.optim = ml_collections.ConfigDict(dict(
-      name="lars", base_lr=0.3, lr_scaling="linear", warmup_fraction=0.05, schedule="cosine",
+      name="lars", base_lr=4.8, lr_scaling="linear", warmup_fraction=0.05, schedule="cosine",
       weight_decay=1e-6, momentum=0.9, lars_eta=1e-3))
 
   c.checkpoint.every_steps = 2 if a.quick else 300
