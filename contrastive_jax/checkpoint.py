@@ -63,14 +63,21 @@ class _QuietOrbax(logging.Filter):
     return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
-def show_progress_logs() -> None:
-  """Shows the training progress (steps/s, ETA, evaluations, logged through absl at INFO) without
-  orbax's per-save INFO lines. Called once by each command-line entry point; idempotent."""
+def quiet_orbax_logs() -> None:
+  """Drops orbax's per-save INFO lines from absl's log; idempotent."""
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-  absl_logging.set_verbosity(absl_logging.INFO)
   absl_logger = absl_logging.get_absl_logger()
   if not any(isinstance(f, _QuietOrbax) for f in absl_logger.filters):
     absl_logger.addFilter(_QuietOrbax())
+
+
+def show_progress_logs() -> None:
+  """For tools that train in-process without ``absl.app`` (which hides INFO): shows the
+  training progress (steps/s, ETA, evaluations, logged through absl at INFO) without orbax's
+  per-save INFO lines. ``main.py`` leaves the level to absl's ``--verbosity`` flag."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.INFO)
+  quiet_orbax_logs()
 
 
 def _json_default(obj: Any) -> Any:

@@ -54,7 +54,7 @@ def _out_of_space(error: BaseException | None) -> bool:
 def main(argv):
   del argv
   from contrastive_jax import checkpoint
-  checkpoint.show_progress_logs()
+  checkpoint.quiet_orbax_logs()
   # TensorFlow only feeds data: keep it off the accelerators that jax uses.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
