@@ -76,11 +76,15 @@ def data_config(source: str, *, recipe: str, image_size: int, **overrides):
   (context_length, tokenizer "bytes" | "sentencepiece", spm_model) and cache (hold a
   tfds/TFRecord split in memory for exact random access).
   """
-  d = dict(source=source, name="mnist_embedded" if source == "mnist" else None,
-           train_split="train", eval_split="test", data_dir=None, path=None,
+  # String keys default to "" (not None), so that --config.data.<key>=... can override them;
+  # the field names and types follow pipeline.default_data_config().
+  d = dict(source=source, name="mnist_embedded" if source == "mnist" else "",
+           train_split="train", eval_split="test", data_dir="", path="",
            image_size=image_size, recipe=recipe, augment={}, shuffle_buffer=10_000,
-           skip_corrupt=False, context_length=77, tokenizer="bytes", spm_model=None,
-           cache=source in ("mnist", "folder", "csv"))
+           skip_corrupt=False, context_length=77, tokenizer="bytes", spm_model="",
+           cache=source in ("mnist", "folder", "csv"), image_key="image", label_key="label",
+           caption_key="", csv_image_key="filepath", csv_caption_key="caption",
+           csv_delimiter=",", split_seed=0, num_parallel_calls=-1, prefetch=2)
   unknown = set(overrides) - set(d)
   if unknown:
     raise ValueError(f"unknown data config keys {sorted(unknown)}; known: {sorted(d)}")

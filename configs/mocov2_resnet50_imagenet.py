@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       symmetric=False))
 
   c.data = common.data_config(
-      "tfds", name="imagenet2012", eval_split="validation", data_dir=a.data_dir or None,
+      "tfds", name="imagenet2012", eval_split="validation", data_dir=a.data_dir,
       recipe="mocov2", image_size=64 if a.quick else 224, context_length=32,
       shuffle_buffer=1000 if a.quick else 50_000)
 
