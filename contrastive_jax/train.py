@@ -22,7 +22,7 @@ from absl import logging
 from clu import metric_writers, metrics as clu_metrics, periodic_actions
 from etils import epath
 
-from contrastive_jax import checkpoint, distributed, methods, optim
+from contrastive_jax import checkpoint, distributed, grad_cache, methods, optim
 from contrastive_jax.data import pipeline
 from contrastive_jax import evaluate as evaluators
 from contrastive_jax.evaluate import plots
@@ -128,8 +128,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     distributed.check_batch_divisible(int(config.eval.batch_size), mesh,
                                       "config.eval.batch_size")
     _require(int(config.eval.knn_k) > 0, f"config.eval.knn_k={config.eval.knn_k} must be >= 1")
-  micro = int(config.get("grad_cache", {}).get("micro_batches", 1) or 1)
-  _require(micro >= 1, f"config.grad_cache.micro_batches={micro} must be >= 1")
+  try:
+    micro = grad_cache.micro_batches(config)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   if micro > 1:
     _require(hasattr(methods.METHODS[config.method], "value_and_grad"),
              f"config.grad_cache.micro_batches={micro} but method {config.method!r} has no "
@@ -387,6 +389,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                             logdir=str(workdir), every_secs=None,
                                             profile_duration_ms=None))
   preempted = checkpoint.install_preemption_handler()
+  check_every = int(config.checkpoint.get("preemption_check_every", 10))  # older configs: 10
 
   # --- The loop.
   collection = None
@@ -428,7 +431,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        encode_fn=encode_fn)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
 
-      check_every = int(config.checkpoint.get("preemption_check_every", 10))
       stop = (checkpoint.reached_preemption(step, preempted, every=check_every)
               or step == config.get("stop_at_step"))
       if step % config.checkpoint.every_steps == 0 or at_end or stop:
