@@ -27,6 +27,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   width = 32 if a.quick else 128
   depth = 1 if a.quick else 3
+  if a.tower not in ("convnet", "vit"):
+    raise ValueError(f"clip_mnist: tower={a.tower!r}; use tower=convnet or tower=vit")
   if a.tower == "vit":
     image_kwargs = dict(patch_size=4, width=width, depth=depth, num_heads=4, pool="gap")
   else:
