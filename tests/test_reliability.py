@@ -32,7 +32,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ from contrastive_jax import checkpoint, restore, train
 from contrastive_jax.data import pipeline as P
 from contrastive_jax.data import sources as S
 from contrastive_jax.data import tokenizer as T
+from test_multihost import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -85,12 +85,6 @@ def _set(c, key, value):
 
 def _main_argv(workdir, *extra):
   return [PYTHON, "-m", "contrastive_jax.main", *RUN_FLAGS, f"--workdir={workdir}", *extra]
-
-
-def _free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 class Proc:
@@ -338,7 +332,7 @@ def test_interrupted_run_equals_uninterrupted_run(interrupted, uninterrupted):
 
 
 def _two_processes(workdir, log_prefix, total_steps, extra=()):
-  port = _free_port()
+  port = free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
   return [Proc(_main_argv(workdir, f"--config.total_steps={total_steps}",
