@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Mapping
@@ -54,6 +55,12 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "damaged"
 _ITEMS = ("state", "data_state", "config")
+
+
+def run_directory(workdir: str | os.PathLike) -> epath.Path:
+  """``workdir`` as an absolute path (orbax rejects relative ones); ``gs://...`` unchanged."""
+  text = os.fspath(workdir)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 class _QuietOrbax(logging.Filter):
@@ -124,7 +131,7 @@ class Checkpointer:
       raise ValueError(f"max_to_keep={max_to_keep} must be >= 1 (or None to keep all)")
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps={save_interval_steps} must be >= 1")
-    self.directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
+    self.directory = run_directory(workdir) / CHECKPOINT_SUBDIR
     self.damaged_steps: dict[int, str] = {}
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,

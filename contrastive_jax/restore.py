@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from etils import epath
 
 from contrastive_jax import checkpoint, distributed, methods, optim, train
 from contrastive_jax.data import pipeline
@@ -171,7 +170,7 @@ def initial_state(method: Any, config: ml_collections.ConfigDict, mesh: jax.shar
 def saved_config(workdir: str | os.PathLike, step: int | None = None
                  ) -> tuple[ml_collections.ConfigDict, int]:
   """The config stored with checkpoint ``step`` (default: the newest) and that step."""
-  directory = epath.Path(workdir) / checkpoint.CHECKPOINT_SUBDIR
+  directory = checkpoint.run_directory(workdir) / checkpoint.CHECKPOINT_SUBDIR
   if not directory.exists():
     raise ValueError(f"{workdir} has no {checkpoint.CHECKPOINT_SUBDIR}/ directory; pass the "
                      "--workdir of a training run")

@@ -312,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns the final summary (also written to ``workdir/summary.json``).
   """
-  workdir = epath.Path(workdir)
+  workdir = checkpoint.run_directory(workdir)
   check_workdir(workdir)
   is_chief = jax.process_index() == 0
 

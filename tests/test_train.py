@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -26,6 +28,16 @@ def tiny_config(**overrides):
       node = node[p]
     node[last] = value
   return c
+
+
+def test_relative_workdir_saves_and_resumes(tmp_path, monkeypatch):
+  """The quickstart passes a relative --workdir; orbax only accepts absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  c = tiny_config(total_steps=2)
+  train.train_and_evaluate(c, "runs/relative")
+  assert sorted(os.listdir(tmp_path / "runs/relative/checkpoints")) == ["2"]
+  c.total_steps = 3                    # resumes from step 2 through the same relative path
+  assert train.train_and_evaluate(c, "runs/relative")["steps"] == 3
 
 
 def _losses(summary):
