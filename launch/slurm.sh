@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Multi-node GPU cluster under SLURM: one process per node, all of the node's GPUs its local
+# devices (JAX_LOCAL_DEVICE_IDS; jax's own default under SLURM is one process per GPU), so each
+# node runs one input pipeline. `jax.distributed.initialize()` (main.py --multihost) reads the job from SLURM's
+# variables (SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID): the
+# coordinator is the first node of the step, its port derived from the job id.
+#
+#   NODES=4 GPUS_PER_NODE=8 PARTITION=gpu TIME=24:00:00 \
+#     launch/slurm.sh CONFIG WORKDIR [--config.key=value ...]
+#
+# Environment:
+#   NODES (2), GPUS_PER_NODE (8), CPUS_PER_NODE (32), TIME (24:00:00), JOB_NAME (contrastive_jax)
+#   PARTITION, ACCOUNT, QOS       passed to sbatch when set
+#   PYTHON                        the venv's python on the nodes (default: this checkout's .venv)
+#   LOG_DIR                       where SLURM writes one log per node (default: ./slurm_logs)
+#   DRY_RUN=1                     print the batch script instead of submitting it
+#
+# The job is requeueable: SLURM sends SIGTERM two minutes before the time limit or a
+# preemption (--signal=TERM@120), the trainer saves a checkpoint and exits 0, and the batch
+# script requeues itself until WORKDIR/summary.json exists (the trainer writes it last). The
+# workdir must be visible from every node (a shared filesystem or a gs:// bucket).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+[[ $# -ge 2 ]] || { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+CONFIG=$1; WORKDIR=$2; shift 2
+NODES=${NODES:-2}; GPUS_PER_NODE=${GPUS_PER_NODE:-8}; CPUS_PER_NODE=${CPUS_PER_NODE:-32}
+PY=${PYTHON:-$REPO/.venv/bin/python}
+LOG_DIR=${LOG_DIR:-$REPO/slurm_logs}
+
+directives=(
+  "--job-name=${JOB_NAME:-contrastive_jax}" "--nodes=$NODES" "--ntasks-per-node=1"
+  "--gpus-per-node=$GPUS_PER_NODE" "--cpus-per-task=$CPUS_PER_NODE" "--time=${TIME:-24:00:00}"
+  "--requeue" "--signal=TERM@120" "--open-mode=append" "--output=$LOG_DIR/%x-%j.out"
+)
+for var in PARTITION ACCOUNT QOS; do
+  [[ -n ${!var:-} ]] && directives+=("--${var,,}=${!var}")
+done
+q() { local out='' a; for a in "$@"; do out+=" $(printf '%q' "$a")"; done; printf '%s' "${out# }"; }
+job=$(q "$PY" -m contrastive_jax.main --multihost "--config=$CONFIG" "--workdir=$WORKDIR" "$@")
+finished=$(q "$PY" -c "import sys; from etils import epath; \
+sys.exit(0 if epath.Path(sys.argv[1], 'summary.json').exists() else 1)" "$WORKDIR")
+
+script=$(
+  echo '#!/usr/bin/env bash'
+  for d in "${directives[@]}"; do echo "#SBATCH $d"; done
+  cat <<EOF
+set -uo pipefail
+cd $(q "$REPO")
+export TF_CPP_MIN_LOG_LEVEL=2 XLA_PYTHON_CLIENT_MEM_FRACTION=\${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+# One task per node, owning all of the node's GPUs: jax would otherwise assume one process per
+# GPU under SLURM and give each process only GPU \$SLURM_LOCALID.
+export JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((GPUS_PER_NODE - 1)))
+# Each node's task writes its own log (%n: the node's index in the job).
+srun --kill-on-bad-exit=1 --output=$(q "$LOG_DIR")/%x-%j-node%n.log $job
+status=\$?
+if [ \$status -eq 0 ] && ! $finished; then
+  echo "stopped before the end (time limit or preemption): requeueing job \$SLURM_JOB_ID"
+  scontrol requeue "\$SLURM_JOB_ID"
+fi
+exit \$status
+EOF
+)
+
+if [[ ${DRY_RUN:-0} == 1 ]]; then
+  printf '%s\n' "$script"
+else
+  mkdir -p "$LOG_DIR"
+  printf '%s\n' "$script" | sbatch
+fi

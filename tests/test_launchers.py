@@ -1,0 +1,256 @@
+"""The pod and cluster launchers: the commands they print, and those commands run for real.
+
+``launch/tpu_pod.sh`` cannot reach a TPU here, so its dry run is checked for every gcloud flag,
+and the remote command it would send is executed on this machine (a fake venv python stands in
+for the trainer): detached start, argument quoting, pid file, status and SIGTERM on stop.
+``launch/slurm.sh``'s batch script is run with a fake ``srun`` that starts one process per
+"node" on loopback with SLURM's variables, so the trainer's ``--multihost`` path is jax's own
+SLURM auto-detection, and a fake ``scontrol`` records the requeue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TPU_ENV = {"PROJECT": "my-project", "ZONE": "us-central2-b", "TPU_NAME": "pod-1",
+           "DRY_RUN": "1"}
+
+
+def _tpu(action, *args, **env):
+  full = dict(os.environ, **TPU_ENV, **env)
+  return subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), action, *args],
+                        env=full, capture_output=True, text=True, timeout=60)
+
+
+def _printed(proc) -> list[list[str]]:
+  """The commands a dry run printed (``+ cmd ...`` lines), each split as the shell would."""
+  assert proc.returncode == 0, proc.stderr
+  return [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+
+
+def _remote(cmd: list[str]) -> str:
+  """The ``--command=`` that a gcloud ssh call would run on the workers."""
+  assert cmd[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"], cmd
+  for flag in ("--zone=us-central2-b", "--project=my-project", "--worker=all"):
+    assert flag in cmd, (flag, cmd)
+  return next(a for a in cmd if a.startswith("--command="))[len("--command="):]
+
+
+def _write_exe(path, text):
+  path.write_text(text)
+  path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def test_tpu_pod_requires_project_zone_and_name():
+  for var in ("PROJECT", "ZONE", "TPU_NAME"):
+    env = {k: v for k, v in os.environ.items() if k not in TPU_ENV}
+    env.update({k: v for k, v in TPU_ENV.items() if k != var})
+    proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "create"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"set {var}" in proc.stderr, proc.stderr
+  proc = _tpu("reboot")
+  assert proc.returncode == 2 and "unknown action" in proc.stderr
+
+
+def test_tpu_pod_create_and_delete_pass_project_zone_and_spot():
+  (create,) = _printed(_tpu("create", ACCELERATOR="v4-64", SPOT="1"))
+  assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "pod-1"]
+  for flag in ("--zone=us-central2-b", "--project=my-project", "--accelerator-type=v4-64",
+               "--version=tpu-ubuntu2204-base", "--spot"):
+    assert flag in create, (flag, create)
+  (delete,) = _printed(_tpu("delete"))
+  assert delete[4:6] == ["delete", "pod-1"] and "--project=my-project" in delete
+
+
+def test_tpu_pod_setup_ships_this_checkout_and_builds_a_python_311_venv():
+  archive, scp, ssh = _printed(_tpu("setup"))
+  assert archive[:3] == ["git", "archive", "--format=tar.gz"] and archive[-1] == "HEAD"
+  tarball = archive[archive.index("-o") + 1]
+  assert scp[4] == "scp" and scp[5] == tarball and scp[6] == "pod-1:contrastive_jax.tar.gz"
+  assert "--worker=all" in scp and "--project=my-project" in scp
+  remote = _remote(ssh)
+  assert "tar -xzf ~/contrastive_jax.tar.gz" in remote
+  assert "uv venv" in remote and "--python 3.11" in remote
+  assert "'jax[tpu]==0.10.2'" in remote and "-r requirements.txt" in remote
+  assert "sys.version_info[:2] == (3, 11)" in remote  # the setup fails loudly otherwise
+  # With REPO_URL the workers clone it instead (the ref quoted).
+  (ssh,) = _printed(_tpu("setup", REPO_URL="https://example.com/x.git", REF="v1 2"))
+  assert "git clone --quiet https://example.com/x.git" in _remote(ssh)
+  assert "git checkout --quiet v1\\ 2" in _remote(ssh)
+
+
+def test_tpu_pod_run_refuses_a_local_workdir():
+  proc = _tpu("run", "configs/simclr_mnist.py", "/tmp/run")
+  assert proc.returncode == 2 and "gs://" in proc.stderr
+
+
+def test_tpu_pod_run_is_detached_quoted_and_stoppable(tmp_path):
+  """Runs the remote commands of `run`, `status`, `stop` and `logs` on this machine."""
+  home = tmp_path / "home"
+  (home / "contrastive_jax").mkdir(parents=True)
+  (home / "contrastive_jax_venv" / "bin").mkdir(parents=True)
+  # The fake trainer records its argv, then waits; SIGTERM makes it write a marker and exit 0.
+  _write_exe(home / "contrastive_jax_venv" / "bin" / "python", f"""#!/usr/bin/env bash
+printf '%s\\n' "$PWD" "$@" > {home}/argv
+trap 'echo saved > {home}/got_term; exit 0' TERM
+echo training
+for i in $(seq 300); do sleep 0.1; done
+""")
+  flags = ["--config.note=two words", "--config.quote=it's", "--config.glob=*"]
+  (ssh,) = _printed(_tpu("run", "configs/simclr_mnist.py:quick", "gs://b/run", *flags))
+  env = dict(os.environ, HOME=str(home))
+  sh = lambda remote: subprocess.run(["bash", "-c", remote], env=env, capture_output=True,
+                                     text=True, timeout=30)
+  t0 = time.time()
+  started = sh(_remote(ssh))
+  assert started.returncode == 0, started.stderr
+  assert time.time() - t0 < 10  # returned at once: the job runs on without the ssh session
+  assert "started pid" in started.stdout
+  pid = int((home / "contrastive_jax_logs" / "run.pid").read_text())
+  try:
+    for _ in range(100):
+      if (home / "argv").exists():
+        break
+      time.sleep(0.1)
+    argv = (home / "argv").read_text().splitlines()
+    assert argv == [str(home / "contrastive_jax"), "-m", "contrastive_jax.main", "--multihost",
+                    "--config=configs/simclr_mnist.py:quick", "--workdir=gs://b/run", *flags]
+    assert os.getsid(pid) == pid  # its own session: a closed ssh connection does not hang it up
+
+    again = sh(_remote(_printed(_tpu("run", "configs/simclr_mnist.py", "gs://b/run"))[0]))
+    assert again.returncode == 3 and "already running" in again.stderr
+
+    (status,) = _printed(_tpu("status"))
+    assert "running (pid" in sh(_remote(status)).stdout
+    (logs,) = _printed(_tpu("logs", "5"))
+    assert "training" in sh(_remote(logs)).stdout
+    (stop,) = _printed(_tpu("stop"))
+    assert "sent SIGTERM" in sh(_remote(stop)).stdout
+    for _ in range(100):
+      if (home / "got_term").exists():
+        break
+      time.sleep(0.1)
+    assert (home / "got_term").read_text().strip() == "saved"
+    time.sleep(0.3)
+    assert "not running" in sh(_remote(status)).stdout
+  finally:
+    try:
+      os.kill(pid, 9)
+    except ProcessLookupError:
+      pass
+
+
+# ----------------------------------------------------------------------------- SLURM
+
+
+def _slurm_script(tmp_path, workdir, *flags, **env):
+  full = dict(os.environ, DRY_RUN="1", LOG_DIR=str(tmp_path / "logs"), **env)
+  proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sh"),
+                         "configs/simclr_mnist.py:quick", str(workdir), *flags],
+                        env=full, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  return proc.stdout
+
+
+def test_slurm_batch_script_directives(tmp_path):
+  script = _slurm_script(tmp_path, "/shared/run", "--config.note=a b", NODES="4",
+                         GPUS_PER_NODE="8", PARTITION="gpu", TIME="2:00:00")
+  directives = re.findall(r"^#SBATCH (\S+)$", script, re.M)
+  for d in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--time=2:00:00",
+            "--requeue", "--signal=TERM@120", "--partition=gpu"):
+    assert d in directives, (d, directives)
+  assert not any(d.startswith("--account") for d in directives)
+  assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in script
+  (srun,) = [shlex.split(line) for line in script.splitlines() if line.startswith("srun ")]
+  assert srun[srun.index("-m") + 1:] == [
+      "contrastive_jax.main", "--multihost", "--config=configs/simclr_mnist.py:quick",
+      "--workdir=/shared/run", "--config.note=a b"]
+
+
+_FAKE_SRUN = """#!{python}
+# Stands in for srun on one machine: one process per task, SLURM's variables set as on a node.
+import os, subprocess, sys
+args = sys.argv[1:]
+opts = []
+while args[0].startswith("--"):
+  opts.append(args.pop(0))
+log = dict(o[2:].split("=", 1) for o in opts if "=" in o)["output"]
+procs = []
+for i in range(int(os.environ["SLURM_NTASKS"])):
+  env = dict(os.environ, SLURM_PROCID=str(i), SLURM_LOCALID="0", SLURM_NODEID=str(i))
+  path = log.replace("%x", "job").replace("%j", os.environ["SLURM_JOB_ID"]).replace("%n", str(i))
+  procs.append(subprocess.Popen(args, env=env, stdout=open(path, "a"), stderr=subprocess.STDOUT))
+codes = [p.wait(timeout=400) for p in procs]
+sys.exit(max(codes))
+"""
+
+
+def _free_slurm_job_id() -> int:
+  """A job id whose derived coordinator port (jax: 61440 + id % 4096) is free on loopback."""
+  for job_id in range(4096, 8192):
+    port = job_id % 4096 + 61440
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+      return job_id
+  pytest.skip("no free port in jax's SLURM coordinator range")
+
+
+@pytest.mark.slow
+def test_slurm_job_runs_two_nodes_requeues_and_resumes(tmp_path):
+  """The batch script, run as SLURM would: 2 'nodes' x 2 CPU devices on loopback, jax's SLURM
+  auto-detection; a stop at step 2 requeues the job, the requeued job resumes and finishes."""
+  workdir = tmp_path / "run"
+  bindir = tmp_path / "bin"
+  bindir.mkdir()
+  (tmp_path / "logs").mkdir()
+  _write_exe(bindir / "srun", _FAKE_SRUN.format(python=sys.executable))
+  _write_exe(bindir / "scontrol", f"#!/usr/bin/env bash\necho \"$@\" >> {tmp_path}/scontrol\n")
+  flags = ["--cpu_collectives=gloo", "--config.eval.enabled=False",
+           "--config.data.image_size=16", "--config.log_every=1", "--config.total_steps=3",
+           "--config.checkpoint.async_save=False"]
+  job_id = _free_slurm_job_id()
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(PATH=f"{bindir}:{env['PATH']}", SLURM_JOB_ID=str(job_id), SLURM_NTASKS="2",
+             SLURM_STEP_NODELIST="127.0.0.1", JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+  def run(*extra):
+    script = _slurm_script(tmp_path, workdir, *flags, *extra, GPUS_PER_NODE="2",
+                           PYTHON=sys.executable)
+    return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=500, cwd=tmp_path)
+
+  logs = lambda: [(tmp_path / "logs" / f"job-{job_id}-node{i}.log").read_text()
+                  for i in range(2)]
+  first = run("--config.stop_at_step=2")
+  assert first.returncode == 0, first.stdout + first.stderr + "\n".join(logs())
+  assert "requeueing" in first.stdout
+  assert (tmp_path / "scontrol").read_text().split() == ["requeue", str(job_id)]
+  assert not (workdir / "summary.json").exists()
+
+  second = run()  # the requeued job: same command, resumes from the step-2 checkpoint
+  assert second.returncode == 0, second.stdout + second.stderr + "\n".join(logs())
+  assert "requeueing" not in second.stdout
+  assert (tmp_path / "scontrol").read_text().split() == ["requeue", str(job_id)]
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert [h["step"] for h in summary["train_history"]] == [3]
+  for log in logs():
+    assert "process 0 of 2" in log or "process 1 of 2" in log, log[-3000:]
+    assert "4 global devices" in log, log[-3000:]
+    assert "resumed from checkpoint step 2" in log, log[-3000:]
+  losses = [re.findall(r"step (\d+): .*?\bloss=([-\d.e+]+)", log) for log in logs()]
+  assert losses[0] == losses[1] and [s for s, _ in losses[0]] == ["1", "2", "3"]
