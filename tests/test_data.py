@@ -79,24 +79,6 @@ def test_byte_tokenizer_round_trip_padding_truncation():
     T.ByteTokenizer(1)
 
 
-def test_sentencepiece_without_package_names_it(tmp_path):
-  model = tmp_path / "m.model"
-  model.write_bytes(b"not a model")
-  tok = T.make_tokenizer("sentencepiece", 16, str(model))
-  try:
-    import sentencepiece  # noqa: F401
-  except ImportError:
-    with pytest.raises(ImportError, match="sentencepiece"):
-      tok.encode("hello")
-  try:
-    import tensorflow_text  # noqa: F401
-  except ImportError:
-    with pytest.raises(ImportError, match="tensorflow_text"):
-      tok.tf_encode(tf.constant("hello"))
-  with pytest.raises(ValueError, match="spm_model"):
-    T.make_tokenizer("sentencepiece", 16, str(tmp_path / "missing.model"))
-
-
 # ----------------------------------------------------------------------------- MNIST
 
 def test_mnist_split_is_stratified_and_fixed():

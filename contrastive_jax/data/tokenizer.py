@@ -6,10 +6,12 @@ without network access:
 
 * ``ByteTokenizer`` (default): UTF-8 bytes. Ids: 0 = pad, 1 = SOT, 2 = EOT, byte ``b`` -> ``b + 3``;
   vocabulary 259. No merges, so it needs no vocabulary file and round-trips any text.
-* ``SentencePieceTokenizer``: a user-supplied SentencePiece model; piece ids are shifted by 3 so
-  that 0/1/2 keep the same meaning (vocabulary = pieces + 3). The numpy side needs the
-  ``sentencepiece`` package and the tf.data side ``tensorflow_text``; neither is a dependency
-  of this project, so a clear ImportError names the one that is missing.
+* ``SentencePieceTokenizer``: a user-supplied SentencePiece model (Kudo & Richardson 2018); piece
+  ids are shifted by 3 so that 0/1/2 keep the same meaning (vocabulary = pieces + 3). Both the
+  numpy and the tf.data side run the ``sentencepiece`` package's own encoder (pinned in
+  requirements.txt); inside tf.data it is called through ``tf.numpy_function``, so the ids are
+  exactly the package's. (``tensorflow_text`` would need the full ``tensorflow`` package,
+  which this project does not install beside ``tensorflow-cpu``.)
 
 Truncation keeps SOT and EOT: at most ``context_length - 2`` content tokens, so the EOT marker
 (where the text tower pools) is always present. Each tokenizer has ``encode`` (numpy,
@@ -109,7 +111,6 @@ class SentencePieceTokenizer:
     with tf.io.gfile.GFile(model_path, "rb") as f:
       self._proto = f.read()
     self._np = None
-    self._tf = None
 
   def _np_model(self):
     if self._np is None:
@@ -117,37 +118,29 @@ class SentencePieceTokenizer:
         import sentencepiece  # pylint: disable=g-import-not-at-top
       except ImportError as e:
         raise ImportError(
-            "data.tokenizer='sentencepiece' needs the 'sentencepiece' package for numpy "
-            "encoding (pip install sentencepiece), or use data.tokenizer='bytes'") from e
+            "data.tokenizer='sentencepiece' needs the 'sentencepiece' package (pinned in "
+            "requirements.txt: pip install -r requirements.txt), or use "
+            "data.tokenizer='bytes'") from e
       self._np = sentencepiece.SentencePieceProcessor(model_proto=self._proto)
     return self._np
 
-  def _tf_model(self):
-    if self._tf is None:
-      try:
-        import tensorflow_text  # pylint: disable=g-import-not-at-top
-      except ImportError as e:
-        raise ImportError(
-            "data.tokenizer='sentencepiece' inside tf.data needs the 'tensorflow_text' "
-            "package matching your TensorFlow version (pip install tensorflow-text), or use "
-            "data.tokenizer='bytes'") from e
-      self._tf = tensorflow_text.SentencepieceTokenizer(model=self._proto)
-    return self._tf
-
   @property
   def vocab_size(self) -> int:
-    try:
-      return int(self._np_model().get_piece_size()) + NUM_SPECIAL
-    except ImportError:
-      return int(self._tf_model().vocab_size()) + NUM_SPECIAL
+    return int(self._np_model().get_piece_size()) + NUM_SPECIAL
 
   def encode(self, texts: str | Sequence[str]) -> np.ndarray:
     single = isinstance(texts, str)
     batch = [texts] if single else list(texts)
-    model = self._np_model()
-    out = np.stack([_frame(np.asarray(model.encode(t), np.int32) + NUM_SPECIAL,
-                           self.context_length) for t in batch])
+    out = np.stack([self._encode_one(t) for t in batch]) if batch else \
+        np.zeros([0, self.context_length], np.int32)
     return out[0] if single else out
+
+  def _encode_one(self, text: str | bytes) -> np.ndarray:
+    """One text -> ``[L] int32``: SOT, pieces + 3 (truncated to L - 2), EOT, pad."""
+    if isinstance(text, bytes):
+      text = text.decode("utf-8", errors="replace")
+    pieces = np.asarray(self._np_model().encode(text), np.int32) + NUM_SPECIAL
+    return _frame(pieces, self.context_length)
 
   def decode(self, ids) -> str | list[str]:
     ids = np.asarray(ids)
@@ -156,8 +149,10 @@ class SentencePieceTokenizer:
     return self._np_model().decode((_content(ids) - NUM_SPECIAL).tolist())
 
   def tf_encode(self, text: tf.Tensor) -> tf.Tensor:
-    content = self._tf_model().tokenize(text) + NUM_SPECIAL
-    return _tf_frame(content, self.context_length)
+    """Scalar ``tf.string`` -> ``[L] int32``, by the same encoder as ``encode``."""
+    self._np_model()  # fail here, when the pipeline is built, if the package is missing
+    ids = tf.numpy_function(self._encode_one, [text], tf.int32, stateful=False)
+    return tf.ensure_shape(ids, [self.context_length])
 
 
 def make_tokenizer(kind: str = "bytes", context_length: int = 77,
