@@ -214,20 +214,40 @@ class Checkpointer:
                           ) -> tuple[Any, dict[str, Any], dict[str, Any], int] | None:
     """Restores the newest step that reads back cleanly; ``None`` when there is no checkpoint.
 
-    Damaged newer steps (proven damaged because an older step restores with the same
-    ``abstract_state``) are logged, recorded in ``damaged_steps`` and moved to
+    Every process restores the same step, agreed before any array is read: the candidates are
+    the steps that every process lists, and a step is tried only when its metadata reads back
+    on every process (``_unreadable``, a cheap check of the JSON and manifest files). A step
+    that fails that check on any process is damaged for all of them, so a host whose view of
+    the newest step is damaged cannot restore a different step from the others or wait alone
+    at orbax's restore barrier. On one process, a step whose arrays then fail to restore is
+    skipped too. Damaged newer steps (proven damaged because an older step restores with the
+    same ``abstract_state``) are logged, recorded in ``damaged_steps`` and moved to
     ``checkpoints/damaged/<step>``. If no step restores, nothing is moved and a
     ``RuntimeError`` reports each step's error.
     """
     self._manager.reload()  # see steps written or moved by others since construction
-    steps = sorted(self._manager.all_steps(), reverse=True)
+    steps = _common_steps(sorted(self._manager.all_steps(), reverse=True))
     if not steps:
       return None
     failures: dict[int, str] = {}
     for step in steps:
+      reason = self._unreadable(step)
+      bad = _processes_where(reason is not None)
+      if bad:
+        failures[step] = reason or f"damaged as seen from process(es) {bad}"
+        logger.warning("checkpoint step %d in %s is damaged as seen from process(es) %s: %s",
+                       step, self.directory, bad, failures[step])
+        continue
       try:
         result = self.restore(abstract_state, step)
       except Exception as error:  # noqa: BLE001 -- any read/parse failure marks the step
+        if jax.process_count() > 1:
+          # The other processes may be inside orbax's collective restore: no safe way on.
+          raise RuntimeError(
+              f"checkpoint step {step} in {self.directory} passed the metadata check on every "
+              f"process but failed to restore here ({_state_summary(error)}); move "
+              f"{self.directory / str(step)} into {self.directory / DAMAGED_SUBDIR} and rerun "
+              "to resume from the step before it") from error
         failures[step] = _state_summary(error)
         logger.warning("checkpoint step %d in %s is damaged or unreadable: %s",
                        step, self.directory, failures[step])
@@ -242,6 +262,24 @@ class Checkpointer:
         f"no checkpoint in {self.directory} could be restored ({details}). If every step "
         "fails the same way, the abstract state probably does not match the checkpoint "
         "(changed model/optimizer config?): restore with the run's original config.")
+
+  def _unreadable(self, step: int) -> str | None:
+    """Why ``step``'s metadata does not read back on this process, or ``None`` if it does.
+
+    Reads the step's small files only (orbax's step metadata, the state's tree metadata and
+    OCDBT manifest, the JSON items), never the arrays.
+    """
+    root = self.directory / str(step)
+    try:
+      json.loads((root / "_CHECKPOINT_METADATA").read_text())
+      json.loads((root / "state" / "_METADATA").read_text())
+      if not (root / "state" / "manifest.ocdbt").read_bytes():
+        raise ValueError("state/manifest.ocdbt is empty")
+      for item in ("data_state", "config"):
+        json.loads((root / item / "metadata").read_text())
+    except Exception as error:  # noqa: BLE001 -- missing, truncated or garbage files
+      return _state_summary(error)
+    return None
 
   def _quarantine(self, failures: Mapping[int, str]) -> None:
     """Moves damaged step directories aside (process 0), then reloads the step list."""
@@ -265,6 +303,25 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("contrastive_jax_checkpoint_quarantine")
     self._manager.reload()
+
+
+def _common_steps(steps: list[int], limit: int = 64) -> list[int]:
+  """The steps (newest first) that every process lists, of each one's newest ``limit``."""
+  if jax.process_count() == 1:
+    return steps
+  mine = np.full([limit], -1, np.int32)
+  mine[:min(limit, len(steps))] = steps[:limit]
+  every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, limit]
+  common = set(every[0].tolist()).intersection(*(set(row.tolist()) for row in every[1:]))
+  return sorted((s for s in common if s >= 0), reverse=True)
+
+
+def _processes_where(flag: bool) -> list[int]:
+  """The indices of the processes whose ``flag`` is True (collective on multi-process runs)."""
+  if jax.process_count() == 1:
+    return [0] if flag else []
+  flags = np.asarray(multihost_utils.process_allgather(np.asarray(flag, np.int32)))
+  return [int(i) for i in np.flatnonzero(flags.reshape(-1))]
 
 
 # ---------------------------------------------------------------------------- preemption

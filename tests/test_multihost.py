@@ -71,3 +71,38 @@ def test_two_processes_match_single_process_loss_and_grads(tmp_path):
       np.testing.assert_allclose(got[f"{name}/{key}"], want, rtol=1e-5,
                                  atol=1e-6 * max(np.abs(want).max(), 1e-12),
                                  err_msg=f"{name} {key}")
+
+
+def test_processes_agree_on_the_restore_step_when_one_sees_damage(tmp_path):
+  """Two hosts restore the same step when only one of them sees the newest step damaged.
+
+  Each process reads its own copy of the run's checkpoints (hosts whose views of a shared
+  filesystem differ); in process 1's copy, step 2's state metadata is garbage. Both must
+  restore step 1; restoring independently, process 0 would take step 2 and process 1 step 1.
+  """
+  import json
+  import shutil
+
+  from contrastive_jax import checkpoint, distributed
+
+  base = tmp_path / "base"
+  mesh = distributed.make_mesh()
+  with checkpoint.Checkpointer(base, async_save=False) as ckpt:
+    for step in (1, 2):
+      w = jax.device_put(jnp.full((4,), float(step)), distributed.replicated(mesh))
+      ckpt.save(step, {"w": w}, data_state={"step": step}, config={"step": step})
+  for i in range(2):
+    shutil.copytree(base, tmp_path / f"host{i}")
+  (tmp_path / "host1" / "checkpoints" / "2" / "state" / "_METADATA").write_text("{garbage")
+
+  port = free_port()
+  worker = os.path.join(HERE, "multihost_restore_worker.py")
+  outs = [tmp_path / f"out{i}.json" for i in range(2)]
+  run_processes(lambda i: [sys.executable, worker, str(i), "2", str(port),
+                           str(tmp_path / f"host{i}"), str(outs[i])], 2, timeout=120)
+  results = [json.loads(o.read_text()) for o in outs]
+  for r in results:
+    assert (r["step"], r["data_step"], r["w"], r["damaged"]) == (1, 1, [1.0] * 4, [2]), results
+  # Process 0 moved the step that process 1 saw damaged aside, in its own view too.
+  assert (tmp_path / "host0" / "checkpoints" / "damaged" / "2").exists()
+  assert not (tmp_path / "host0" / "checkpoints" / "2").exists()
