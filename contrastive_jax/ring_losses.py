@@ -3,8 +3,8 @@
 The all-gather losses of ``losses.py`` build an ``[n, N]`` logit matrix on every device (``n``
 local rows, ``N`` global candidates), so per-device memory grows with the *global* batch. Here
 the candidate (key) blocks ``[n, D]`` travel around the ring of the ``"data"`` axis instead
-(``jax.lax.ppermute``, device ``i`` sends to ``i + 1 mod W``); after ``t`` hops device ``i``
-holds the block of device ``i - t mod W``. Each device scores its local anchors against one
+(``jax.lax.ppermute``, device ``i`` sends to ``i + 1 mod W``); after ``k`` hops device ``i``
+holds the block of device ``i - k mod W``. Each device scores its local anchors against one
 ``[n, n]`` block at a time and keeps per-row running statistics, the blockwise (online)
 log-sum-exp of Milakov & Gimelshein 2018 ("Online normalizer calculation for softmax"), as in
 ring attention (Liu et al. 2023) and the chunked SigLIP loss (Zhai et al. 2023, Sec. 3.3):
@@ -35,8 +35,23 @@ SigLIP's loss is additive over blocks (no normaliser): ``loss_r = sum_c softplus
 with ``l = t sim + b``, ``z = +1`` on the positive; its backward pass is the same ring with
 ``G = -g z sigmoid(-z l)`` and ``dL/db = sum G``.
 
-Peak temporary memory per device is O(n x n) (one block of logits) plus O(n x D) (the blocks
-in flight and the gradient buffer), in the forward and the backward pass: no ``[n, N]`` array.
+Tiles inside the block (``tile``; Inf-CL, Cheng et al. 2024, "Breaking the Memory Barrier: Near
+Infinite Batch Size Scaling for Contrastive Loss"): with ``tile=None`` a hop scores its whole
+``[n, n]`` block at once, so the peak temporary memory per device is O(n x n), which at large
+*local* batches is the wall (NT-Xent's ``[2n, 2n]`` block at n = 32,768 is 16 GiB). With
+``tile=t`` a hop runs a loop over row tiles of ``t`` anchors and, inside it, a loop over
+column tiles of ``t`` candidates; only one ``[t, t]`` tile of logits is live. The per-row
+statistics above are updated tile by tile (the online log-sum-exp is the same recurrence over
+finer pieces), and the backward pass recomputes tile by tile: dL/dA of a row tile accumulates
+over its column tiles, dL/dK_b of a column tile is added into its rows of the travelling
+buffer. Peak temporary memory is then O(n x D + t^2): the embeddings, the blocks and gradient
+buffers in flight, and one tile. The FLOPs are the same; only the loop overhead grows. Local
+rows need not be divisible by ``t``: the tiles are made as even as possible (1,000 rows and
+``t = 256`` are 4 tiles of 250), and the few padded rows and columns that remain are masked
+(``-inf`` logits, zero cotangents).
+
+Without tiles the peak is O(n x n) (one block of logits) plus O(n x D) (the blocks in flight
+and the gradient buffer), in the forward and the backward pass: no ``[n, N]`` array either way.
 Each hop is one iteration of a ``fori_loop`` whose body is the same for every hop (the own
 block is selected by ``hop == 0`` inside it), so the compiler cannot overlap two blocks.
 
@@ -241,7 +256,8 @@ def _ring_forward(spec: _RingSpec, anchors, keys, scale, bias):
   dtype = anchors.dtype
   t, num_rt = _tiling(m, spec.tile)
   u, num_ct = _tiling(c, spec.tile)
-  scaled = _pad_rows(anchors * _factor(spec, scale)[0], t * num_rt)          # [m', D]
+  f = _factor(spec, scale)[0]
+  anchors = _pad_rows(anchors, t * num_rt)                                    # [m', D]
   keys = _pad_rows(keys, u * num_ct)                                          # [c', D]
 
   def tile_update(hop, block, rows, a, j, stats):
@@ -269,7 +285,7 @@ def _ring_forward(spec: _RingSpec, anchors, keys, scale, bias):
       state = (new_max, sum_exp)
     else:
       signs = jnp.where(tile.is_pos(), 1.0, -1.0).astype(dtype)
-      terms = jax.nn.log_sigmoid(signs * logits)          # padding: log_sigmoid(+-inf)
+      terms = jax.nn.log_sigmoid(signs * logits)          # padded columns: zeroed below
       if tile.padded:
         terms = jnp.where(tile.cols[None, :] < c, terms, 0.0)
       state = (state[0] - jnp.sum(terms, axis=1),)
@@ -280,7 +296,7 @@ def _ring_forward(spec: _RingSpec, anchors, keys, scale, bias):
 
     def row_body(i, stats):
       rows = i * t + jnp.arange(t)
-      a = _rows(scaled, i * t, t)
+      a = _rows(anchors, i * t, t) * f        # scaled per tile: no scaled [m, D] copy
       mine = jax.tree.map(lambda x: _rows(x, i * t, t), stats)
       mine = jax.lax.fori_loop(
           0, num_ct, lambda j, s: tile_update(hop, block, rows, a, j, s), mine)
@@ -318,8 +334,7 @@ def _ring_backward(spec: _RingSpec, residuals, cotangents):
   t, num_rt = _tiling(m, spec.tile)
   u, num_ct = _tiling(c, spec.tile)
   # Padded rows get g = 0 (and a finite lse), so they add nothing to any gradient.
-  unscaled = _pad_rows(anchors, t * num_rt)
-  scaled = _pad_rows(anchors * f, t * num_rt)
+  anchors_p = _pad_rows(anchors, t * num_rt)
   g, lse = _pad_rows(g, t * num_rt), _pad_rows(lse, t * num_rt)
   keys = _pad_rows(keys, u * num_ct)
 
@@ -352,7 +367,8 @@ def _ring_backward(spec: _RingSpec, residuals, cotangents):
     def row_body(i, carry):
       d_keys, d_anchors, d_bias = carry
       rows = i * t + jnp.arange(t)
-      a, a_scaled = _rows(unscaled, i * t, t), _rows(scaled, i * t, t)
+      a = _rows(anchors_p, i * t, t)
+      a_scaled = a * f                        # per tile: no scaled [m, D] copy
       g_i, lse_i = _rows(g, i * t, t), _rows(lse, i * t, t)
       d_keys, d_a, d_bias = jax.lax.fori_loop(
           0, num_ct, lambda j, cr: tile_update(hop, block, rows, a, a_scaled, g_i, lse_i, j, cr),
@@ -367,7 +383,8 @@ def _ring_backward(spec: _RingSpec, residuals, cotangents):
       block = _hop(block, axis, size)
     return block, d_keys, d_anchors, d_bias
 
-  carry = (keys, zeros(keys.shape if spec.keys_grad else (0,)), zeros(scaled.shape), zeros(()))
+  d_keys = zeros(keys.shape if spec.keys_grad else (0,))
+  carry = (keys, d_keys, zeros(anchors_p.shape), zeros(()))
   _, d_keys, d_anchors, d_bias = jax.lax.fori_loop(0, size, hop_body, carry)
   d_anchors = d_anchors[:m]
   d_keys = d_keys[:c] if spec.keys_grad else jnp.zeros_like(residuals[1])
