@@ -179,12 +179,16 @@ TILED = {
 
 
 def _tiled_inputs():
-  """Random rows, except that all 13 rows of device 5 are equal: every anchor then has 13
-  tied candidates spread over several column tiles, and the first one must win."""
+  """Random pairs, except that text / second view 65 is a copy of 69 (device 5, local rows 0
+  and 4: different column tiles of 4). Anchor 69's best candidates are then the tied columns
+  65 and 69; argmax takes the first, a miss, so taking the last (a hit) changes the accuracy
+  (anchor 65 points away, so that its own hit or miss cannot flip the other way)."""
   rng = np.random.default_rng(7)
   a = rng.normal(size=(N_TILED, D))
   b = a + 0.8 * rng.normal(size=(N_TILED, D))
-  a[65:78], b[65:78] = a[65], b[65]
+  b[69] = a[69] + 0.1 * rng.normal(size=D)          # a clear best match for anchor 69 ...
+  b[65] = b[69]                                     # ... tied with column 65
+  a[65] = -a[69]        # anchor 65 far from both: no tie at its maximum to mirror this one
   return a, b
 
 
@@ -213,7 +217,7 @@ def _untiled(name):
 def test_tiled_ring_equals_ring_and_all_gather(name, tile):
   """Tiles of 1 (NT-Xent: a row's first tile is only itself, all -inf), 4 (several tiles per
   block, padded rows and columns) and 13 = n (one tile per CLIP block, two per NT-Xent block)
-  on 8 devices: the loss, the metrics (ties across tiles included) and the gradients with
+  on 8 devices: the loss, the metrics (a tie across tiles included) and the gradients with
   respect to the embeddings and the temperature / scale / bias equal the untiled ring's and
   the all-gather's to float32 rounding (rtol 1e-5), and the float64 reference's value."""
   ref_fn, scalars, grad_idx = TILED[name]
