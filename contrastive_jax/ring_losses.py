@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -418,12 +419,11 @@ def _run_ring(spec: _RingSpec, anchors, keys, scale, bias=0.0):
 
 def _check_tile(tile: Any) -> int | None:
   """``None`` or 0 (no tiling) or a positive int; raised before anything is traced."""
-  if tile is None or (isinstance(tile, int) and not isinstance(tile, bool) and tile == 0):
-    return None
-  if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0:
+  if isinstance(tile, bool) or not (tile is None or isinstance(tile, numbers.Integral)) or (
+      tile is not None and tile < 0):
     raise ValueError(f"tile must be a positive int (rows and columns scored at once) or "
                      f"None/0 for whole blocks, got {tile!r}; e.g. set config.loss_tile=1024")
-  return tile
+  return int(tile) if tile else None
 
 
 def _spec(kind="softmax", *, divide, axis_name, tile, pos_shift=0, mask_self=False, halves=1,
