@@ -3,8 +3,8 @@
 The all-gather losses of ``losses.py`` build an ``[n, N]`` logit matrix on every device (``n``
 local rows, ``N`` global candidates), so per-device memory grows with the *global* batch. Here
 the candidate (key) blocks ``[n, D]`` travel around the ring of the ``"data"`` axis instead
-(``jax.lax.ppermute``, device ``i`` sends to ``i + 1 mod W``); after ``t`` hops device ``i``
-holds the block of device ``i - t mod W``. Each device scores its local anchors against one
+(``jax.lax.ppermute``, device ``i`` sends to ``i + 1 mod W``); after ``k`` hops device ``i``
+holds the block of device ``i - k mod W``. Each device scores its local anchors against one
 ``[n, n]`` block at a time and keeps per-row running statistics, the blockwise (online)
 log-sum-exp of Milakov & Gimelshein 2018 ("Online normalizer calculation for softmax"), as in
 ring attention (Liu et al. 2023) and the chunked SigLIP loss (Zhai et al. 2023, Sec. 3.3):
@@ -35,8 +35,23 @@ SigLIP's loss is additive over blocks (no normaliser): ``loss_r = sum_c softplus
 with ``l = t sim + b``, ``z = +1`` on the positive; its backward pass is the same ring with
 ``G = -g z sigmoid(-z l)`` and ``dL/db = sum G``.
 
-Peak temporary memory per device is O(n x n) (one block of logits) plus O(n x D) (the blocks
-in flight and the gradient buffer), in the forward and the backward pass: no ``[n, N]`` array.
+Tiles inside the block (``tile``; Inf-CL, Cheng et al. 2024, "Breaking the Memory Barrier: Near
+Infinite Batch Size Scaling for Contrastive Loss"): with ``tile=None`` a hop scores its whole
+``[n, n]`` block at once, so the peak temporary memory per device is O(n x n), which at large
+*local* batches is the wall (NT-Xent's ``[2n, 2n]`` block at n = 32,768 is 16 GiB). With
+``tile=t`` a hop runs a loop over row tiles of ``t`` anchors and, inside it, a loop over
+column tiles of ``t`` candidates; only one ``[t, t]`` tile of logits is live. The per-row
+statistics above are updated tile by tile (the online log-sum-exp is the same recurrence over
+finer pieces), and the backward pass recomputes tile by tile: dL/dA of a row tile accumulates
+over its column tiles, dL/dK_b of a column tile is added into its rows of the travelling
+buffer. Peak temporary memory is then O(n x D + t^2): the embeddings, the blocks and gradient
+buffers in flight, and one tile. The FLOPs are the same; only the loop overhead grows. Local
+rows need not be divisible by ``t``: the tiles are made as even as possible (1,000 rows and
+``t = 256`` are 4 tiles of 250), and the few padded rows and columns that remain are masked
+(``-inf`` logits, zero cotangents).
+
+Without tiles the peak is O(n x n) (one block of logits) plus O(n x D) (the blocks in flight
+and the gradient buffer), in the forward and the backward pass: no ``[n, N]`` array either way.
 Each hop is one iteration of a ``fori_loop`` whose body is the same for every hop (the own
 block is selected by ``hop == 0`` inside it), so the compiler cannot overlap two blocks.
 
@@ -59,6 +74,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -87,6 +103,7 @@ class _RingSpec:
     tie rule of the accuracy only.
   keys_grad: whether the keys receive a gradient (False for MoCo v3's momentum keys).
   axis_name: the ring axis, or None for one device.
+  tile: at most this many rows and columns of a block are scored at once (None: the block).
   """
   kind: str
   divide: bool
@@ -95,6 +112,7 @@ class _RingSpec:
   halves: int
   keys_grad: bool
   axis_name: str | None
+  tile: int | None = None
 
 
 def _ring_size(axis_name: str | None) -> int:
@@ -133,89 +151,170 @@ def _factor(spec: _RingSpec, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
   return scale, jnp.ones_like(scale)
 
 
-def _block_logits(spec: _RingSpec, anchors, block, scale, bias):
-  """[m, D] x [c, D] -> [m, c] float32 logits ``f(s) * A.K^T (+ bias)``.
+def _tiling(size: int, tile: int | None) -> tuple[int, int]:
+  """``(length, count)`` of the tiles covering ``size`` rows with tiles of at most ``tile``.
 
-  The factor ``f(s)`` scales the [m, D] anchors before the matmul, so the matmul's output is
-  the logits block itself: scaling the [m, c] product instead costs a second [m, c] buffer
-  (XLA on CPU does not fuse the scaling into the dot). Values equal ``losses.py`` up to float32
+  The tiles are as even as possible (``length = ceil(size / count)``), so the padding, which
+  is masked, is less than one row per tile: 1,000 rows with ``tile=256`` are 4 tiles of 250.
+  ``tile=None`` (or ``tile >= size``) is one tile, the whole block.
+  """
+  if tile is None or tile >= size:
+    return size, 1
+  count = -(-size // tile)
+  return -(-size // count), count
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+  """[r, ...] -> [rows, ...] with zero rows appended (a no-op when ``rows == r``)."""
+  extra = rows - x.shape[0]
+  return x if extra == 0 else jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
+
+
+def _rows(x: jax.Array, start: jax.Array, length: int) -> jax.Array:
+  """Rows ``start .. start + length`` of ``x`` (a tile; ``start`` may be traced)."""
+  return jax.lax.dynamic_slice_in_dim(x, start, length, axis=0)
+
+
+def _add_rows(x: jax.Array, start: jax.Array, update: jax.Array) -> jax.Array:
+  """``x`` with ``update`` added to its rows ``start ..`` (in place inside a loop)."""
+  old = _rows(x, start, update.shape[0])
+  return jax.lax.dynamic_update_slice_in_dim(x, old + update, start, axis=0)
+
+
+def _tile_logits(spec: _RingSpec, anchors, tile_keys, bias):
+  """[t, D] pre-scaled anchors x [u, D] keys -> [t, u] float32 logits ``f(s) A.K^T (+ b)``.
+
+  The factor ``f(s)`` scales the anchors before the matmul, so the matmul's output is the
+  logits tile itself: scaling the [t, u] product instead costs a second [t, u] buffer (XLA on
+  CPU does not fuse the scaling into the dot). Values equal ``losses.py`` up to float32
   rounding (one multiplication moved before the sum).
   """
-  logits = _sim(anchors * _factor(spec, scale)[0], block)
+  logits = _sim(anchors, tile_keys)
   if spec.kind == "sigmoid":
     logits = logits + bias
   return logits
 
 
-def _block_masks(spec: _RingSpec, hop: jax.Array, m: int, c: int):
-  """Boolean [m, c] positive and self masks of the block held at ``hop`` (all False but at hop
-  0, the own block). Built from [m] column targets that depend on ``hop``, so that XLA fuses
-  them into their consumers instead of hoisting two constant [m, c] masks out of the loop."""
-  rows = jnp.arange(m)
-  cols = jnp.arange(c)[None, :]
-  own = hop == 0
-  is_pos = cols == jnp.where(own, (rows + spec.pos_shift) % c, -1)[:, None]
-  is_self = (cols == jnp.where(own, rows, -1)[:, None]) if spec.mask_self else None
-  return is_pos, is_self
+@dataclasses.dataclass(frozen=True)
+class _Tile:
+  """Where the tile (row tile ``rows``, column tile from ``col0``) of the block held at ``hop``
+  sits; builds its masks from [t] targets that depend on ``hop``, so that XLA fuses them into
+  their consumers instead of hoisting constant [t, u] masks out of the loops."""
+  spec: _RingSpec
+  hop: jax.Array
+  rows: jax.Array          # [t] block-local row indices (anchors), padded rows included
+  col0: jax.Array          # first block-local column of the tile
+  width: int               # u, columns per tile
+  num_cols: int            # c, real columns of the block (the rest is padding)
+  padded: bool             # whether the block has padded columns
+
+  @property
+  def cols(self) -> jax.Array:
+    return self.col0 + jnp.arange(self.width)
+
+  def pos_local(self) -> jax.Array:
+    """[t] tile-local column of each row's positive, -1 where it is not in this tile."""
+    local = (self.rows + self.spec.pos_shift) % self.num_cols - self.col0
+    inside = (self.hop == 0) & (local >= 0) & (local < self.width)
+    return jnp.where(inside, local, -1)
+
+  def is_pos(self) -> jax.Array:
+    return jnp.arange(self.width)[None, :] == self.pos_local()[:, None]
+
+  def mask(self, logits: jax.Array) -> jax.Array:
+    """-inf at the excluded entries: the anchor itself (NT-Xent, own block) and padding."""
+    if self.spec.mask_self:
+      own = jnp.where(self.hop == 0, self.rows, -1)
+      logits = jnp.where(self.cols[None, :] == own[:, None], -jnp.inf, logits)
+    if self.padded:
+      logits = jnp.where(self.cols[None, :] < self.num_cols, logits, -jnp.inf)
+    return logits
 
 
-def _global_columns(spec: _RingSpec, source: jax.Array, c: int, size: int) -> jax.Array:
-  """[c] global column index (in the all-gather layout) of block ``source``'s columns.
+def _global_columns(spec: _RingSpec, source: jax.Array, cols: jax.Array, c: int,
+                    size: int) -> jax.Array:
+  """Global column index (in the all-gather layout) of block ``source``'s columns ``cols``.
 
-  Increasing along the block for every source, so a block's first maximal local column is
-  also its first maximal global column.
+  Increasing along the block for every source, so a tile's first maximal local column is also
+  its first maximal global column.
   """
   width = c // spec.halves
-  col = jnp.arange(c)
-  return (col // width) * (size * width) + source * width + col % width
+  return (cols // width) * (size * width) + source * width + cols % width
 
 
 def _ring_forward(spec: _RingSpec, anchors, keys, scale, bias):
   """Returns per-row loss [m], hit [m] and the per-row lse [m] (softmax) for the backward.
 
   One loop of W identical hops (score the block held, then pass it on): the scheduler never
-  overlaps two iterations, so the peak is one block's logits whatever W is. The last hop brings
-  every block home again; it is one [c, D] message and keeps the body free of special cases.
+  overlaps two iterations, so the peak is one tile's logits whatever W is. Inside a hop, a loop
+  over row tiles and, inside that, a loop over column tiles updates the per-row statistics of
+  the tile's rows. The last hop brings every block home again; it is one [c, D] message and
+  keeps the body free of special cases.
   """
   axis, size = spec.axis_name, _ring_size(spec.axis_name)
   me = _my_index(axis)
   m, c = anchors.shape[0], keys.shape[0]
   dtype = anchors.dtype
-  pos_local = (jnp.arange(m) + spec.pos_shift) % c
+  t, num_rt = _tiling(m, spec.tile)
+  u, num_ct = _tiling(c, spec.tile)
+  f = _factor(spec, scale)[0]
+  anchors = _pad_rows(anchors, t * num_rt)                                    # [m', D]
+  keys = _pad_rows(keys, u * num_ct)                                          # [c', D]
 
-  def body(hop, carry):
-    block, pos_logit, best, best_col, state = carry
-    # Hop t holds the block of device me - t: the own block (positives, self) at t = 0.
-    is_pos, is_self = _block_masks(spec, hop, m, c)
-    logits = _block_logits(spec, anchors, block, scale, bias)
-    if is_self is not None:
-      logits = jnp.where(is_self, -jnp.inf, logits)
-    # A gather of m entries, not a masked [m, c] sum (which XLA materialises on CPU).
-    pos_logit = pos_logit + jnp.where(
-        hop == 0, jnp.take_along_axis(logits, pos_local[:, None], axis=1)[:, 0], 0.0)
+  def tile_update(hop, block, rows, a, j, stats):
+    pos_logit, best, best_col, state = stats
+    tile = _Tile(spec, hop, rows, j * u, u, c, u * num_ct != c)
+    logits = tile.mask(_tile_logits(spec, a, _rows(block, j * u, u), bias))    # [t, u]
+    pos = tile.pos_local()
+    # A gather of t entries, not a masked [t, u] sum (which XLA materialises on CPU).
+    picked = jnp.take_along_axis(logits, jnp.maximum(pos, 0)[:, None], axis=1)[:, 0]
+    pos_logit = pos_logit + jnp.where(pos >= 0, picked, 0.0)
     # Running argmax with argmax's rule: the first maximal global column wins.
     local = jnp.argmax(logits, axis=1)
-    block_max = jnp.max(logits, axis=1)
-    block_col = _global_columns(spec, (me - hop) % size, c, size)[local]
-    better = (block_max > best) | ((block_max == best) & (block_col < best_col))
-    best, best_col = jnp.where(better, block_max, best), jnp.where(better, block_col, best_col)
+    tile_max = jnp.max(logits, axis=1)
+    tile_col = _global_columns(spec, (me - hop) % size, tile.cols, c, size)[local]
+    better = (tile_max > best) | ((tile_max == best) & (tile_col < best_col))
+    best, best_col = jnp.where(better, tile_max, best), jnp.where(better, tile_col, best_col)
     if spec.kind == "softmax":
       row_max, sum_exp = state
-      new_max = jnp.maximum(row_max, block_max)     # finite from hop 0 on (the positive)
-      sum_exp = (sum_exp * jnp.exp(row_max - new_max)
-                 + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=1))
+      new_max = jnp.maximum(row_max, tile_max)
+      # A row's first tiles may be all -inf (its own column in a tile of one, or padding): a
+      # finite shift keeps exp(-inf - -inf) out.
+      shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+      sum_exp = (sum_exp * jnp.exp(row_max - shift)
+                 + jnp.sum(jnp.exp(logits - shift[:, None]), axis=1))
       state = (new_max, sum_exp)
     else:
-      signs = jnp.where(is_pos, 1.0, -1.0).astype(dtype)
-      state = (state[0] - jnp.sum(jax.nn.log_sigmoid(signs * logits), axis=1),)
-    return _hop(block, axis, size), pos_logit, best, best_col, state
+      signs = jnp.where(tile.is_pos(), 1.0, -1.0).astype(dtype)
+      terms = jax.nn.log_sigmoid(signs * logits)          # padded columns: zeroed below
+      if tile.padded:
+        terms = jnp.where(tile.cols[None, :] < c, terms, 0.0)
+      state = (state[0] - jnp.sum(terms, axis=1),)
+    return pos_logit, best, best_col, state
 
-  rows = lambda value, dt=dtype: _varying(jnp.full((m,), value, dt), axis)
-  state = (rows(-jnp.inf), rows(0.0)) if spec.kind == "softmax" else (rows(0.0),)
-  carry = (keys, rows(0.0), rows(-jnp.inf), rows(0, jnp.int32), state)
-  _, pos_logit, _, best_col, state = jax.lax.fori_loop(0, size, body, carry)
+  def hop_body(hop, carry):
+    block, stats = carry
 
-  pos_column = _global_columns(spec, me, c, size)[pos_local]
+    def row_body(i, stats):
+      rows = i * t + jnp.arange(t)
+      a = _rows(anchors, i * t, t) * f        # scaled per tile: no scaled [m, D] copy
+      mine = jax.tree.map(lambda x: _rows(x, i * t, t), stats)
+      mine = jax.lax.fori_loop(
+          0, num_ct, lambda j, s: tile_update(hop, block, rows, a, j, s), mine)
+      return jax.tree.map(
+          lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, i * t, axis=0), stats, mine)
+
+    stats = jax.lax.fori_loop(0, num_rt, row_body, stats)
+    return _hop(block, axis, size), stats
+
+  per_row = lambda value, dt=dtype: _varying(jnp.full((t * num_rt,), value, dt), axis)
+  state = (per_row(-jnp.inf), per_row(0.0)) if spec.kind == "softmax" else (per_row(0.0),)
+  stats = (per_row(0.0), per_row(-jnp.inf), per_row(0, jnp.int32), state)
+  _, stats = jax.lax.fori_loop(0, size, hop_body, (keys, stats))
+  pos_logit, _, best_col, state = jax.tree.map(lambda x: x[:m], stats)
+
+  pos_local = (jnp.arange(m) + spec.pos_shift) % c
+  pos_column = _global_columns(spec, me, pos_local, c, size)
   hit = (best_col == pos_column).astype(dtype)
   if spec.kind == "softmax":
     lse = state[0] + jnp.log(state[1])
@@ -224,44 +323,74 @@ def _ring_forward(spec: _RingSpec, anchors, keys, scale, bias):
 
 
 def _ring_backward(spec: _RingSpec, residuals, cotangents):
-  """Second ring pass: recompute each block, accumulate dL/dA here and dL/dK in a buffer that
+  """Second ring pass: recompute each tile, accumulate dL/dA here and dL/dK in a buffer that
   travels with the block; after W hops block and buffer are back at the block's owner."""
   anchors, keys, scale, bias, lse = residuals
   g = cotangents[0]                                   # the hit output has no gradient
   axis, size = spec.axis_name, _ring_size(spec.axis_name)
   m, c = anchors.shape[0], keys.shape[0]
+  dim = anchors.shape[1]
   dtype = anchors.dtype
   f, df = _factor(spec, scale)
+  t, num_rt = _tiling(m, spec.tile)
+  u, num_ct = _tiling(c, spec.tile)
+  # Padded rows get g = 0 (and a finite lse), so they add nothing to any gradient.
+  anchors_p = _pad_rows(anchors, t * num_rt)
+  g, lse = _pad_rows(g, t * num_rt), _pad_rows(lse, t * num_rt)
+  keys = _pad_rows(keys, u * num_ct)
 
-  def body(hop, carry):
-    block, d_keys, d_anchors, d_bias = carry
-    is_pos, is_self = _block_masks(spec, hop, m, c)
-    logits = _block_logits(spec, anchors, block, scale, bias)
+  def tile_update(hop, block, rows, a, a_scaled, g_i, lse_i, j, carry):
+    d_keys, d_a, d_bias = carry
+    tile = _Tile(spec, hop, rows, j * u, u, c, u * num_ct != c)
+    k = _rows(block, j * u, u)
+    logits = _tile_logits(spec, a_scaled, k, bias)
     if spec.kind == "softmax":
-      if is_self is not None:
-        logits = jnp.where(is_self, -jnp.inf, logits)
-      grad = jnp.exp(logits - lse[:, None]) - is_pos.astype(dtype)
+      grad = jnp.exp(tile.mask(logits) - lse_i[:, None]) - tile.is_pos().astype(dtype)
     else:
-      signs = jnp.where(is_pos, 1.0, -1.0).astype(dtype)
+      signs = jnp.where(tile.is_pos(), 1.0, -1.0).astype(dtype)
       grad = -signs * jax.nn.sigmoid(-signs * logits)
-    grad = g[:, None] * grad                                              # dL/dlogits [m, c]
-    d_anchors = d_anchors + jnp.einsum("mc,cd->md", grad, block, precision=losses._HIGHEST)
+      if tile.padded:
+        grad = jnp.where(tile.cols[None, :] < c, grad, 0.0)
+    grad = g_i[:, None] * grad                                            # dL/dlogits [t, u]
+    d_a = d_a + jnp.einsum("tu,ud->td", grad, k, precision=losses._HIGHEST)
     if spec.kind == "sigmoid":
       d_bias = d_bias + jnp.sum(grad)
     if spec.keys_grad:
-      d_keys = d_keys + jnp.einsum("mc,md->cd", grad, anchors, precision=losses._HIGHEST)
+      d_keys = _add_rows(d_keys, j * u,
+                         jnp.einsum("tu,td->ud", grad, a, precision=losses._HIGHEST))
+    return d_keys, d_a, d_bias
+
+  zeros = lambda shape: _varying(jnp.zeros(shape, dtype), axis)
+
+  def hop_body(hop, carry):
+    block, d_keys, d_anchors, d_bias = carry
+
+    def row_body(i, carry):
+      d_keys, d_anchors, d_bias = carry
+      rows = i * t + jnp.arange(t)
+      a = _rows(anchors_p, i * t, t)
+      a_scaled = a * f                        # per tile: no scaled [m, D] copy
+      g_i, lse_i = _rows(g, i * t, t), _rows(lse, i * t, t)
+      d_keys, d_a, d_bias = jax.lax.fori_loop(
+          0, num_ct, lambda j, cr: tile_update(hop, block, rows, a, a_scaled, g_i, lse_i, j, cr),
+          (d_keys, zeros((t, dim)), d_bias))
+      return d_keys, _add_rows(d_anchors, i * t, d_a), d_bias
+
+    d_keys, d_anchors, d_bias = jax.lax.fori_loop(
+        0, num_rt, row_body, (d_keys, d_anchors, d_bias))
+    if spec.keys_grad:
       block, d_keys = _hop((block, d_keys), axis, size)
     else:
       block = _hop(block, axis, size)
     return block, d_keys, d_anchors, d_bias
 
-  zeros = lambda shape: _varying(jnp.zeros(shape, dtype), axis)
-  carry = (keys, zeros(keys.shape if spec.keys_grad else (0,)), zeros(anchors.shape), zeros(()))
-  _, d_keys, d_anchors, d_bias = jax.lax.fori_loop(0, size, body, carry)
-  if not spec.keys_grad:
-    d_keys = jnp.zeros_like(keys)
+  d_keys = zeros(keys.shape if spec.keys_grad else (0,))
+  carry = (keys, d_keys, zeros(anchors_p.shape), zeros(()))
+  _, d_keys, d_anchors, d_bias = jax.lax.fori_loop(0, size, hop_body, carry)
+  d_anchors = d_anchors[:m]
+  d_keys = d_keys[:c] if spec.keys_grad else jnp.zeros_like(residuals[1])
   # sum_rc G_rc sim_rc = sum_r A_r . (sum_c G_rc K_c): the scale's gradient comes from the
-  # accumulated d_anchors, so no block of similarities is kept in the backward pass.
+  # accumulated d_anchors, so no tile of similarities is kept in the backward pass.
   d_scale = df * jnp.sum(anchors * d_anchors)
   return f * d_anchors, f * d_keys, d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
@@ -288,17 +417,28 @@ def _run_ring(spec: _RingSpec, anchors, keys, scale, bias=0.0):
   return _ring(spec, anchors, keys, scale, bias)
 
 
-def _spec(kind="softmax", *, divide, axis_name, pos_shift=0, mask_self=False, halves=1,
+def _check_tile(tile: Any) -> int | None:
+  """``None`` or 0 (no tiling) or a positive int; raised before anything is traced."""
+  if isinstance(tile, bool) or not (tile is None or isinstance(tile, numbers.Integral)) or (
+      tile is not None and tile < 0):
+    raise ValueError(f"tile must be a positive int (rows and columns scored at once) or "
+                     f"None/0 for whole blocks, got {tile!r}; e.g. set config.loss_tile=1024")
+  return int(tile) if tile else None
+
+
+def _spec(kind="softmax", *, divide, axis_name, tile, pos_shift=0, mask_self=False, halves=1,
           keys_grad=True) -> _RingSpec:
   return _RingSpec(kind=kind, divide=divide, pos_shift=pos_shift, mask_self=mask_self,
-                   halves=halves, keys_grad=keys_grad, axis_name=axis_name)
+                   halves=halves, keys_grad=keys_grad, axis_name=axis_name,
+                   tile=_check_tile(tile))
 
 
 # ----------------------------------------------------------------------------- losses
 
 
 def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float | jax.Array,
-            axis_name: str | None = None, *, return_metrics: bool = False):
+            axis_name: str | None = None, *, return_metrics: bool = False,
+            tile: int | None = None):
   """SimCLR's NT-Xent over the global batch, ring form of ``losses.nt_xent`` (same value).
 
   Args:
@@ -306,6 +446,7 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float | jax.Array,
     temperature: scalar tau > 0.
     axis_name: ring axis inside ``shard_map``; ``None`` on one device.
     return_metrics: also return ``{"accuracy": ...}``.
+    tile: score at most ``tile`` anchors x ``tile`` candidates at once (see ``get_loss``).
 
   Returns:
     Scalar float32 mean over the 2N anchors of ``-log softmax(sim / tau)[twin]``; the anchors
@@ -316,14 +457,16 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float | jax.Array,
   _check_positive("temperature", temperature)
   n = z1.shape[0]
   views = jnp.concatenate([_normalize(z1), _normalize(z2)], axis=0)     # [2n, D]
-  spec = _spec(divide=True, axis_name=axis_name, pos_shift=n, mask_self=True, halves=2)
+  spec = _spec(divide=True, axis_name=axis_name, tile=tile, pos_shift=n, mask_self=True,
+               halves=2)
   per_anchor, hit = _run_ring(spec, views, views, temperature)
   loss = _global_mean(per_anchor, axis_name)
   return _out(loss, {"accuracy": _global_mean(hit, axis_name)}, return_metrics)
 
 
 def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | jax.Array,
-              axis_name: str | None = None, *, return_metrics: bool = False):
+              axis_name: str | None = None, *, return_metrics: bool = False,
+              tile: int | None = None):
   """CLIP's symmetric InfoNCE, ring form of ``losses.clip_loss`` (same value and metrics).
 
   Args:
@@ -331,6 +474,7 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | ja
     logit_scale: scalar multiplier of the cosine similarities, > 0.
     axis_name: ring axis inside ``shard_map``; ``None`` on one device.
     return_metrics: also return image->text, text->image and mean top-1 accuracy.
+    tile: score at most ``tile`` anchors x ``tile`` candidates at once (see ``get_loss``).
 
   Returns:
     Scalar float32 ``(CE(image->text) + CE(text->image)) / 2`` over the global batch. Two ring
@@ -339,7 +483,7 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | ja
   _check_embeddings("image_emb", image_emb, "text_emb", text_emb)
   _check_positive("logit_scale", logit_scale)
   img, txt = _normalize(image_emb), _normalize(text_emb)
-  spec = _spec(divide=False, axis_name=axis_name)
+  spec = _spec(divide=False, axis_name=axis_name, tile=tile)
   i2t, hit_i2t = _run_ring(spec, img, txt, logit_scale)
   t2i, hit_t2i = _run_ring(spec, txt, img, logit_scale)
   loss = 0.5 * (_global_mean(i2t, axis_name) + _global_mean(t2i, axis_name))
@@ -350,7 +494,8 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | ja
 
 
 def moco_v3_loss(q: jax.Array, k: jax.Array, temperature: float | jax.Array,
-                 axis_name: str | None = None, *, return_metrics: bool = False):
+                 axis_name: str | None = None, *, return_metrics: bool = False,
+                 tile: int | None = None):
   """MoCo v3's loss times ``2T``, ring form of ``losses.moco_v3_loss`` (same value).
 
   Args:
@@ -360,6 +505,7 @@ def moco_v3_loss(q: jax.Array, k: jax.Array, temperature: float | jax.Array,
     temperature: scalar tau > 0.
     axis_name: ring axis inside ``shard_map``; ``None`` on one device.
     return_metrics: also return ``{"accuracy": ...}``.
+    tile: score at most ``tile`` queries x ``tile`` keys at once (see ``get_loss``).
 
   Returns:
     Scalar float32 ``2 tau * mean_i CE(q_i . K^T / tau, i)`` over the global batch.
@@ -368,7 +514,7 @@ def moco_v3_loss(q: jax.Array, k: jax.Array, temperature: float | jax.Array,
   _check_positive("temperature", temperature)
   q = _normalize(q)
   k = jax.lax.stop_gradient(_normalize(k))
-  spec = _spec(divide=True, axis_name=axis_name, keys_grad=False)
+  spec = _spec(divide=True, axis_name=axis_name, tile=tile, keys_grad=False)
   per_row, hit = _run_ring(spec, q, k, temperature)
   loss = 2.0 * temperature * _global_mean(per_row, axis_name)
   return _out(loss, {"accuracy": _global_mean(hit, axis_name)}, return_metrics)
@@ -376,7 +522,7 @@ def moco_v3_loss(q: jax.Array, k: jax.Array, temperature: float | jax.Array,
 
 def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | jax.Array,
                 logit_bias: float | jax.Array, axis_name: str | None = None, *,
-                return_metrics: bool = False):
+                return_metrics: bool = False, tile: int | None = None):
   """SigLIP's sigmoid loss, ring form of ``losses.siglip_loss`` (same value and metrics).
 
   Args:
@@ -385,6 +531,7 @@ def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | 
     logit_bias: scalar b.
     axis_name: ring axis inside ``shard_map``; ``None`` on one device.
     return_metrics: also return ``{"accuracy": ...}``.
+    tile: score at most ``tile`` images x ``tile`` texts at once (see ``get_loss``).
 
   Returns:
     Scalar float32 ``-(1/N) sum_ij log sigmoid(z_ij (t x_i.y_j + b))`` over the global batch;
@@ -395,7 +542,7 @@ def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | 
   if jnp.ndim(logit_bias) != 0:
     raise ValueError(f"logit_bias must be a scalar, got shape {jnp.shape(logit_bias)}")
   img, txt = _normalize(image_emb), _normalize(text_emb)
-  spec = _spec("sigmoid", divide=False, axis_name=axis_name)
+  spec = _spec("sigmoid", divide=False, axis_name=axis_name, tile=tile)
   per_row, hit = _run_ring(spec, img, txt, logit_scale, logit_bias)
   loss = _global_mean(per_row, axis_name)
   return _out(loss, {"accuracy": _global_mean(hit, axis_name)}, return_metrics)
@@ -414,11 +561,18 @@ RING_LOSSES: dict[str, Callable[..., Any]] = {
 IMPLEMENTATIONS = ("all_gather", "ring")
 
 
-def get_loss(name: str, impl: str = "all_gather") -> Callable[..., Any]:
+def get_loss(name: str, impl: str = "all_gather", *, tile: int | None = None
+             ) -> Callable[..., Any]:
   """The per-shard loss function ``name`` ("nt_xent", "clip", "moco", "moco_v3", "siglip").
 
   ``impl="all_gather"`` gives ``losses.LOSSES[name]`` (fastest while the [n, N] logits fit);
   ``impl="ring"`` the memory-bounded form here. Both have the same signature and values.
+
+  ``tile`` (ring only; ``config.loss_tile``): score at most ``tile`` anchors x ``tile``
+  candidates of a block at once, so the loss's temporary memory is O(n x D + tile^2) instead
+  of O(n x n). ``None`` or 0 scores whole [n, n] blocks (the fastest while they fit). Local
+  rows need not be divisible by ``tile``: the tiles are made as even as possible and the
+  remainder is masked. MoCo v2's queue loss has no block to tile and ignores it.
   """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"loss impl must be one of {IMPLEMENTATIONS}, got {impl!r}; "
@@ -426,7 +580,13 @@ def get_loss(name: str, impl: str = "all_gather") -> Callable[..., Any]:
   table = losses.LOSSES if impl == "all_gather" else RING_LOSSES
   if name not in table:
     raise ValueError(f"unknown loss {name!r}; choose one of {sorted(table)}")
-  return table[name]
+  tile = _check_tile(tile)
+  if tile is None or name == "moco":
+    return table[name]
+  if impl != "ring":
+    raise ValueError(f"tile={tile} applies to the ring loss only; set config.loss_impl='ring' "
+                     "(or config.loss_tile=0 to keep the all-gather loss)")
+  return functools.partial(table[name], tile=tile)
 
 
 def sharded_ring(loss: str | Callable[..., Any], mesh: jax.sharding.Mesh, *,

@@ -163,3 +163,115 @@ def test_get_loss_and_errors():
     ring_losses.sharded_ring(ring_losses.moco_v3_loss, mesh)(a, b, -0.2)
   with pytest.raises(ValueError, match="logit_bias must be a scalar"):
     ring_losses.siglip_loss(a, b, 10.0, jnp.zeros(3))
+
+
+# ----------------------------------------------------------------------------- tiles
+
+N_TILED = 8 * 13      # 13 rows per device (26 for NT-Xent): tiles of 4 leave padded rows
+
+# loss name -> (float64 reference, scalar arguments, indices of args to differentiate)
+TILED = {
+    "nt_xent": (ref.nt_xent, (0.1,), (0, 1, 2)),
+    "clip": (ref.clip_loss, (3.7,), (0, 1, 2)),
+    "moco_v3": (ref.moco_v3_loss, (0.2,), (0, 2)),
+    "siglip": (ref.siglip_loss, (10.0, -10.0), (0, 1, 2, 3)),
+}
+
+
+def _tiled_inputs():
+  """Random pairs, except that text / second view 65 is a copy of 69 (device 5, local rows 0
+  and 4: different column tiles of 4). Anchor 69's best candidates are then the tied columns
+  65 and 69; argmax takes the first, a miss, so taking the last (a hit) changes the accuracy
+  (anchor 65 points away, so that its own hit or miss cannot flip the other way)."""
+  rng = np.random.default_rng(7)
+  a = rng.normal(size=(N_TILED, D))
+  b = a + 0.8 * rng.normal(size=(N_TILED, D))
+  b[69] = a[69] + 0.1 * rng.normal(size=D)          # a clear best match for anchor 69 ...
+  b[65] = b[69]                                     # ... tied with column 65
+  a[65] = -a[69]        # anchor 65 far from both: no tie at its maximum to mirror this one
+  return a, b
+
+
+def _run(fn, name):
+  _, scalars, grad_idx = TILED[name]
+  step = jax.jit(jax.value_and_grad(lambda *x: fn(*x), argnums=grad_idx, has_aux=True))
+  return step(*_f32(_tiled_inputs() + scalars))
+
+
+_UNTILED = {}
+
+
+def _untiled(name):
+  """(ring, all-gather) results on the tiled inputs, computed once per loss."""
+  if name not in _UNTILED:
+    mesh = distributed.make_mesh(8)
+    _UNTILED[name] = tuple(
+        _run(losses.sharded(fn, mesh, return_metrics=True), name)
+        for fn in (ring_losses.get_loss(name, "ring"), losses.LOSSES[name]))
+  return _UNTILED[name]
+
+
+@pytest.mark.parametrize("name, tile", [
+    ("nt_xent", 1), ("nt_xent", 4), ("nt_xent", 13), ("clip", 4), ("clip", 13),
+    ("moco_v3", 4), ("moco_v3", 13), ("siglip", 4), ("siglip", 13)])
+def test_tiled_ring_equals_ring_and_all_gather(name, tile):
+  """Tiles of 1 (NT-Xent: a row's first tile is only itself, all -inf), 4 (several tiles per
+  block, padded rows and columns) and 13 = n (one tile per CLIP block, two per NT-Xent block)
+  on 8 devices: the loss, the metrics (a tie across tiles included) and the gradients with
+  respect to the embeddings and the temperature / scale / bias equal the untiled ring's and
+  the all-gather's to float32 rounding (rtol 1e-5), and the float64 reference's value."""
+  ref_fn, scalars, grad_idx = TILED[name]
+  fn = ring_losses.get_loss(name, "ring", tile=tile)
+  (v_tiled, m_tiled), g_tiled = _run(losses.sharded(fn, distributed.make_mesh(8),
+                                                    return_metrics=True), name)
+  want_loss, want_acc = ref_fn(*_tiled_inputs(), *scalars)
+  np.testing.assert_allclose(float(v_tiled), want_loss, rtol=1e-5)
+  np.testing.assert_allclose(float(m_tiled["accuracy"]), want_acc, atol=1e-6)
+  for (v, m), g in _untiled(name):
+    np.testing.assert_allclose(float(v_tiled), float(v), rtol=1e-5)
+    for key in m:
+      assert float(m_tiled[key]) == float(m[key]), key
+    for i, got, want in zip(grad_idx, g_tiled, g):
+      got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+      assert np.all(np.isfinite(got)), i
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.max(np.abs(want)),
+                                 err_msg=f"d/d arg {i}")
+
+
+def test_tiled_ring_on_one_device():
+  """``axis_name=None`` (the ring of length one) with uneven tiles equals the plain loss."""
+  a, b = _f32(_tiled_inputs())
+  for name in ("nt_xent", "siglip"):
+    _, scalars, _ = TILED[name]
+    got = jax.jit(ring_losses.get_loss(name, "ring", tile=30))(a, b, *scalars)
+    np.testing.assert_allclose(float(got), float(losses.LOSSES[name](a, b, *scalars)),
+                               rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("name, scalars, views", [
+    ("nt_xent", (0.1,), 2), ("clip", (10.0,), 1), ("moco_v3", (0.2,), 1),
+    ("siglip", (10.0, -10.0), 1)])
+def test_tiled_ring_temp_memory_is_linear_in_local_batch(name, scalars, views):
+  """Compile only, 8 devices, tiles of 256: doubling the local batch (4,096 -> 8,192 rows) at
+  most ~doubles the loss's temporary memory (the untiled ring's [n, n] block quadruples; see
+  ``test_ring_temp_memory_is_per_block``), and at 8,192 rows it is under a quarter of one
+  [n, n] block of float32 logits ([2n, 2n] for NT-Xent), what the untiled ring holds."""
+  mesh = distributed.make_mesh(8)
+  fn = losses.sharded(ring_losses.get_loss(name, "ring", tile=256), mesh)
+  small, large = (_temp_bytes(fn, mesh, n, scalars) for n in (4096, 8192))
+  assert large <= 2.2 * small, (small, large)
+  assert large < 0.25 * (views * 8192) ** 2 * 4, large
+
+
+def test_tile_argument_errors():
+  assert ring_losses.get_loss("clip", "ring", tile=0) is ring_losses.clip_loss
+  assert ring_losses.get_loss("clip", "ring", tile=None) is ring_losses.clip_loss
+  assert ring_losses.get_loss("moco", "ring", tile=256) is losses.moco_loss   # nothing to tile
+  with pytest.raises(ValueError, match="applies to the ring loss only"):
+    ring_losses.get_loss("clip", "all_gather", tile=256)
+  for bad in (-1, 2.5, True, "256"):
+    with pytest.raises(ValueError, match="tile must be a positive int"):
+      ring_losses.get_loss("clip", "ring", tile=bad)
+  a, b = _f32(_inputs(6))
+  with pytest.raises(ValueError, match="tile must be a positive int"):
+    ring_losses.nt_xent(a, b, 0.1, tile=-4)
