@@ -58,7 +58,7 @@ def main() -> None:
   def variants(name, mesh):
     values = scalar[name]
     gather = losses.sharded(losses.LOSSES[name], mesh)
-    ring = ring_losses.sharded_ring(name, mesh)
+    ring = losses.sharded(ring_losses.get_loss(name, "ring"), mesh)
     return (lambda a, b: losses.LOSSES[name](a, b, *values),
             lambda a, b: gather(a, b, *values),
             lambda a, b: ring(a, b, *values))

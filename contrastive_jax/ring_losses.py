@@ -427,16 +427,3 @@ def get_loss(name: str, impl: str = "all_gather") -> Callable[..., Any]:
   if name not in table:
     raise ValueError(f"unknown loss {name!r}; choose one of {sorted(table)}")
   return table[name]
-
-
-def sharded_ring(loss: str | Callable[..., Any], mesh: jax.sharding.Mesh, *,
-                 axis_name: str = "data", num_batch_args: int = 2,
-                 return_metrics: bool = False) -> Callable[..., Any]:
-  """``losses.sharded`` for a ring loss, given by name (see ``RING_LOSSES``) or as a function.
-
-  Runs on global [N, D] arrays split over ``axis_name`` with ``shard_map``; usable inside or
-  outside ``jit`` and differentiable with respect to every argument.
-  """
-  fn = get_loss(loss, "ring") if isinstance(loss, str) else loss
-  return losses.sharded(fn, mesh, axis_name=axis_name, num_batch_args=num_batch_args,
-                        return_metrics=return_metrics)

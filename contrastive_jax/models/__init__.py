@@ -19,9 +19,7 @@ from contrastive_jax.models.layers import (
     LayerNormF32,
     Transformer,
     TransformerBlock,
-    frozen_mask,
     l2_normalize,
-    optimizer_labels,
 )
 from contrastive_jax.models.registry import (
     CLIP_PRESETS,
@@ -40,6 +38,6 @@ __all__ = [
     "BatchNorm", "CLIP", "CLIP_PRESETS", "ConvNet", "FROZEN_SUFFIX", "LayerNormF32",
     "MODEL_NAMES", "ProjectionMLP", "ResNet", "TextTransformer", "Transformer",
     "TransformerBlock", "VIT_PRESETS", "ViT", "build_clip", "build_clip_preset", "build_model",
-    "feature_dim", "frozen_mask", "l2_normalize", "mocov2_head", "mocov3_predictor",
-    "mocov3_projector", "optimizer_labels", "posemb_sincos_2d", "simclr_head",
+    "feature_dim", "l2_normalize", "mocov2_head", "mocov3_predictor", "mocov3_projector",
+    "posemb_sincos_2d", "simclr_head",
 ]
