@@ -67,7 +67,8 @@ import jax.numpy as jnp
 
 from contrastive_jax import losses
 from contrastive_jax.losses import (_check_embeddings, _check_positive, _global_mean,
-                                    _normalize, _out, _sim)
+                                    _out, _sim)
+from contrastive_jax.losses import l2_normalize as _normalize
 
 
 # ----------------------------------------------------------------------------- ring engine

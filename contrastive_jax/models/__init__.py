@@ -4,6 +4,7 @@ All encoders: ``model.apply(variables, x, train=...) -> [B, F]``; BN models keep
 statistics in the ``batch_stats`` collection (``mutable=["batch_stats"]`` when ``train=True``).
 """
 
+from contrastive_jax.losses import l2_normalize
 from contrastive_jax.models.clip import CLIP
 from contrastive_jax.models.convnet import ConvNet
 from contrastive_jax.models.heads import (
@@ -19,7 +20,6 @@ from contrastive_jax.models.layers import (
     LayerNormF32,
     Transformer,
     TransformerBlock,
-    l2_normalize,
 )
 from contrastive_jax.models.registry import (
     CLIP_PRESETS,

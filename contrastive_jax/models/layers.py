@@ -140,13 +140,6 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """``x / max(||x||_2, eps)`` in float32; ``[..., D] -> [..., D] float32``."""
-  x = x.astype(jnp.float32)
-  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
-
-
 class SelfAttention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (same parameter count as separate).
 
