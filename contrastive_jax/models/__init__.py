@@ -29,6 +29,7 @@ from contrastive_jax.models.registry import (
     build_clip_preset,
     build_model,
     feature_dim,
+    model_class,
 )
 from contrastive_jax.models.resnet import ResNet
 from contrastive_jax.models.text import TextTransformer
@@ -39,5 +40,5 @@ __all__ = [
     "MODEL_NAMES", "ProjectionMLP", "ResNet", "TextTransformer", "Transformer",
     "TransformerBlock", "VIT_PRESETS", "ViT", "build_clip", "build_clip_preset", "build_model",
     "feature_dim", "l2_normalize", "mocov2_head", "mocov3_predictor", "mocov3_projector",
-    "posemb_sincos_2d", "simclr_head",
+    "model_class", "posemb_sincos_2d", "simclr_head",
 ]
