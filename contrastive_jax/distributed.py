@@ -9,7 +9,7 @@ contrastive losses run per shard under ``jax.shard_map``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -63,16 +63,6 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = "global bat
         f"{what} of {global_batch} is not divisible by the {procs} processes; "
         f"use a multiple of {procs}")
   return global_batch // n
-
-
-def shard_map_over_data(fn: Callable[..., Any], mesh: Mesh, in_specs: Any, out_specs: Any = P()):
-  """``jax.shard_map`` of ``fn`` over the ``"data"`` axis of ``mesh``.
-
-  ``in_specs``/``out_specs`` use ``P("data")`` for batch-sharded arrays and ``P()`` for
-  replicated ones (scalars such as the temperature, the MoCo queue). Outputs reduced with
-  ``pmean``/``psum`` inside ``fn`` are replicated, hence ``out_specs=P()``.
-  """
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
 def host_local_to_global(local_batch: Any, mesh: Mesh) -> Any:

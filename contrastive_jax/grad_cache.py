@@ -45,6 +45,11 @@ different but equally valid draw.) Augmentation happens upstream in tf.data, fix
 spans all devices (``B / (M D)`` rows on each), BN statistics inside it are global (sync BN),
 and the split and its inverse are local reshapes with no communication. This needs
 ``B % (M * D) == 0`` (``check_micro_batches``).
+
+**Use.** ``methods.base.Method.value_and_grad`` calls ``value_and_grad`` below with the method's
+two public steps, ``embed`` as ``forward`` (its ``updates``, the new BN statistics, as the model
+state) and ``loss_from_embeddings`` as ``loss``, for every method that sets
+``supports_grad_cache``; the trainer does not know which differentiation ran.
 """
 
 from __future__ import annotations

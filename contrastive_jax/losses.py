@@ -76,11 +76,14 @@ def _compute_dtype(x: jax.Array) -> jnp.dtype:
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Row-wise ``x / max(||x||, eps)`` in at least float32."""
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """``x / max(||x||_2, eps)`` along ``axis`` in at least float32 (float64 stays float64);
+  ``[..., D] -> [..., D]``. The package's one L2 normalisation (losses, methods, models,
+  evaluators). ``rsqrt(max(||x||^2, eps^2))`` keeps the gradient finite at a zero row."""
+  x = jnp.asarray(x)
   x = x.astype(_compute_dtype(x))
-  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
+  sq = jnp.sum(x * x, axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def _gather(x: jax.Array, axis_name: str | None) -> jax.Array:
@@ -143,7 +146,7 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float | jax.Array,
   _check_embeddings("z1", z1, "z2", z2)
   _check_positive("temperature", temperature)
   n = z1.shape[0]
-  z1, z2 = _normalize(z1), _normalize(z2)
+  z1, z2 = l2_normalize(z1), l2_normalize(z2)
   candidates = jnp.concatenate([_gather(z1, axis_name), _gather(z2, axis_name)], axis=0)
   num_global = candidates.shape[0] // 2
   anchors = jnp.concatenate([z1, z2], axis=0)                         # [2n, D]
@@ -178,7 +181,7 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | ja
   _check_embeddings("image_emb", image_emb, "text_emb", text_emb)
   _check_positive("logit_scale", logit_scale)
   n = image_emb.shape[0]
-  img, txt = _normalize(image_emb), _normalize(text_emb)
+  img, txt = l2_normalize(image_emb), l2_normalize(text_emb)
   labels = _row_offset(n, axis_name) + jnp.arange(n)
   i2t, hit_i2t = _cross_entropy(logit_scale * _sim(img, _gather(txt, axis_name)), labels)
   t2i, hit_t2i = _cross_entropy(logit_scale * _sim(txt, _gather(img, axis_name)), labels)
@@ -212,8 +215,8 @@ def moco_loss(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: float |
     raise ValueError(
         f"queue must be [K, {q.shape[1]}] to match the keys' feature size, got {queue.shape}; "
         "build the queue with the projection head's output dimension")
-  q = _normalize(q)
-  k = jax.lax.stop_gradient(_normalize(k))
+  q = l2_normalize(q)
+  k = jax.lax.stop_gradient(l2_normalize(k))
   queue = jax.lax.stop_gradient(queue.astype(q.dtype))
   l_pos = jnp.sum(q * k, axis=-1, keepdims=True)                        # [n, 1]
   l_neg = _sim(q, queue)                                                 # [n, K]
@@ -241,8 +244,8 @@ def moco_v3_loss(q: jax.Array, k: jax.Array, temperature: float | jax.Array,
   _check_embeddings("q", q, "k", k)
   _check_positive("temperature", temperature)
   n = q.shape[0]
-  q = _normalize(q)
-  k = jax.lax.stop_gradient(_normalize(k))
+  q = l2_normalize(q)
+  k = jax.lax.stop_gradient(l2_normalize(k))
   logits = _sim(q, _gather(k, axis_name)) / temperature                  # [n, N]
   per_row, hit = _cross_entropy(logits, _row_offset(n, axis_name) + jnp.arange(n))
   loss = 2.0 * temperature * _global_mean(per_row, axis_name)
@@ -271,7 +274,7 @@ def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | 
   if jnp.ndim(logit_bias) != 0:
     raise ValueError(f"logit_bias must be a scalar, got shape {jnp.shape(logit_bias)}")
   n = image_emb.shape[0]
-  img, txt = _normalize(image_emb), _normalize(text_emb)
+  img, txt = l2_normalize(image_emb), l2_normalize(text_emb)
   logits = logit_scale * _sim(img, _gather(txt, axis_name)) + logit_bias   # [n, N]
   pos_col = _row_offset(n, axis_name) + jnp.arange(n)
   is_pos = jnp.arange(logits.shape[1])[None, :] == pos_col[:, None]

@@ -83,7 +83,8 @@ import jax.numpy as jnp
 
 from contrastive_jax import losses
 from contrastive_jax.losses import (_check_embeddings, _check_positive, _global_mean,
-                                    _normalize, _out, _sim)
+                                    _out, _sim)
+from contrastive_jax.losses import l2_normalize as _normalize
 
 
 # ----------------------------------------------------------------------------- ring engine
@@ -587,16 +588,3 @@ def get_loss(name: str, impl: str = "all_gather", *, tile: int | None = None
     raise ValueError(f"tile={tile} applies to the ring loss only; set config.loss_impl='ring' "
                      "(or config.loss_tile=0 to keep the all-gather loss)")
   return functools.partial(table[name], tile=tile)
-
-
-def sharded_ring(loss: str | Callable[..., Any], mesh: jax.sharding.Mesh, *,
-                 axis_name: str = "data", num_batch_args: int = 2,
-                 return_metrics: bool = False) -> Callable[..., Any]:
-  """``losses.sharded`` for a ring loss, given by name (see ``RING_LOSSES``) or as a function.
-
-  Runs on global [N, D] arrays split over ``axis_name`` with ``shard_map``; usable inside or
-  outside ``jit`` and differentiable with respect to every argument.
-  """
-  fn = get_loss(loss, "ring") if isinstance(loss, str) else loss
-  return losses.sharded(fn, mesh, axis_name=axis_name, num_batch_args=num_batch_args,
-                        return_metrics=return_metrics)

@@ -133,7 +133,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   except ValueError as error:
     raise ConfigError(str(error)) from None
   if micro > 1:
-    _require(hasattr(methods.METHODS[config.method], "value_and_grad"),
+    _require(methods.METHODS[config.method].supports_grad_cache,
              f"config.grad_cache.micro_batches={micro} but method {config.method!r} has no "
              "gradient caching (SimCLR and CLIP do); set it to 1")
   total_steps(config, 1)  # exactly one of total_steps / total_epochs, positive
@@ -156,9 +156,10 @@ def check_workdir(workdir: epath.Path) -> None:
 # ----------------------------------------------------------------------------- step
 
 
-def make_train_step(method: Any, tx: optax.GradientTransformation, lr_schedule,
+def make_train_step(method: method_base.Method, tx: optax.GradientTransformation, lr_schedule,
                     skip_nonfinite: bool = False):
-  """``step(state, batch) -> (state, metrics)``, pure; jitted by the caller.
+  """``step(state, batch) -> (state, metrics)``, pure; jitted by the caller. The method
+  differentiates its own loss (``Method.value_and_grad``: autodiff or GradCache).
 
   With ``skip_nonfinite``, a step whose loss, gradients or updated parameters are not finite
   leaves every field but ``step`` unchanged (the data and the schedules still advance), reports
@@ -167,10 +168,7 @@ def make_train_step(method: Any, tx: optax.GradientTransformation, lr_schedule,
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = getattr(method, "value_and_grad", None)  # optional hook, e.g. GradCache
-    if grad_fn is None:
-      grad_fn = jax.value_and_grad(method.loss_fn, has_aux=True)
-    (loss, (metrics, updates)), grads = grad_fn(state.params, state, batch, rng)
+    (loss, (metrics, updates)), grads = method.value_and_grad(state.params, state, batch, rng)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

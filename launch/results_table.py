@@ -67,7 +67,7 @@ class PixelEncoder:
 
 def _evaluations(method, config) -> tuple[str, ...]:
   evals = ("knn", "linear_probe", "few_label")
-  return evals + ("extra",) if hasattr(method, "extra_evaluations") else evals
+  return evals + ("extra",) if method.has_extra_evaluations else evals
 
 
 def baselines(run_dir: str, log=print) -> dict[str, Any]:
@@ -86,7 +86,7 @@ def baselines(run_dir: str, log=print) -> dict[str, Any]:
   data = evaluator.load_eval_data(config)
   summary = sweep.load_summary(run_dir) or {}
   out: dict[str, Any] = {"trained_extra": {}}
-  if hasattr(method, "extra_evaluations") and not any(
+  if method.has_extra_evaluations and not any(
       k.startswith(("zero_shot/", "retrieval/")) for k in summary.get("eval", {})):
     log("  method evaluations (zero-shot, retrieval) of the trained state")
     out["trained_extra"] = evaluator.run_evaluations(method, run.state, mesh, config, ("extra",))

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import clip_mnist, simclr_mnist
+from configs import clip_mnist, mocov2_mnist, mocov3_mnist, simclr_mnist
 from contrastive_jax import distributed, grad_cache, losses, methods, optim, train
 
 BATCH = 32
@@ -248,3 +248,19 @@ def test_grad_cache_uses_less_temporary_memory():
     step = jax.jit(train.make_train_step(method, tx, schedule), **_FAST)
     temp[m] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
   assert temp[4] < 0.75 * temp[1], temp
+
+
+@pytest.mark.parametrize("module", [mocov2_mnist, mocov3_mnist], ids=["mocov2", "mocov3"])
+def test_moco_refuses_grad_cache_naming_the_setting(module):
+  """MoCo's keys come from the momentum encoder and the queue, so it declares no GradCache:
+  the config check and building the method both refuse M > 1, before anything compiles."""
+  config = module.get_config("quick")
+  config.grad_cache.micro_batches = 2
+  mesh = distributed.make_mesh(1)
+  assert not methods.METHODS[config.method].supports_grad_cache
+  with pytest.raises(train.ConfigError, match=r"config\.grad_cache\.micro_batches=2 .* set it"):
+    train.validate_config(config, mesh)
+  with pytest.raises(ValueError, match=r"config\.grad_cache\.micro_batches=2 .* set it"):
+    methods.build_method(config, mesh)
+  assert methods.METHODS["simclr"].supports_grad_cache
+  assert methods.METHODS["clip"].supports_grad_cache

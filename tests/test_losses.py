@@ -157,3 +157,18 @@ def test_bad_input_errors_name_the_fix():
     losses.moco_loss(a, b, queue[:, :4], 0.2)
   with pytest.raises(ValueError, match="logit_bias must be a scalar"):
     losses.siglip_loss(a, b, 10.0, jnp.zeros(3))
+
+
+def test_l2_normalize_unit_rows_zero_row_and_finite_gradient():
+  """The package's one L2 normalisation (losses, methods, models, evaluators): unit rows as in
+  float64, float32 output for bf16 input, and a zero row stays zero with a finite gradient (a
+  NaN there would reach every parameter through the loss)."""
+  x = np.random.RandomState(0).randn(4, 5)
+  x[2] = 0.0
+  want = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  got = losses.l2_normalize(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7)
+  assert losses.l2_normalize(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.float32
+  grad = jax.grad(lambda v: jnp.sum(losses.l2_normalize(v) * jnp.arange(5.0)))(
+      jnp.asarray(x, jnp.float32))
+  assert np.all(np.isfinite(np.asarray(grad)))

@@ -157,7 +157,7 @@ def test_mocov2_ema_and_fifo_queue_over_steps(mocov2_runs):
     # Independent keys: the key encoder of step t (EMA after step t - 1) on view 2 of the
     # global batch, sync BN over the whole batch (shuffle_bn=False), L2-normalised in float64.
     batch = _batch(config, t - 1)
-    (_, key, _), _ = method.model(1).apply(
+    (_, key, _), _ = method.model.apply(
         {"params": old.ema_params, "batch_stats": old.ema_batch_stats}, batch["view2"],
         train=True, mutable=["batch_stats"])
     key = np.asarray(key, np.float64)
@@ -220,7 +220,7 @@ def test_shuffle_bn_uses_other_devices_sub_batches():
   images = jax.random.uniform(jax.random.key(3), (b, 16, 16, 3))
   keys, _, perms = method.keys(state, [images], jax.random.key(4))
   perm = np.asarray(perms[0])
-  ref_model = method.model(1)
+  ref_model = method.model
   for d in range(g):
     rows = perm[d * n:(d + 1) * n]
     (_, ref, _), _ = ref_model.apply(
@@ -396,7 +396,9 @@ def test_clip_zero_shot_beats_chance(clip_trained):
   # queries, too coarse for a margin here.
   assert 0.25 < res["retrieval/image_to_text/R@1"] <= 1.0, res
   assert 0.0 <= res["retrieval/text_to_image/R@1"] <= 1.0, res
-  assert base.extra_evaluations(object(), state, None, config) == {}
+  # A method without evaluations of its own (the base class's default) gives none.
+  other = methods.build_method(tiny(mocov3_mnist), distributed.make_mesh(1))
+  assert base.extra_evaluations(other, state, None, config) == {}
 
 
 def test_clip_encoders_shapes(clip_trained):

@@ -10,6 +10,13 @@ import pytest
 from contrastive_jax import distributed, losses, ring_losses
 import loss_reference as ref
 
+
+def _ring(name, mesh, **kwargs):
+  """The ring loss ``name`` on global arrays, as the trainer builds it (``losses.sharded`` of
+  ``ring_losses.get_loss(name, "ring")``)."""
+  return losses.sharded(ring_losses.get_loss(name, "ring"), mesh, **kwargs)
+
+
 N, D = 16, 8
 
 # name -> (loss name, float64 reference, scalar arguments, indices of args to differentiate)
@@ -47,7 +54,7 @@ def _compare(case, num_devices, a, b):
   args = _f32((a, b) + scalars)
   results = []
   for fn in (losses.sharded(losses.LOSSES[name], mesh, return_metrics=True),
-             ring_losses.sharded_ring(name, mesh, return_metrics=True)):
+             _ring(name, mesh, return_metrics=True)):
     step = jax.jit(jax.value_and_grad(lambda *x, fn=fn: fn(*x), argnums=grad_idx, has_aux=True))
     results.append(step(*args))
   ((v_ag, m_ag), g_ag), ((v_ring, m_ring), g_ring) = results
@@ -90,7 +97,7 @@ def test_gradient_reference_float64():
   mesh = distributed.make_mesh(8)
   for name, ref_fn, scalars in [("nt_xent", ref.nt_xent, (0.33,)),
                                 ("siglip", ref.siglip_loss, (3.7, 1.3))]:
-    fn = ring_losses.sharded_ring(name, mesh)
+    fn = _ring(name, mesh)
     args = (a, b) + scalars
     grads = jax.jit(jax.grad(lambda *x, fn=fn: fn(*x), argnums=(0, 2)))(*_f32(args))
     for g, i in zip(grads, (0, 2)):
@@ -101,7 +108,7 @@ def test_gradient_reference_float64():
 
 def test_moco_v3_keys_get_no_gradient():
   a, b = _f32(_inputs(4))
-  fn = ring_losses.sharded_ring("moco_v3", distributed.make_mesh(8))
+  fn = _ring("moco_v3", distributed.make_mesh(8))
   g_k = jax.jit(jax.grad(lambda q, k: fn(q, k, 0.2), argnums=1))(a, b)
   assert np.all(np.asarray(g_k) == 0.0)
 
@@ -134,14 +141,14 @@ def test_ring_temp_memory_is_per_block(name, scalars, views):
   than two [n, n] blocks (a quarter of the logits, with n = N / 8) at any time."""
   n = 2048
   mesh = distributed.make_mesh(8)
-  ring = _temp_bytes(ring_losses.sharded_ring(name, mesh), mesh, n, scalars)
+  ring = _temp_bytes(_ring(name, mesh), mesh, n, scalars)
   gather = _temp_bytes(losses.sharded(losses.LOSSES[name], mesh), mesh, n, scalars)
   logits_bytes = (views * n) * (views * 8 * n) * 4     # one [rows, global columns] float32 matrix
   assert ring * 4 < gather, (ring, gather)
   assert ring < 0.25 * logits_bytes, (ring, logits_bytes)
   # Fixed local batch, 4x the global batch: the ring's memory stays, the all-gather's grows.
   small = distributed.make_mesh(2)
-  ring_small = _temp_bytes(ring_losses.sharded_ring(name, small), small, n, scalars)
+  ring_small = _temp_bytes(_ring(name, small), small, n, scalars)
   gather_small = _temp_bytes(losses.sharded(losses.LOSSES[name], small), small, n, scalars)
   assert ring <= 1.1 * ring_small, (ring, ring_small)
   assert gather > 3 * gather_small, (gather, gather_small)
@@ -158,9 +165,9 @@ def test_get_loss_and_errors():
   a, b = _f32(_inputs(6))
   mesh = distributed.make_mesh(8)
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-    ring_losses.sharded_ring("nt_xent", mesh)(a[:12], b[:12], 0.1)
+    _ring("nt_xent", mesh)(a[:12], b[:12], 0.1)
   with pytest.raises(ValueError, match="temperature must be positive"):
-    ring_losses.sharded_ring(ring_losses.moco_v3_loss, mesh)(a, b, -0.2)
+    losses.sharded(ring_losses.moco_v3_loss, mesh)(a, b, -0.2)
   with pytest.raises(ValueError, match="logit_bias must be a scalar"):
     ring_losses.siglip_loss(a, b, 10.0, jnp.zeros(3))
 

@@ -6,7 +6,7 @@
 
 Both are lower-is-better and defined for L2-normalised features; these functions normalise
 their inputs first (a no-op for embeddings that already are). Pure ``jnp`` functions of a
-batch, computed in float32 whatever the input dtype, usable inside ``jit`` (the trainer logs
+batch, computed in float32 (float64 inputs stay float64), usable inside ``jit`` (the trainer logs
 them every step on the global batch).
 """
 
@@ -15,12 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_EPS = 1e-12
-
-
-def _normalize(z: jax.Array) -> jax.Array:
-  z = jnp.asarray(z, jnp.float32)
-  return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), _EPS))
+from contrastive_jax.losses import l2_normalize as _normalize
 
 
 def alignment(z1: jax.Array, z2: jax.Array, alpha: float = 2.0) -> jax.Array:

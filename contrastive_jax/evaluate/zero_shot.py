@@ -19,14 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from contrastive_jax.evaluate.features import map_row_chunks
-
-_EPS = 1e-12
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-  """``x / ||x||`` along ``axis`` in float32 (zero rows stay zero)."""
-  x = jnp.asarray(x, jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), _EPS))
+from contrastive_jax.losses import l2_normalize  # re-exported: knn, retrieval, the package
 
 
 def top_k_hits(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:

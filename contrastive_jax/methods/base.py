@@ -1,36 +1,59 @@
-"""What every method shares: the encoder + head module, dtype and model building from config.
+"""The one surface every contrastive method has, and what the methods share.
 
-A method is an object with a small common surface, so that ``train.py`` never branches on the
-method's name:
+A method is a frozen dataclass bound to ``(config, mesh)`` that subclasses ``Method``; the trainer
+(``train.py``) only calls the surface below and never branches on the method's name.
 
-* ``input_mode``: ``"views"`` (two augmented views) or ``"image_text"``;
-* ``init_state(rng, tx) -> TrainState`` (shape-only friendly: called under ``jax.eval_shape``
-  and ``jax.jit``);
-* ``loss_fn(params, state, batch, rng) -> (loss, (metrics, updates))`` where ``updates`` is a
-  dict of ``TrainState`` fields the forward pass produced (new BN statistics, keys to enqueue);
-* ``post_update(state, updates) -> state`` after the optimizer step (EMA, queue; for SimCLR and
-  CLIP it only stores the new BN statistics);
-* ``encode(state, images) -> [B, F]`` frozen-encoder features for the evaluators;
-* optional ``value_and_grad(params, state, batch, rng) -> ((loss, (metrics, updates)),
-  grads)``: how the trainer differentiates ``loss_fn`` when the method defines it (SimCLR and
-  CLIP: gradient caching over ``config.grad_cache.micro_batches``, see ``grad_cache.py``);
-  without it the trainer uses ``jax.value_and_grad(loss_fn, has_aux=True)``;
-* optional ``extra_evaluations(state, mesh, config) -> dict[str, float]``: evaluations only the
-  method knows how to run (CLIP: zero-shot, retrieval); the trainer calls them through
-  ``extra_evaluations`` below at the final evaluation.
+What a method writes (everything else is here, once):
+
+* ``input_mode`` (class attribute): ``"views"`` (batches ``view1``, ``view2`` ``[B, H, W, 3]``)
+  or ``"image_text"`` (``image`` ``[B, H, W, 3]``, ``tokens`` ``[B, L] int32``);
+* ``build_model() -> nn.Module``: the Flax module; ``Method.model`` builds it once and caches it;
+* ``embed(params, state, batch, rng) -> (embeddings, updates)``: the train-mode forward pass.
+  ``embeddings`` is a dict of ``[B, ...]`` arrays, row ``i`` from example ``i``; ``updates`` a
+  dict of ``TrainState`` fields the pass produced (new BN statistics, keys to enqueue);
+* ``loss_from_embeddings(params, embeddings, state) -> (loss [], metrics)``: the contrastive loss
+  over the global batch (it may read parameters directly, e.g. CLIP's logit scale);
+* optionally ``extra_state(params, batch_stats, *rngs)`` (momentum encoder, queue; asks for
+  ``extra_state_rngs`` keys), ``post_update`` (EMA, queue, logit-scale clamp),
+  ``extra_evaluations`` (CLIP: zero-shot and retrieval; set ``has_extra_evaluations``),
+  ``features`` (what ``encode`` applies).
+
+What ``Method`` gives every method:
+
+* ``init_state(rng, tx) -> TrainState``: ``model.init`` on ``example_inputs()`` (shapes only:
+  usable under ``jax.eval_shape`` and ``jax.jit``) plus ``extra_state``;
+* ``loss_fn(params, state, batch, rng) -> (loss, (metrics, updates))``: ``embed`` then
+  ``loss_from_embeddings``;
+* ``value_and_grad(params, state, batch, rng) -> ((loss, (metrics, updates)), grads)``: how the
+  trainer differentiates ``loss_fn``, always. Plain autodiff, or, with
+  ``config.grad_cache.micro_batches = M > 1``, gradient caching (Gao et al. 2021, "Scaling Deep
+  Contrastive Learning Batch Size under Memory Limited Setup"; ``grad_cache.py``) over the two
+  public steps: ``embed`` per micro-batch, ``loss_from_embeddings`` on the global batch. Only
+  methods that declare ``supports_grad_cache = True`` accept M > 1 (SimCLR and CLIP: their
+  embeddings are row-wise functions of the inputs and the loss reads nothing else);
+* ``post_update(state, updates) -> state`` after the optimizer step (default: store the new BN
+  statistics);
+* ``encode(state, images) -> [B, F]``: frozen-encoder features for the evaluators (inference
+  mode, ``features`` of ``model``);
+* ``extra_evaluations(state, mesh, config) -> {}`` unless the method has its own.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import abc
+import dataclasses
+import functools
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import Mesh
 
-from contrastive_jax import losses, models, ring_losses
+from contrastive_jax import grad_cache, losses, models, ring_losses
 from contrastive_jax.evaluate import embedding_metrics as em
+from contrastive_jax.train_state import TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -71,6 +94,14 @@ class EncoderWithHeads(nn.Module):
     return self.encoder(x, train=train)
 
 
+def apply_train(model: nn.Module, params, batch_stats, *inputs: jax.Array, rng: jax.Array):
+  """Train-mode forward with dropout key ``rng``: ``(outputs, new batch_stats)`` (``{}`` without
+  BN)."""
+  out, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, *inputs,
+                              train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+  return out, new_vars.get("batch_stats", {})
+
+
 def split_views(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """[2B, ...] -> two [B, ...] halves (the views were concatenated along the batch)."""
   half = x.shape[0] // 2
@@ -83,11 +114,10 @@ def embedding_summaries(z1: jax.Array, z2: jax.Array) -> dict[str, jax.Array]:
           "uniformity": 0.5 * (em.uniformity(z1) + em.uniformity(z2))}
 
 
-def extra_evaluations(method: Any, state: Any, mesh: Any,
+def extra_evaluations(method: Method, state: TrainState, mesh: Mesh,
                       config: ml_collections.ConfigDict) -> dict[str, float]:
-  """The method's own evaluations (``method.extra_evaluations``), ``{}`` when it has none."""
-  fn = getattr(method, "extra_evaluations", None)
-  return {} if fn is None else dict(fn(state, mesh, config))
+  """The method's own evaluations (``Method.extra_evaluations``; ``{}`` for most methods)."""
+  return dict(method.extra_evaluations(state, mesh, config))
 
 
 def global_loss(config: ml_collections.ConfigDict, name: str, mesh):
@@ -96,3 +126,117 @@ def global_loss(config: ml_collections.ConfigDict, name: str, mesh):
   same values and gradients; see ``ring_losses.py``)."""
   impl = config.get("loss_impl", "all_gather")
   return losses.sharded(ring_losses.get_loss(name, impl), mesh, return_metrics=True)
+
+
+# The batch entries each input mode feeds the model (``data.pipeline`` also yields labels etc.).
+INPUTS = {"views": ("view1", "view2"), "image_text": ("image", "tokens")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method(abc.ABC):
+  """A contrastive method bound to the config and the device mesh (the surface: module doc)."""
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+
+  input_mode: ClassVar[str] = "views"
+  # True when ``embed`` maps each input row to its embedding rows independently of the other
+  # rows given the parameters, and ``loss_from_embeddings`` reads only the embeddings and the
+  # parameters: then GradCache may split the batch (BN is the documented approximation).
+  supports_grad_cache: ClassVar[bool] = False
+  # PRNG keys ``extra_state`` takes (MoCo v2: one, for the random initial queue).
+  extra_state_rngs: ClassVar[int] = 0
+  # Whether ``extra_evaluations`` runs anything (CLIP), so tools can skip asking for it.
+  has_extra_evaluations: ClassVar[bool] = False
+
+  def __post_init__(self):
+    m = grad_cache.micro_batches(self.config)
+    if m > 1:
+      if not self.supports_grad_cache:
+        raise ValueError(f"config.grad_cache.micro_batches={m} but method "
+                         f"{self.config.method!r} has no gradient caching (SimCLR and CLIP "
+                         "do); set it to 1")
+      if self.config.get("global_batch") is not None:
+        grad_cache.check_micro_batches(int(self.config.global_batch), m, self.mesh.size)
+
+  # -- what a method defines
+  @abc.abstractmethod
+  def build_model(self) -> nn.Module:
+    """The Flax module of the method (use ``model``, which builds it once)."""
+
+  @abc.abstractmethod
+  def embed(self, params, state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train-mode forward pass: ``(embeddings, updates)`` (see the module docstring)."""
+
+  @abc.abstractmethod
+  def loss_from_embeddings(self, params, embeddings: dict[str, Any], state: TrainState
+                           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``(loss [], metrics)`` over the global batch's ``embeddings``."""
+
+  def extra_state(self, params, batch_stats, *rngs: jax.Array) -> dict[str, Any]:
+    """``TrainState`` fields beyond the common five (momentum encoder, queue); none here."""
+    del params, batch_stats, rngs
+    return {}
+
+  @staticmethod
+  def features(module: nn.Module, images: jax.Array) -> jax.Array:
+    """What ``encode`` applies: the encoder's ``[B, F]`` features before the head."""
+    return module.features(images, train=False)
+
+  def example_inputs(self) -> tuple[jax.Array, ...]:
+    """Dummy inputs for ``model.init`` (two images of ``config.data.image_size``)."""
+    size = self.config.data.image_size
+    return (jnp.zeros((2, size, size, 3), jnp.float32),)
+
+  # -- shared
+  @functools.cached_property
+  def model(self) -> nn.Module:
+    """``build_model()``, built on first use and kept."""
+    return self.build_model()
+
+  def init_state(self, rng: jax.Array, tx: Any) -> TrainState:
+    """Fresh state: parameters from ``model.init``, ``tx``'s state, ``extra_state``."""
+    init_rng, *extra_rngs, state_rng = jax.random.split(rng, 2 + self.extra_state_rngs)
+    variables = self.model.init({"params": init_rng, "dropout": init_rng},
+                                *self.example_inputs(), train=False)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), rng=state_rng,
+                      **self.extra_state(params, batch_stats, *extra_rngs))
+
+  def loss_fn(self, params, state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+    """``(loss, (metrics, updates))`` of the global ``batch`` (``[B, ...]`` arrays)."""
+    embeddings, updates = self.embed(params, state, batch, rng)
+    loss, metrics = self.loss_from_embeddings(params, embeddings, state)
+    return loss, (metrics, updates)
+
+  def value_and_grad(self, params, state: TrainState, batch: dict[str, jax.Array],
+                     rng: jax.Array):
+    """``((loss, (metrics, updates)), grads)`` of ``loss_fn``: plain autodiff, or GradCache in
+    ``config.grad_cache.micro_batches`` micro-batches (``updates`` then holds the mean of the
+    micro-batches' BN statistics; see ``grad_cache.value_and_grad``)."""
+    m = grad_cache.micro_batches(self.config)
+    if m == 1:
+      return jax.value_and_grad(self.loss_fn, has_aux=True)(params, state, batch, rng)
+    inputs = {k: batch[k] for k in INPUTS[self.input_mode]}
+    return grad_cache.value_and_grad(
+        lambda p, x, key: self.embed(p, state, x, key),
+        lambda p, emb: self.loss_from_embeddings(p, emb, state),
+        params, inputs, rng, num_micro=m, mesh=self.mesh)
+
+  def post_update(self, state: TrainState, updates: dict[str, Any]) -> TrainState:
+    """After the optimizer step: stores the new BN statistics."""
+    return state.replace(batch_stats=updates["batch_stats"])
+
+  def variables(self, state: TrainState) -> dict[str, Any]:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+  def encode(self, state: TrainState, images: jax.Array) -> jax.Array:
+    """[B, H, W, 3] -> [B, F] features (``features``), inference mode."""
+    return self.model.apply(self.variables(state), images, method=self.features)
+
+  def extra_evaluations(self, state: TrainState, mesh: Mesh,
+                        config: ml_collections.ConfigDict) -> dict[str, float]:
+    """Evaluations only the method can run (CLIP: zero-shot, retrieval); none here."""
+    del state, mesh, config
+    return {}

@@ -29,7 +29,6 @@ retrieval recall on the evaluation split.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -39,7 +38,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from contrastive_jax import grad_cache, models
+from contrastive_jax import models
 from contrastive_jax.data import pipeline
 from contrastive_jax.data import tokenizer as tok_lib
 from contrastive_jax.evaluate import features as feature_lib
@@ -58,12 +57,7 @@ def clipped_logit_scale(log_scale: jax.Array, max_scale: float | None) -> jax.Ar
   return jnp.exp(log_scale)
 
 
-def _image_features(module, images):
-  return module.image_encoder(images, train=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class CLIP:
+class CLIP(base.Method):
   """CLIP / SigLIP on the common method surface (see ``methods/base.py``).
 
   Config: ``config.model`` (image tower: ``name`` and ``kwargs``), ``config.text.kwargs``
@@ -71,9 +65,9 @@ class CLIP:
   data tokenizer's), ``config.clip``: ``loss`` ("clip" | "siglip"), ``embed_dim``,
   ``max_logit_scale`` (100), ``logit_scale_init`` / ``logit_bias_init`` (None: the paper's).
   """
-  config: ml_collections.ConfigDict
-  mesh: Mesh
-  input_mode: str = "image_text"
+  input_mode = "image_text"
+  supports_grad_cache = True  # the logit scale and bias get their gradient from the loss pass
+  has_extra_evaluations = True
 
   def __post_init__(self):
     name = self.loss_name
@@ -86,9 +80,7 @@ class CLIP:
     if max_scale is not None and max_scale <= 1.0:
       raise ValueError(f"config.clip.max_logit_scale={max_scale} must be > 1 (100 in CLIP) "
                        "or None for no clip")
-    m = grad_cache.micro_batches(self.config)
-    if m > 1 and self.config.get("global_batch") is not None:
-      grad_cache.check_micro_batches(int(self.config.global_batch), m, self.mesh.size)
+    super().__post_init__()
 
   @property
   def loss_name(self) -> str:
@@ -99,8 +91,7 @@ class CLIP:
     value = self.config.clip.get("max_logit_scale", 100.0)
     return None if value is None else float(value)
 
-  @property
-  def model(self) -> models.CLIP:
+  def build_model(self) -> models.CLIP:
     data = self.config.data
     text_kwargs = dict(self.config.text.get("kwargs", {}) or {})
     if "vocab_size" not in text_kwargs:
@@ -116,62 +107,33 @@ class CLIP:
         siglip=self.loss_name == "siglip", dtype=base.compute_dtype(self.config),
         remat=bool(self.config.get("remat", False)), **extra)
 
-  def init_state(self, rng: jax.Array, tx: Any) -> TrainState:
-    size = self.config.data.image_size
-    init_rng, state_rng = jax.random.split(rng)
-    images = jnp.zeros((2, size, size, 3), jnp.float32)
-    tokens = jnp.zeros((2, int(self.config.data.context_length)), jnp.int32)
-    variables = self.model.init({"params": init_rng, "dropout": init_rng}, images, tokens,
-                                train=False)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      rng=state_rng)
+  def example_inputs(self) -> tuple[jax.Array, ...]:
+    (images,) = super().example_inputs()
+    return images, jnp.zeros((2, int(self.config.data.context_length)), jnp.int32)
 
-  def _forward(self, params, batch_stats, batch: dict[str, jax.Array], rng: jax.Array):
-    """Both towers: ``({"zimg": [b, E], "ztxt": [b, E]}, new batch_stats)``."""
-    out, new_vars = self.model.apply(
-        {"params": params, "batch_stats": batch_stats}, batch["image"], batch["tokens"],
-        train=True, mutable=["batch_stats"], rngs={"dropout": rng})
-    return {"zimg": out["zimg"], "ztxt": out["ztxt"]}, new_vars.get("batch_stats", {})
+  def embed(self, params, state, batch, rng):
+    """Both towers on ``batch["image"]`` [B, H, W, 3] float32 and ``batch["tokens"]`` [B, L]
+    int32: ``({"zimg": [B, E], "ztxt": [B, E]}, {"batch_stats": new statistics})``."""
+    out, batch_stats = base.apply_train(self.model, params, state.batch_stats, batch["image"],
+                                        batch["tokens"], rng=rng)
+    return {"zimg": out["zimg"], "ztxt": out["ztxt"]}, {"batch_stats": batch_stats}
 
-  def _loss(self, params, emb: dict[str, jax.Array]):
+  def loss_from_embeddings(self, params, embeddings, state):
     """The CLIP or SigLIP loss over the global batch, with the (clipped) scale and the bias
     read from ``params`` (the model's ``logit_scale``/``logit_bias`` outputs are these
     parameters cast to float32), and the logged metrics."""
+    zimg, ztxt = embeddings["zimg"], embeddings["ztxt"]
     scale = clipped_logit_scale(params["logit_scale"], self.max_logit_scale)
     if self.loss_name == "siglip":
       bias = jnp.asarray(params["logit_bias"], jnp.float32)
-      loss, aux = base.global_loss(self.config, "siglip", self.mesh)(
-          emb["zimg"], emb["ztxt"], scale, bias)
+      loss, aux = base.global_loss(self.config, "siglip", self.mesh)(zimg, ztxt, scale, bias)
     else:
-      loss, aux = base.global_loss(self.config, "clip", self.mesh)(
-          emb["zimg"], emb["ztxt"], scale)
+      loss, aux = base.global_loss(self.config, "clip", self.mesh)(zimg, ztxt, scale)
     metrics = {"loss": loss, "contrastive_accuracy": aux["accuracy"], "logit_scale": scale,
-               **base.embedding_summaries(emb["zimg"], emb["ztxt"])}
+               **base.embedding_summaries(zimg, ztxt)}
     if self.loss_name == "siglip":
       metrics["logit_bias"] = bias
     return loss, metrics
-
-  def loss_fn(self, params, state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-    """Args: batch["image"] [B, H, W, 3] float32, batch["tokens"] [B, L] int32, global."""
-    emb, batch_stats = self._forward(params, state.batch_stats, batch, rng)
-    loss, metrics = self._loss(params, emb)
-    return loss, (metrics, {"batch_stats": batch_stats})
-
-  def value_and_grad(self, params, state: TrainState, batch: dict[str, jax.Array],
-                     rng: jax.Array):
-    """``((loss, (metrics, updates)), grads)`` of ``loss_fn``: plain autodiff, or GradCache
-    in ``config.grad_cache.micro_batches`` micro-batches (``grad_cache.value_and_grad``; the
-    logit scale and bias get their gradient from the loss pass)."""
-    m = grad_cache.micro_batches(self.config)
-    if m == 1:
-      return jax.value_and_grad(self.loss_fn, has_aux=True)(params, state, batch, rng)
-    inputs = {"image": batch["image"], "tokens": batch["tokens"]}
-    (loss, (metrics, batch_stats)), grads = grad_cache.value_and_grad(
-        lambda p, x, key: self._forward(p, state.batch_stats, x, key), self._loss,
-        params, inputs, rng, num_micro=m, mesh=self.mesh)
-    return (loss, (metrics, {"batch_stats": batch_stats})), grads
 
   def post_update(self, state: TrainState, updates: dict[str, Any]) -> TrainState:
     """Stores the BN statistics (ResNet towers) and clamps the log-scale into [0, log max]."""
@@ -183,21 +145,19 @@ class CLIP:
     return state.replace(params=params, batch_stats=updates["batch_stats"])
 
   # -- evaluation
-  def _variables(self, state: TrainState) -> dict[str, Any]:
-    return {"params": state.params, "batch_stats": state.batch_stats}
-
-  def encode(self, state: TrainState, images: jax.Array) -> jax.Array:
-    """[B, H, W, 3] -> [B, F] image-tower features (before the projection), inference mode."""
-    return self.model.apply(self._variables(state), images, method=_image_features)
+  @staticmethod
+  def features(module, images):
+    """``encode``: the image tower's features (before the projection)."""
+    return module.image_encoder(images, train=False)
 
   def encode_image(self, state: TrainState, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] -> [B, E] float32 L2-normalised joint image embeddings."""
-    return self.model.apply(self._variables(state), images, train=False,
+    return self.model.apply(self.variables(state), images, train=False,
                             method=models.CLIP.encode_image)
 
   def encode_text(self, state: TrainState, tokens: jax.Array) -> jax.Array:
     """[B, L] int32 -> [B, E] float32 L2-normalised joint text embeddings."""
-    return self.model.apply(self._variables(state), tokens, train=False,
+    return self.model.apply(self.variables(state), tokens, train=False,
                             method=models.CLIP.encode_text)
 
   def extra_evaluations(self, state: TrainState, mesh: Mesh,

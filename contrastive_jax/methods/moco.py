@@ -48,9 +48,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import Mesh
 
-from contrastive_jax import models
+from contrastive_jax import losses, models
 from contrastive_jax.methods import base
 from contrastive_jax.train_state import TrainState, cosine_momentum, ema_update, enqueue, \
     init_queue
@@ -78,23 +77,7 @@ def unshuffle(y: jax.Array, perm: jax.Array) -> jax.Array:
   return jnp.take(y, jnp.argsort(perm), axis=0)
 
 
-# ----------------------------------------------------------------------------- shared helpers
-
-
-def _encoder_has_bn_groups(config: ml_collections.ConfigDict) -> bool:
-  enc = base.build_encoder(config)
-  return any(f.name == "bn_groups" for f in dataclasses.fields(enc))
-
-
-def _apply(model: nn.Module, params, batch_stats, x: jax.Array, rng: jax.Array):
-  """Train-mode forward: ``((h, z, p), new_batch_stats)``."""
-  out, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                              mutable=["batch_stats"], rngs={"dropout": rng})
-  return out, new_vars.get("batch_stats", {})
-
-
-def _split(x: jax.Array, num: int) -> list[jax.Array]:
-  return list(jnp.split(x, num, axis=0))
+# ----------------------------------------------------------------------------- shared
 
 
 def _copy(tree: Any) -> Any:
@@ -102,15 +85,39 @@ def _copy(tree: Any) -> Any:
   return jax.tree.map(jnp.copy, tree)
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  return models.l2_normalize(x)
+class _MoCo(base.Method):
+  """What MoCo v2 and v3 share: Flax modules per BN grouping, the temperature.
+
+  No gradient caching (``supports_grad_cache = False``): the keys come from the momentum
+  encoder (whose BN groups, per view or shuffled per device, span the whole global batch) and,
+  in v2, the queue, so the forward pass is not a row-wise map that micro-batches could split.
+  """
+  supports_grad_cache = False
+
+  @property
+  def temperature(self) -> float:
+    return float(self.config.loss.temperature)
+
+  def encoder(self, bn_groups: int) -> nn.Module:
+    """The encoder; ``bn_groups`` reaches encoders with BN (read off the class, not built)."""
+    cls = models.model_class(self.config.model.name)
+    has_bn = any(f.name == "bn_groups" for f in dataclasses.fields(cls))
+    return base.build_encoder(self.config, **({"bn_groups": bn_groups} if has_bn else {}))
+
+  def variant(self, **kwargs: Any) -> base.EncoderWithHeads:
+    """``build_model(**kwargs)`` (e.g. ``bn_groups=2``), built once per distinct ``kwargs``;
+    ``model`` is ``build_model()``: one BN group, for ``init_state`` and ``encode``."""
+    cache = self.__dict__.setdefault("_variants", {})  # frozen dataclass: not a field
+    key = tuple(sorted(kwargs.items()))
+    if key not in cache:
+      cache[key] = self.build_model(**kwargs)
+    return cache[key]
 
 
 # ----------------------------------------------------------------------------- MoCo v2
 
 
-@dataclasses.dataclass(frozen=True)
-class MoCoV2:
+class MoCoV2(_MoCo):
   """MoCo v2 on the common method surface (see ``methods/base.py``).
 
   Config (``config.moco``): ``queue_size`` K (65,536), ``momentum`` m (0.999), ``shuffle_bn``
@@ -121,9 +128,7 @@ class MoCoV2:
   ``L(q1, k2) + L(q2, k1)`` (both against the same pre-step queue) and the keys of both views
   are enqueued (view 1's keys, then view 2's), so 2B keys a step and K must be a multiple of 2B.
   """
-  config: ml_collections.ConfigDict
-  mesh: Mesh
-  input_mode: str = "views"
+  extra_state_rngs = 1  # the random initial queue
 
   def __post_init__(self):
     moco = self.config.moco
@@ -139,6 +144,7 @@ class MoCoV2:
           f"config.moco.queue_size={fix} (or change config.global_batch)")
     if not 0.0 <= float(moco.momentum) <= 1.0:
       raise ValueError(f"config.moco.momentum={moco.momentum} must be in [0, 1] (0.999 in MoCo)")
+    super().__post_init__()
 
   # -- settings
   @property
@@ -154,10 +160,6 @@ class MoCoV2:
   def shuffle_bn(self) -> bool:
     return bool(self.config.moco.get("shuffle_bn", True))
 
-  @property
-  def temperature(self) -> float:
-    return float(self.config.loss.temperature)
-
   def momentum(self, step: jax.Array | int) -> jax.Array:  # noqa: ARG002 -- fixed in MoCo v2
     return jnp.float32(self.config.moco.momentum)
 
@@ -166,26 +168,19 @@ class MoCoV2:
     """BN groups of one view: one per device with shuffle-BN (per-device BN), else 1 (sync)."""
     return self.mesh.size if self.shuffle_bn else 1
 
-  def model(self, bn_groups: int = 1) -> base.EncoderWithHeads:
+  def build_model(self, bn_groups: int = 1) -> base.EncoderWithHeads:
     """Encoder + MoCo v2 head; ``bn_groups`` only changes how train-mode BN groups the batch."""
-    extra = {"bn_groups": bn_groups} if _encoder_has_bn_groups(self.config) else {}
     head = models.mocov2_head(dtype=base.compute_dtype(self.config), bn_groups=bn_groups,
                               **dict(self.config.head))
-    return base.EncoderWithHeads(encoder=base.build_encoder(self.config, **extra), head=head)
+    return base.EncoderWithHeads(encoder=self.encoder(bn_groups), head=head)
 
   # -- surface
-  def init_state(self, rng: jax.Array, tx: Any) -> TrainState:
-    size = self.config.data.image_size
-    init_rng, queue_rng, state_rng = jax.random.split(rng, 3)
-    dummy = jnp.zeros((2, size, size, 3), jnp.float32)
-    variables = self.model().init({"params": init_rng, "dropout": init_rng}, dummy, train=False)
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    dim = int(self.config.head.out_dim)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params), rng=state_rng,
-                      ema_params=_copy(params), ema_batch_stats=_copy(batch_stats),
-                      queue=init_queue(queue_rng, int(self.config.moco.queue_size), dim),
-                      queue_ptr=jnp.zeros((), jnp.int32))
+  def extra_state(self, params, batch_stats, queue_rng):
+    """The key encoder (a copy of the query encoder and head) and the random queue."""
+    return dict(ema_params=_copy(params), ema_batch_stats=_copy(batch_stats),
+                queue=init_queue(queue_rng, int(self.config.moco.queue_size),
+                                 int(self.config.head.out_dim)),
+                queue_ptr=jnp.zeros((), jnp.int32))
 
   def keys(self, state: TrainState, views: list[jax.Array], rng: jax.Array
            ) -> tuple[list[jax.Array], Any, list[jax.Array] | None]:
@@ -201,45 +196,48 @@ class MoCoV2:
       perms = [shuffle_permutation(r, v.shape[0])
                for r, v in zip(jax.random.split(shuffle_rng, len(views)), views)]
       views = [shuffle(v, p) for v, p in zip(views, perms)]
-    model = self.model(len(views) * self.groups_per_view)
-    (_, k, _), new_stats = _apply(model, state.ema_params, state.ema_batch_stats,
-                                  jnp.concatenate(views, axis=0), dropout_rng)
-    ks = _split(jax.lax.stop_gradient(k), len(views))
+    model = self.variant(bn_groups=len(views) * self.groups_per_view)
+    (_, k, _), new_stats = base.apply_train(model, state.ema_params, state.ema_batch_stats,
+                                            jnp.concatenate(views, axis=0), rng=dropout_rng)
+    ks = jnp.split(jax.lax.stop_gradient(k), len(views))
     if perms is not None:
       ks = [unshuffle(kv, p) for kv, p in zip(ks, perms)]
-    return ks, new_stats, perms
+    return list(ks), new_stats, perms
 
-  def loss_fn(self, params, state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-    """Args: batch["view1"], batch["view2"]: [B, H, W, 3] float32 global batches.
-
-    ``updates``: ``batch_stats``, ``ema_batch_stats`` and ``keys`` ``[V B, D]`` (the
-    L2-normalised keys of the global batch to enqueue, no gradient).
-    """
+  def embed(self, params, state, batch, rng):
+    """Queries of ``batch["view1"]`` (and ``view2`` when symmetric) and the keys of the other
+    view, each ``[B, D]``; ``updates``: ``batch_stats``, ``ema_batch_stats`` and ``keys``
+    ``[V B, D]`` (the L2-normalised keys of the global batch to enqueue, no gradient)."""
     v1, v2 = batch["view1"], batch["view2"]
     query_views = [v1, v2] if self.num_views == 2 else [v1]
     key_views = [v2, v1] if self.num_views == 2 else [v2]   # the positive of q(v1) is k(v2)
     q_rng, k_rng = jax.random.split(rng)
-    model = self.model(len(query_views) * self.groups_per_view)
-    (_, q, _), new_stats = _apply(model, params, state.batch_stats,
-                                  jnp.concatenate(query_views, axis=0), q_rng)
-    qs = _split(q, len(query_views))
+    model = self.variant(bn_groups=len(query_views) * self.groups_per_view)
+    (_, q, _), new_stats = base.apply_train(model, params, state.batch_stats,
+                                            jnp.concatenate(query_views, axis=0), rng=q_rng)
+    qs = jnp.split(q, len(query_views))
     ks, new_ema_stats, _ = self.keys(state, key_views, k_rng)
+    # Enqueue order: keys of view 1, then of view 2 (symmetric); just view 2's otherwise.
+    enqueue_keys = [losses.l2_normalize(k) for k in (ks[::-1] if len(ks) == 2 else ks)]
+    updates = {"batch_stats": new_stats, "ema_batch_stats": new_ema_stats,
+               "keys": jnp.concatenate(enqueue_keys, axis=0)}
+    return {"queries": list(qs), "keys": ks}, updates
 
+  def loss_from_embeddings(self, params, embeddings, state):
+    """InfoNCE of each query against its key and the queue as it was before this step
+    (``state.queue``; ``post_update`` replaces it), summed over the query views."""
+    qs, ks = embeddings["queries"], embeddings["keys"]
     loss_fn = base.global_loss(self.config, "moco", self.mesh)
     loss, accuracy = 0.0, 0.0
     for qv, kv in zip(qs, ks):
-      # The queue as it was before this step (state.queue); it is replaced in post_update.
       term, aux = loss_fn(qv, kv, state.queue, self.temperature)
       loss, accuracy = loss + term, accuracy + aux["accuracy"] / len(qs)
-    # Enqueue order: keys of view 1, then of view 2 (symmetric); just view 2's otherwise.
-    enqueue_keys = [_l2_normalize(k) for k in (ks[::-1] if len(ks) == 2 else ks)]
     metrics = {"loss": loss, "contrastive_accuracy": accuracy,
                "temperature": jnp.float32(self.temperature),
                "momentum": self.momentum(state.step + 1),
-               **base.embedding_summaries(_l2_normalize(qs[0]), _l2_normalize(ks[0]))}
-    updates = {"batch_stats": new_stats, "ema_batch_stats": new_ema_stats,
-               "keys": jnp.concatenate(enqueue_keys, axis=0)}
-    return loss, (metrics, updates)
+               **base.embedding_summaries(losses.l2_normalize(qs[0]),
+                                          losses.l2_normalize(ks[0]))}
+    return loss, metrics
 
   def post_update(self, state: TrainState, updates: dict[str, Any]) -> TrainState:
     """EMA of the key encoder from the just-updated query parameters, then FIFO enqueue."""
@@ -249,11 +247,6 @@ class MoCoV2:
                          ema_params=ema_update(state.ema_params, state.params, m),
                          ema_batch_stats=updates["ema_batch_stats"],
                          queue=queue, queue_ptr=ptr)
-
-  def encode(self, state: TrainState, images: jax.Array) -> jax.Array:
-    """[B, H, W, 3] -> [B, F] query-encoder features (before the head), BN in inference mode."""
-    return self.model().apply({"params": state.params, "batch_stats": state.batch_stats},
-                              images, train=False, method=base.EncoderWithHeads.features)
 
 
 # ----------------------------------------------------------------------------- MoCo v3
@@ -278,8 +271,7 @@ def schedule_steps(config: ml_collections.ConfigDict) -> int:
   return int(steps)
 
 
-@dataclasses.dataclass(frozen=True)
-class MoCoV3:
+class MoCoV3(_MoCo):
   """MoCo v3 on the common method surface (see ``methods/base.py``).
 
   Config: ``config.head`` (projector: ``num_layers`` 2 for ResNet / 3 for ViT, ``hidden_dim``
@@ -287,68 +279,60 @@ class MoCoV3:
   ``config.moco.momentum`` (m0 = 0.99, cosine to 1 over ``schedule_steps``),
   ``config.loss.temperature`` (1.0 ResNet, 0.2 ViT). Sync BN throughout.
   """
-  config: ml_collections.ConfigDict
-  mesh: Mesh
-  input_mode: str = "views"
 
   def __post_init__(self):
     schedule_steps(self.config)
     if not 0.0 <= float(self.config.moco.momentum) <= 1.0:
       raise ValueError(f"config.moco.momentum={self.config.moco.momentum} must be in [0, 1] "
                        "(0.99 in MoCo v3)")
-
-  @property
-  def temperature(self) -> float:
-    return float(self.config.loss.temperature)
+    super().__post_init__()
 
   def momentum(self, step: jax.Array | int) -> jax.Array:
     """``m_t = 1 - (1 - m0)(cos(pi t / T) + 1) / 2`` ([] float32)."""
     return cosine_momentum(step, schedule_steps(self.config), float(self.config.moco.momentum))
 
-  def model(self, bn_groups: int = 1, predictor: bool = True) -> base.EncoderWithHeads:
+  def build_model(self, bn_groups: int = 1, predictor: bool = True) -> base.EncoderWithHeads:
     """Encoder + projector (+ predictor). ``bn_groups`` = views per pass (per-view sync BN)."""
     dtype = base.compute_dtype(self.config)
-    extra = {"bn_groups": bn_groups} if _encoder_has_bn_groups(self.config) else {}
     head = models.mocov3_projector(dtype=dtype, bn_groups=bn_groups, **dict(self.config.head))
     pred = models.mocov3_predictor(dtype=dtype, bn_groups=bn_groups,
                                    **dict(self.config.predictor)) if predictor else None
-    return base.EncoderWithHeads(encoder=base.build_encoder(self.config, **extra), head=head,
-                                 predictor=pred)
+    return base.EncoderWithHeads(encoder=self.encoder(bn_groups), head=head, predictor=pred)
 
-  def init_state(self, rng: jax.Array, tx: Any) -> TrainState:
-    size = self.config.data.image_size
-    init_rng, state_rng = jax.random.split(rng)
-    dummy = jnp.zeros((2, size, size, 3), jnp.float32)
-    variables = self.model().init({"params": init_rng, "dropout": init_rng}, dummy, train=False)
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params), rng=state_rng,
-                      ema_params=_copy(_key_part(params)),
-                      ema_batch_stats=_copy(_key_part(batch_stats)))
+  def extra_state(self, params, batch_stats):
+    """The key encoder: a copy of the query encoder and projector (not the predictor)."""
+    return dict(ema_params=_copy(_key_part(params)),
+                ema_batch_stats=_copy(_key_part(batch_stats)))
 
-  def loss_fn(self, params, state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-    """Args: batch["view1"], batch["view2"]: [B, H, W, 3] float32 global batches.
-
-    Both views in one pass per encoder with per-view (global, sync) BN statistics. The loss is
-    ``moco_v3_loss(q1, k2) + moco_v3_loss(q2, k1)``; keys carry no gradient.
-    """
+  def embed(self, params, state, batch, rng):
+    """Both views (``batch["view1"]``, ``batch["view2"]``: [B, H, W, 3]) in one pass per
+    encoder with per-view (global, sync) BN statistics: predictions ``q1, q2`` and keys
+    ``k1, k2`` [B, D] (no gradient); ``updates``: ``batch_stats``, ``ema_batch_stats``."""
     x = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
     q_rng, k_rng = jax.random.split(rng)
-    (_, _, p), new_stats = _apply(self.model(2), params, state.batch_stats, x, q_rng)
-    (_, k, _), new_ema_stats = _apply(self.model(2, predictor=False), state.ema_params,
-                                      state.ema_batch_stats, x, k_rng)
-    k = jax.lax.stop_gradient(k)
+    (_, _, p), new_stats = base.apply_train(self.variant(bn_groups=2), params,
+                                            state.batch_stats, x, rng=q_rng)
+    (_, k, _), new_ema_stats = base.apply_train(
+        self.variant(bn_groups=2, predictor=False), state.ema_params, state.ema_batch_stats, x,
+        rng=k_rng)
     q1, q2 = base.split_views(p)
-    k1, k2 = base.split_views(k)
+    k1, k2 = base.split_views(jax.lax.stop_gradient(k))
+    return ({"q1": q1, "q2": q2, "k1": k1, "k2": k2},
+            {"batch_stats": new_stats, "ema_batch_stats": new_ema_stats})
+
+  def loss_from_embeddings(self, params, embeddings, state):
+    """``moco_v3_loss(q1, k2) + moco_v3_loss(q2, k1)`` over the global batch."""
+    e = embeddings
     loss_fn = base.global_loss(self.config, "moco_v3", self.mesh)
-    l12, a12 = loss_fn(q1, k2, self.temperature)
-    l21, a21 = loss_fn(q2, k1, self.temperature)
+    l12, a12 = loss_fn(e["q1"], e["k2"], self.temperature)
+    l21, a21 = loss_fn(e["q2"], e["k1"], self.temperature)
     loss = l12 + l21
     metrics = {"loss": loss, "contrastive_accuracy": 0.5 * (a12["accuracy"] + a21["accuracy"]),
                "temperature": jnp.float32(self.temperature),
                "momentum": self.momentum(state.step + 1),
-               **base.embedding_summaries(_l2_normalize(q1), _l2_normalize(k2))}
-    return loss, (metrics, {"batch_stats": new_stats, "ema_batch_stats": new_ema_stats})
+               **base.embedding_summaries(losses.l2_normalize(e["q1"]),
+                                          losses.l2_normalize(e["k2"]))}
+    return loss, metrics
 
   def post_update(self, state: TrainState, updates: dict[str, Any]) -> TrainState:
     """EMA of encoder + projector with ``m(state.step)`` (the next iteration's momentum)."""
@@ -356,8 +340,3 @@ class MoCoV3:
     return state.replace(batch_stats=updates["batch_stats"],
                          ema_params=ema_update(state.ema_params, _key_part(state.params), m),
                          ema_batch_stats=updates["ema_batch_stats"])
-
-  def encode(self, state: TrainState, images: jax.Array) -> jax.Array:
-    """[B, H, W, 3] -> [B, F] query-encoder features (before the projector), inference BN."""
-    return self.model().apply({"params": state.params, "batch_stats": state.batch_stats},
-                              images, train=False, method=base.EncoderWithHeads.features)

@@ -4,6 +4,7 @@ All encoders: ``model.apply(variables, x, train=...) -> [B, F]``; BN models keep
 statistics in the ``batch_stats`` collection (``mutable=["batch_stats"]`` when ``train=True``).
 """
 
+from contrastive_jax.losses import l2_normalize
 from contrastive_jax.models.clip import CLIP
 from contrastive_jax.models.convnet import ConvNet
 from contrastive_jax.models.heads import (
@@ -19,9 +20,6 @@ from contrastive_jax.models.layers import (
     LayerNormF32,
     Transformer,
     TransformerBlock,
-    frozen_mask,
-    l2_normalize,
-    optimizer_labels,
 )
 from contrastive_jax.models.registry import (
     CLIP_PRESETS,
@@ -31,6 +29,7 @@ from contrastive_jax.models.registry import (
     build_clip_preset,
     build_model,
     feature_dim,
+    model_class,
 )
 from contrastive_jax.models.resnet import ResNet
 from contrastive_jax.models.text import TextTransformer
@@ -40,6 +39,6 @@ __all__ = [
     "BatchNorm", "CLIP", "CLIP_PRESETS", "ConvNet", "FROZEN_SUFFIX", "LayerNormF32",
     "MODEL_NAMES", "ProjectionMLP", "ResNet", "TextTransformer", "Transformer",
     "TransformerBlock", "VIT_PRESETS", "ViT", "build_clip", "build_clip_preset", "build_model",
-    "feature_dim", "frozen_mask", "l2_normalize", "mocov2_head", "mocov3_predictor",
-    "mocov3_projector", "optimizer_labels", "posemb_sincos_2d", "simclr_head",
+    "feature_dim", "l2_normalize", "mocov2_head", "mocov3_predictor", "mocov3_projector",
+    "model_class", "posemb_sincos_2d", "simclr_head",
 ]

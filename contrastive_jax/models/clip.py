@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from contrastive_jax.models.layers import l2_normalize
+from contrastive_jax.losses import l2_normalize
 
 Dtype = Any
 

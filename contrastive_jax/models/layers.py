@@ -11,8 +11,9 @@
 * ``TransformerBlock`` / ``Transformer``: pre-LN residual blocks (Vaswani et al., 2017; the
   pre-LN placement of ViT, Dosovitskiy et al., 2021, Eq. 2-3, and of CLIP's text tower,
   Radford et al., 2021). Attention logits and softmax are computed in float32.
-* ``frozen_mask`` / ``optimizer_labels``: find parameters that must never train (modules whose
-  name ends in ``FROZEN_SUFFIX``, e.g. MoCo v3's frozen random patch projection).
+* ``FROZEN_SUFFIX``: the name suffix of modules whose parameters must never train (MoCo v3's
+  frozen random patch projection); the optimizer masks them by name
+  (``optim.frozen_patterns``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import jax.numpy as jnp
 
 Dtype = Any
 
-# Modules whose name ends with this suffix hold parameters that must never be updated; see
-# `frozen_mask`.
+# Modules whose name ends with this suffix hold parameters that must never be updated; the
+# optimizer keeps them fixed through `optim.frozen_patterns`.
 FROZEN_SUFFIX = "_frozen"
 
 
@@ -137,13 +138,6 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
   if name not in ACTIVATIONS:
     raise ValueError(f"activation={name!r} is unknown; use one of {sorted(ACTIVATIONS)}")
   return ACTIVATIONS[name]
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """``x / max(||x||_2, eps)`` in float32; ``[..., D] -> [..., D] float32``."""
-  x = x.astype(jnp.float32)
-  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 class SelfAttention(nn.Module):
@@ -278,31 +272,3 @@ class ConvBNBase(nn.Module):
                      epsilon=self.bn_eps, bn_groups=self.bn_groups,
                      scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
                      dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-
-
-def _path_is_frozen(path: tuple[Any, ...]) -> bool:
-  for entry in path:
-    key = getattr(entry, "key", getattr(entry, "name", None))
-    if isinstance(key, str) and key.endswith(FROZEN_SUFFIX):
-      return True
-  return False
-
-
-def frozen_mask(params: Any) -> Any:
-  """Pytree of bools like ``params``: True for parameters that must never be updated.
-
-  A parameter is frozen when any module on its path is named ``*_frozen`` (e.g. the ViT's
-  ``patch_embed_frozen`` when ``freeze_patch_embed=True``). Such modules already stop the gradient,
-  but decoupled weight decay (AdamW, LARS) would still shrink them: mask them out of the optimizer.
-  """
-  return jax.tree_util.tree_map_with_path(lambda p, _: _path_is_frozen(p), params)
-
-
-def optimizer_labels(params: Any) -> Any:
-  """``"frozen"``/``"trainable"`` labels for ``optax.multi_transform``::
-
-      tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
-                                 optimizer_labels(params))
-  """
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: "frozen" if _path_is_frozen(p) else "trainable", params)

@@ -61,15 +61,20 @@ def _construct(cls: type[nn.Module], what: str, kwargs: dict[str, Any]) -> nn.Mo
   return cls(**kwargs)
 
 
+def model_class(name: str) -> type[nn.Module]:
+  """The module class ``build_model(name)`` builds (read its fields without building one)."""
+  if name not in _BUILDERS:
+    raise ValueError(f"unknown model name {name!r}; known names are {list(MODEL_NAMES)}")
+  return _BUILDERS[name][0]
+
+
 def build_model(name: str, **kwargs: Any) -> nn.Module:
   """The encoder called ``name``; ``kwargs`` set or override any of its fields.
 
   Every encoder is called as ``model.apply(variables, x, train=...)`` with images
   ``[B, H, W, 3] float`` (``clip_text``: tokens ``[B, L] int``) and returns ``[B, F]``.
   """
-  if name not in _BUILDERS:
-    raise ValueError(f"unknown model name {name!r}; known names are {list(MODEL_NAMES)}")
-  cls, preset = _BUILDERS[name]
+  cls, preset = model_class(name), _BUILDERS[name][1]
   if cls is ResNet and "depth" in kwargs:
     raise ValueError(f"{name}: depth is fixed by the name; use resnet18, resnet34 or resnet50")
   return _construct(cls, f"model {name!r}", {**preset, **kwargs})

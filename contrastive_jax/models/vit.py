@@ -10,9 +10,9 @@ Options from the contrastive literature:
 * ``freeze_patch_embed=True``: MoCo v3's random, frozen patch projection (Sec. 4.2, "random
   patch projection" stabilises training). The projection's output passes through
   ``jax.lax.stop_gradient`` so its gradient is exactly zero, and the module is named
-  ``patch_embed_frozen`` so that ``layers.frozen_mask`` / ``optimizer_labels`` find it: the
-  trainer MUST also mask it from the optimizer, because decoupled weight decay (AdamW, LARS)
-  changes parameters even with a zero gradient.
+  ``patch_embed_frozen``: the config MUST also mask it from the optimizer
+  (``optim.frozen_patterns=("patch_embed_frozen",)``), because decoupled weight decay (AdamW,
+  LARS) changes parameters even with a zero gradient.
 * ``ln_pre=True``, ``patch_bias=False``, ``activation="quick_gelu"``, ``ln_eps=1e-5``: the image
   tower of OpenAI CLIP (Radford et al., 2021), which normalises the embedded tokens before the
   transformer and has a bias-free patch convolution.
