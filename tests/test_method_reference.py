@@ -81,7 +81,7 @@ def _encoder(config):
   return models.build_model(config.model.name, **dict(config.model.kwargs))
 
 
-def _mocov2_model(config):
+def mocov2_model(config):
   return EncoderWithHeads(encoder=_encoder(config), head=models.mocov2_head(**dict(config.head)))
 
 
@@ -91,7 +91,7 @@ def _mocov3_model(config, predictor=True):
                           head=models.mocov3_projector(**dict(config.head)), predictor=pred)
 
 
-def _forward(model, params, batch_stats, x, groups=1, output=1):
+def forward(model, params, batch_stats, x, groups=1, output=1):
   """Train-mode forward of ``x [N, H, W, 3]``; each of ``groups`` contiguous blocks is its own BN
   batch (a separate call, as on separate devices). Returns output ``output`` of (h, z, p)."""
   outs = []
@@ -183,15 +183,15 @@ def test_mocov2_step_against_eq1_with_pre_step_queue_and_ema_keys(mocov2_state):
   and a key encoder unlike the query encoder): loss, accuracy and gradients of ``loss_fn``."""
   config = _mocov2_config(shuffle_bn=False)
   method, tx, lr, state0 = _setup(config, mocov2_state)
-  model, t, m = _mocov2_model(config), float(config.loss.temperature), 0.9
+  model, t, m = mocov2_model(config), float(config.loss.temperature), 0.9
   batch0 = _views(1)
   step = jax.jit(train.make_train_step(method, tx, lr))
   state1, metrics0 = step(state0, batch0)
 
   # Step 0: the keys come from the key encoder of step 0 (= the initial copy) on view 2; the
   # loss uses the initial queue, which does not yet hold them.
-  q0 = _forward(model, state0.params, state0.batch_stats, batch0["view1"])
-  k0 = _forward(model, state0.ema_params, state0.ema_batch_stats, batch0["view2"])
+  q0 = forward(model, state0.params, state0.batch_stats, batch0["view1"])
+  k0 = forward(model, state0.ema_params, state0.ema_batch_stats, batch0["view2"])
   loss0, _, _ = moco_eq1(q0, k0, state0.queue, t)
   np.testing.assert_allclose(float(metrics0["loss"]), loss0, rtol=2e-5)
   # MoCo Eq. 2 with the query parameters this step produced (the key encoder of step 1).
@@ -211,16 +211,16 @@ def test_mocov2_step_against_eq1_with_pre_step_queue_and_ema_keys(mocov2_state):
   state = _distinct_key_encoder(state1)
   batch = _views(2)
   value, metrics, _, grads = _method_loss_and_grads(method, state, batch, jax.random.key(3))
-  fwd = lambda p: _forward(model, p, state.batch_stats, batch["view1"])  # noqa: E731
+  fwd = lambda p: forward(model, p, state.batch_stats, batch["view1"])  # noqa: E731
   q = fwd(state.params)
-  k = _forward(model, state.ema_params, state.ema_batch_stats, batch["view2"])
+  k = forward(model, state.ema_params, state.ema_batch_stats, batch["view2"])
   loss, d_q, accuracy = moco_eq1(q, k, state.queue, t)
   np.testing.assert_allclose(value, loss, rtol=2e-5)
   np.testing.assert_allclose(float(metrics["contrastive_accuracy"]), accuracy, atol=1e-6)
   _assert_grads_close(grads, _pullback(fwd, state.params, d_q))
   # The references can tell the bugs apart: keys from the query encoder, or this step's keys
   # already in the queue, give other losses.
-  k_online = _forward(model, state.params, state.ema_batch_stats, batch["view2"])
+  k_online = forward(model, state.params, state.ema_batch_stats, batch["view2"])
   assert abs(moco_eq1(q, k_online, state.queue, t)[0] - loss) > 1e-3
   kn, _ = _normalize_with_vjp(k)
   post = np.concatenate([np.asarray(state.queue)[:BATCH], kn])  # ptr = B: rows [B, 2B)
@@ -234,24 +234,24 @@ def test_mocov2_shuffle_bn_queries_use_per_device_statistics(mocov2_state):
   config = _mocov2_config(shuffle_bn=True)
   method, _, _, state = _setup(config, mocov2_state)
   state = _distinct_key_encoder(state)
-  model, t = _mocov2_model(config), float(config.loss.temperature)
+  model, t = mocov2_model(config), float(config.loss.temperature)
   batch = _views(4)
   value, _, updates, grads = _method_loss_and_grads(method, state, batch, jax.random.key(5))
   after = method.post_update(state.replace(step=state.step + 1), updates)
   ptr = int(state.queue_ptr)
   keys = np.asarray(after.queue)[ptr:ptr + BATCH]
 
-  fwd = lambda p: _forward(model, p, state.batch_stats, batch["view1"], groups=DEVICES)  # noqa
+  fwd = lambda p: forward(model, p, state.batch_stats, batch["view1"], groups=DEVICES)  # noqa
   q = fwd(state.params)
   loss, d_q, _ = moco_eq1(q, keys, state.queue, t)
   np.testing.assert_allclose(value, loss, rtol=2e-5)
   _assert_grads_close(grads, _pullback(fwd, state.params, d_q))
   # Sync-BN queries (statistics of the global batch) would give another loss.
-  q_sync = _forward(model, state.params, state.batch_stats, batch["view1"])
+  q_sync = forward(model, state.params, state.batch_stats, batch["view1"])
   assert abs(moco_eq1(q_sync, keys, state.queue, t)[0] - loss) > 1e-3
   # The enqueued keys are the key encoder's, with per-device statistics of some 4 rows each:
   # they are not the sync-BN keys, and not the query encoder's.
-  k_sync = _forward(model, state.ema_params, state.ema_batch_stats, batch["view2"])
+  k_sync = forward(model, state.ema_params, state.ema_batch_stats, batch["view2"])
   assert not np.allclose(keys, _normalize_with_vjp(k_sync)[0], atol=1e-3)
 
 
@@ -271,10 +271,10 @@ def test_mocov3_loss_and_grads_against_algorithm_1():
   value, _, _, grads = _method_loss_and_grads(method, state, batch, jax.random.key(7))
 
   def fwd(params):  # [2, B, E]: the predictions of view 1 and of view 2, BN per view
-    return jnp.stack([_forward(query, params, state.batch_stats, batch[v], output=2)
+    return jnp.stack([forward(query, params, state.batch_stats, batch[v], output=2)
                       for v in ("view1", "view2")])
   q1, q2 = fwd(state.params)
-  k1, k2 = (_forward(key, state.ema_params, state.ema_batch_stats, batch[v])
+  k1, k2 = (forward(key, state.ema_params, state.ema_batch_stats, batch[v])
             for v in ("view1", "view2"))
   l12, d_q1 = mocov3_ctr(q1, k2, t)
   l21, d_q2 = mocov3_ctr(q2, k1, t)
