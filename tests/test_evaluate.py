@@ -136,13 +136,14 @@ def test_linear_probe_picks_l2_on_held_out_train_rows_not_on_test():
   strong one."""
   rng = np.random.default_rng(5)
   train_y = np.repeat([0, 1], [60, 40])
-  train = np.stack([np.where(train_y == 1, 2.0, -2.0) + 0.3 * rng.normal(size=100),
-                    rng.normal(size=100)], axis=1).astype(np.float32)
-  test = np.stack([2.0 + 0.3 * rng.normal(size=50), rng.normal(size=50)],
-                  axis=1).astype(np.float32)
+  train = rng.normal(size=(100, 4)).astype(np.float32)  # 3 noise features
+  train[:, 0] = np.where(train_y == 1, 2.0, -2.0) + 0.3 * rng.normal(size=100)
+  test = rng.normal(size=(50, 4)).astype(np.float32)
+  test[:, 0] = 2.0 + 0.3 * rng.normal(size=50)
   test_y = np.zeros(50, np.int64)
   weak, strong = 1e-4, 1e3
-  res = linear_probe(train, train_y, test, test_y, num_classes=2, l2_grid=(strong, weak),
+  # 3 classes (the third unused) and 4 features: the solver's compilation of the test above.
+  res = linear_probe(train, train_y, test, test_y, num_classes=3, l2_grid=(strong, weak),
                      max_iter=200)
   assert res["val_top1_per_l2"] == {strong: 0.6, weak: 1.0}, res
   assert res["l2"] == weak and res["val_top1"] == 1.0, res
