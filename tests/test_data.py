@@ -293,6 +293,56 @@ def test_tfds_mock_data():
     assert b["view2"].shape == (4, SIZE, SIZE, 3) and b["index"].dtype == np.int64
 
 
+@pytest.fixture(scope="module")
+def tiny_tfds(tmp_path_factory):
+  """A real (not mocked) 16-example tfds dataset ``stream_digits`` prepared in a data_dir:
+  ``tfds.testing.mock_data`` makes up fresh examples for every sub-split it is asked for, so it
+  cannot show whether two processes read the same examples."""
+  import tensorflow_datasets as tfds
+
+  class StreamDigits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(8, 8, 3)),
+          "label": tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples(16)}
+
+    def _generate_examples(self, n):
+      rng = np.random.default_rng(0)
+      for i in range(n):
+        yield i, {"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "label": i % 3}
+
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  StreamDigits(data_dir=data_dir).download_and_prepare(download_config=tfds.download.DownloadConfig(
+      compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  return data_dir
+
+
+def test_tfds_stream_processes_read_disjoint_sub_splits(tiny_tfds):
+  """Streaming tfds on 2 processes: each reads its own half of the split, so an epoch of the
+  two together covers every example exactly once; the same for evaluation."""
+  c = _config(source="tfds", name="stream_digits", data_dir=tiny_tfds, cache=False)
+
+  def epoch_ids(p, n):  # one epoch: 16 examples in global batches of 8
+    it = P.train_iterator(c, mode="views", global_batch=8, seed=0, process_index=p,
+                          process_count=n)
+    return np.concatenate([next(it)["index"] for _ in range(2)]).tolist()
+  everything = epoch_ids(0, 1)
+  assert len(set(everything)) == 16
+  halves = [epoch_ids(p, 2) for p in range(2)]
+  assert not set(halves[0]) & set(halves[1])
+  assert sorted(halves[0] + halves[1]) == sorted(everything)
+  evals = [[i for b in P.eval_iterator(c, "train", 8, process_index=p, process_count=2)
+            for i in b["index"][b["mask"]].tolist()] for p in range(2)]
+  assert not set(evals[0]) & set(evals[1])
+  assert sorted(evals[0] + evals[1]) == sorted(everything)
+
+
 def test_tfds_missing_dataset_says_how_to_prepare(tmp_path):
   c = _config(source="tfds", name="cifar10", data_dir=str(tmp_path), cache=True)
   with pytest.raises(ValueError, match=r"cifar10.*data_dir.*tfds build"):

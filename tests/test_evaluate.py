@@ -127,6 +127,29 @@ def test_linear_probe_clusters_and_random_labels():
   assert abs(res["top1"] - 0.1) < 0.05  # chance; std 0.0095 over 1000 test rows
 
 
+def test_linear_probe_picks_l2_on_held_out_train_rows_not_on_test():
+  """A case where the two selections disagree. Train: class 0 (60 rows) and class 1 (40 rows)
+  cleanly separated along one feature. Test: class-0 labels on class-1 features. A weak penalty
+  separates the held-out train rows (top-1 1.0) and gets every test row wrong; a strong one
+  predicts the majority class everywhere (held-out 12 / 20 = 0.6, test 1.0). Choosing on the
+  held-out train rows must pick the weak one; choosing on the test split would pick the
+  strong one."""
+  rng = np.random.default_rng(5)
+  train_y = np.repeat([0, 1], [60, 40])
+  train = rng.normal(size=(100, 4)).astype(np.float32)  # 3 noise features
+  train[:, 0] = np.where(train_y == 1, 2.0, -2.0) + 0.3 * rng.normal(size=100)
+  test = rng.normal(size=(50, 4)).astype(np.float32)
+  test[:, 0] = 2.0 + 0.3 * rng.normal(size=50)
+  test_y = np.zeros(50, np.int64)
+  weak, strong = 1e-4, 1e3
+  # 3 classes (the third unused) and 4 features: the solver's compilation of the test above.
+  res = linear_probe(train, train_y, test, test_y, num_classes=3, l2_grid=(strong, weak),
+                     max_iter=200)
+  assert res["val_top1_per_l2"] == {strong: 0.6, weak: 1.0}, res
+  assert res["l2"] == weak and res["val_top1"] == 1.0, res
+  assert res["top1"] == 0.0, res  # the weak-penalty refit on the whole training set
+
+
 def test_stratified_split_and_balanced_subset():
   y = np.repeat(np.arange(4), [10, 20, 5, 1])
   train, val = stratified_split(y, 0.2, np.random.default_rng(0))

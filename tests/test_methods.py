@@ -25,6 +25,8 @@ from contrastive_jax.data import pipeline
 from contrastive_jax.methods import base, moco
 from contrastive_jax.train_state import TrainState
 
+import test_method_reference as mref
+
 STEPS = 3
 
 
@@ -190,12 +192,30 @@ def test_mocov2_no_gradient_to_key_encoder_or_queue(mocov2_runs):
   _key_grads_are_zero(method, states[1], _batch(config, 1))
 
 
-def test_mocov2_shuffle_bn_smoke(tmp_path):
-  """Default MoCo v2 (shuffle-BN, asymmetric) through the trainer, one step on 8 devices."""
+def test_mocov2_shuffle_bn_trainer_step(tmp_path):
+  """Default MoCo v2 (shuffle-BN, asymmetric) through the trainer, one step on 8 devices: the
+  logged loss is MoCo Eq. 1 (float64) of per-device-BN queries (each device's 4 rows of the
+  global batch normalised alone), the keys the step enqueued and the queue before the step;
+  the step moved the parameters, both BN statistics and the key encoder (Eq. 2)."""
   c = tiny(mocov2_mnist, total_steps=1)
   summary = train.train_and_evaluate(c, str(tmp_path))
-  assert np.isfinite(summary["final_train"]["loss"])
-  assert summary["final_train"]["contrastive_accuracy"] >= 0.0
+  method, states, _ = _states(c, tmp_path)
+  old, new = states[0], states[1]
+  b, devices = c.global_batch, jax.device_count()
+  assert int(new.queue_ptr) == b
+  keys = np.asarray(new.queue)[:b]
+  np.testing.assert_allclose(np.linalg.norm(keys, axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(new.queue)[b:], np.asarray(old.queue)[b:])
+  q = mref.forward(mref.mocov2_model(c), old.params, old.batch_stats, _batch(c, 0)["view1"],
+                   groups=devices)
+  loss, _, accuracy = mref.moco_eq1(q, keys, old.queue, c.loss.temperature)
+  np.testing.assert_allclose(summary["final_train"]["loss"], loss, rtol=2e-5)
+  np.testing.assert_allclose(summary["final_train"]["contrastive_accuracy"], accuracy,
+                             atol=1e-6)
+  _assert_ema(new.ema_params, old.ema_params, new.params, float(c.moco.momentum))
+  for field in ("params", "batch_stats", "ema_batch_stats"):
+    assert not all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(
+        jax.tree.leaves(getattr(old, field)), jax.tree.leaves(getattr(new, field)))), field
 
 
 def test_shuffle_bn_uses_other_devices_sub_batches():

@@ -35,7 +35,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 
 import jax
 import numpy as np
@@ -51,7 +50,7 @@ from test_multihost import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
-TOTAL_STEPS = 8
+TOTAL_STEPS = 10
 RUN_FLAGS = ("--config=configs/simclr_mnist.py:quick", "--config.data.image_size=16",
              "--config.eval.enabled=False", "--config.log_every=1",
              "--config.checkpoint.every_steps=1")
@@ -85,6 +84,49 @@ def _set(c, key, value):
 
 def _main_argv(workdir, *extra):
   return [PYTHON, "-m", "contrastive_jax.main", *RUN_FLAGS, f"--workdir={workdir}", *extra]
+
+
+# Imported at start-up by a subprocess that has ``_slow_commit_env``: delays orbax's commit (the
+# rename of a written step directory) by CJ_TEST_COMMIT_DELAY_S seconds, so that an asynchronous
+# checkpoint write stays in flight long enough to be seen and killed.
+_SLOW_COMMIT_SITECUSTOMIZE = """
+import asyncio, importlib.abc, importlib.util, os, sys
+
+_MODULE = "orbax.checkpoint._src.path.atomicity"
+
+
+class _DelayCommit(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name != _MODULE:
+      return None
+    sys.meta_path.remove(self)
+    spec = importlib.util.find_spec(name)
+    run = spec.loader.exec_module
+
+    def exec_module(module):
+      run(module)
+      cls = module.AtomicRenameTemporaryPath
+      finalize = cls.finalize
+
+      async def slow_finalize(self, *args, **kwargs):
+        await asyncio.sleep(float(os.environ["CJ_TEST_COMMIT_DELAY_S"]))
+        return await finalize(self, *args, **kwargs)
+      cls.finalize = slow_finalize
+    spec.loader.exec_module = exec_module
+    return spec
+
+
+sys.meta_path.insert(0, _DelayCommit())
+"""
+
+
+def _slow_commit_env(hook_dir, delay_s=2.0):
+  """The environment of a subprocess whose checkpoint commits each wait ``delay_s`` seconds."""
+  os.makedirs(hook_dir, exist_ok=True)
+  with open(os.path.join(hook_dir, "sitecustomize.py"), "w") as f:
+    f.write(_SLOW_COMMIT_SITECUSTOMIZE)
+  path = os.pathsep.join(p for p in (str(hook_dir), os.environ.get("PYTHONPATH")) if p)
+  return dict(os.environ, PYTHONPATH=path, CJ_TEST_COMMIT_DELAY_S=str(delay_s))
 
 
 class Proc:
@@ -192,7 +234,8 @@ def uninterrupted(tmp_path_factory):
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
   """One workdir, four starts of the same command: kill -9 after the log line of a random
-  step; kill -9 while an asynchronous checkpoint is being written; SIGTERM; run to the end."""
+  step; kill -9 while an asynchronous checkpoint is being written (twice when the first start
+  missed the write); SIGTERM; run to the end."""
   root = tmp_path_factory.mktemp("interrupted")
   workdir = str(root / "run")
   argv = _main_argv(workdir, f"--config.total_steps={TOTAL_STEPS}")
@@ -203,8 +246,8 @@ def interrupted(tmp_path_factory):
   kill_step = rng.randint(3, 4)
   phases = []
 
-  def start(name):
-    proc = Proc(argv, root / f"{name}.log")
+  def start(name, env=None):
+    proc = Proc(argv, root / f"{len(phases)}_{name}.log", env=env)
     phase = {"name": name, "proc": proc, "committed_before": _committed_steps(workdir)}
     phases.append(phase)
     return proc, phase
@@ -218,24 +261,29 @@ def interrupted(tmp_path_factory):
     proc.stop()
 
     # Phase 2: SIGKILL as soon as an uncommitted orbax temporary step directory exists,
-    # i.e. during an asynchronous checkpoint write of a step after the resumed one.
-    proc, phase = start("kill_during_save")
-    resumed = proc.wait_until(lambda: _resumed_step(proc.text()), STEP_TIMEOUT_S, "resume")
+    # i.e. during an asynchronous checkpoint write of a step after the resumed one. A write
+    # can be too quick to be seen between two polls (a fast machine): that start is killed
+    # after a later step's log line instead, and the phase is repeated with every commit
+    # delayed (``_slow_commit_env``), where the write cannot be missed.
+    for env in (None, _slow_commit_env(root / "slow_commit")):
+      proc, phase = start("kill_during_save", env)
+      resumed = proc.wait_until(lambda: _resumed_step(proc.text()), STEP_TIMEOUT_S, "resume")
+      first = resumed + (rng.randint(1, 2) if env is None else 1)  # first write to hit
+      give_up = first + 1 if env is None else TOTAL_STEPS - 2  # leave steps for phase 3
 
-    first = resumed + rng.randint(1, 2)  # the first step whose write may be hit
-    last = TOTAL_STEPS - 2  # leave steps for the SIGTERM phase
-
-    def writing():
-      names = [n for n in _tmp_checkpoints(workdir) if int(n.split(".")[0]) >= first]
-      if names:
-        return names[0]
-      # Fallback (a write too quick to see, on a fast machine): kill after a log line.
-      return "missed" if proc.logged_step(max(first, last)) else None
-    tmp_name = proc.wait_until(writing, STEP_TIMEOUT_S, "an asynchronous checkpoint write")
-    proc.popen.send_signal(signal.SIGKILL)
-    phase.update(rc=proc.wait_exit(EXIT_TIMEOUT_S),
-                 tmp_name=None if tmp_name == "missed" else tmp_name)
-    proc.stop()
+      def writing():
+        names = [n for n in _tmp_checkpoints(workdir) if int(n.split(".")[0]) >= first]
+        if names:
+          return names[0]
+        return "missed" if proc.logged_step(give_up) else None
+      tmp_name = proc.wait_until(writing, STEP_TIMEOUT_S, "an asynchronous checkpoint write")
+      proc.popen.send_signal(signal.SIGKILL)
+      phase.update(rc=proc.wait_exit(EXIT_TIMEOUT_S), slow_commit=env is not None,
+                   tmp_name=None if tmp_name == "missed" else tmp_name)
+      proc.stop()
+      if phase["tmp_name"] is not None or env is not None:
+        break
+      phase["name"] = "kill_during_save_missed"
 
     # Phase 3: SIGTERM (a preemption notice) after the first step this start computes.
     proc, phase = start("sigterm")
@@ -261,8 +309,9 @@ def interrupted(tmp_path_factory):
 @pytest.mark.slow
 def test_kill9_resumes_from_latest_complete_checkpoint(interrupted):
   phases = interrupted["phases"]
-  for name in ("kill_after_log", "kill_during_save"):
-    assert phases[name]["rc"] == -signal.SIGKILL, phases[name]["log"][-2000:]
+  kills = [p for p in interrupted["order"] if p["name"].startswith("kill")]
+  for phase in kills:
+    assert phase["rc"] == -signal.SIGKILL, phase["log"][-2000:]
   # A fresh workdir starts from scratch; each restart resumes from the newest step that was
   # complete on disk when the process died (never from an uncommitted temporary directory).
   assert _resumed_step(phases["kill_after_log"]["log"]) is None
@@ -274,15 +323,12 @@ def test_kill9_resumes_from_latest_complete_checkpoint(interrupted):
   # The first kill came after step k was logged; saves are asynchronous, so the newest
   # complete checkpoint may be older than k - 1, but never newer than k.
   k = phases["kill_after_log"]["signal_step"]
-  assert phases["kill_during_save"]["committed_before"][-1] <= k
-  # The second kill hit an asynchronous write: its temporary directory was never listed as a
-  # step, and the next start removed it.
+  assert interrupted["order"][1]["committed_before"][-1] <= k
+  # The kill during the save hit an asynchronous write in flight: its temporary directory
+  # was never listed as a step, and the next start removed it.
   tmp_name = phases["kill_during_save"]["tmp_name"]
-  if tmp_name is None:
-    warnings.warn("no asynchronous checkpoint write was caught in flight; killed after a "
-                  "log line instead")
-  else:
-    assert phases["sigterm"]["committed_before"][-1] < int(tmp_name.split(".")[0])
+  assert tmp_name is not None, "no asynchronous checkpoint write was caught in flight"
+  assert phases["sigterm"]["committed_before"][-1] < int(tmp_name.split(".")[0])
   assert not _tmp_checkpoints(interrupted["workdir"])
 
 
@@ -325,6 +371,7 @@ def test_interrupted_run_equals_uninterrupted_run(interrupted, uninterrupted):
   want = restore.restore_run(uninterrupted["workdir"])
   assert got.step == want.step == TOTAL_STEPS
   _assert_trees_equal(got.state.params, want.state.params)
+  _assert_trees_equal(got.state.batch_stats, want.state.batch_stats)
   _assert_trees_equal(got.state.opt_state, want.state.opt_state)
 
 
@@ -576,14 +623,21 @@ def test_full_disk_fails_clearly_and_keeps_checkpoints_restorable(tmpfs):
     assert run.step == step and _all_finite(run.state.params)
 
 
-def test_unwritable_workdir_fails_before_compiling(tmp_path, tmpfs, monkeypatch):
+def test_workdir_that_is_a_file_fails_before_compiling(tmp_path, monkeypatch):
   _forbid_compiling(monkeypatch)
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
-  read_only = tmpfs("1m", read_only=True)
-  for workdir in (blocker / "run", read_only / "run"):
+  for workdir in (blocker, blocker / "run"):
     with pytest.raises(train.ConfigError, match=r"--workdir=.*not writable"):
       train.train_and_evaluate(_config(total_steps=2), str(workdir))
+  assert blocker.read_text() == "not a directory"
+
+
+def test_read_only_workdir_fails_before_compiling(tmpfs, monkeypatch):
+  _forbid_compiling(monkeypatch)
+  read_only = tmpfs("1m", read_only=True)
+  with pytest.raises(train.ConfigError, match=r"--workdir=.*not writable"):
+    train.train_and_evaluate(_config(total_steps=2), str(read_only / "run"))
 
 
 # ----------------------------------------------------------------------------- 7: bad configs
