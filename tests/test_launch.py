@@ -8,7 +8,7 @@ import subprocess
 
 import numpy as np
 
-from configs import simclr_mnist
+from contrastive_jax.configs import simclr_mnist
 from contrastive_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +44,6 @@ def test_two_processes_agree_and_checkpoint_restores_in_one(tmp_path):
   c.log_every = 1
   c.total_steps = 6
   c.checkpoint.async_save = False
-  summary = train.train_and_evaluate(c, str(workdir))
+  summary = train.train_and_evaluate(c, str(workdir)).summary
   assert [h["step"] for h in summary["train_history"]] == [5, 6]
   assert np.isfinite(summary["final_train"]["loss"])
