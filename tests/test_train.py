@@ -116,3 +116,10 @@ def test_ring_loss_impl_trains_like_all_gather(tmp_path):
   np.testing.assert_allclose(_losses(runs["ring"]), _losses(runs["all_gather"]), rtol=1e-5)
   np.testing.assert_allclose(runs["ring"]["final_train"]["grad_norm"],
                              runs["all_gather"]["final_train"]["grad_norm"], rtol=1e-4)
+
+
+def test_format_summary_names_the_runs_knn_k():
+  summary = {"method": "simclr", "steps": 2, "train_seconds_this_run": 1.0,
+             "eval": {"knn/top1": 0.5, "linear/top1": 0.6}}
+  text = train.format_summary(summary, knn_k=20)
+  assert "kNN (k=20) top-1" in text and "k=200" not in text
