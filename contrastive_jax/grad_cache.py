@@ -3,7 +3,7 @@
 GradCache (Gao, Zhang, Han and Callan 2021, "Scaling Deep Contrastive Learning Batch Size under
 Memory Limited Setup", Sec. 3.2). A contrastive loss ``L(f(x_1), ..., f(x_B))`` couples every
 example of the global batch, so plain gradient accumulation over micro-batches would shrink the
-set of negatives (REFERENCE.md item 10). The chain rule splits the gradient instead:
+set of negatives (GradCache, Sec. 1). The chain rule splits the gradient instead:
 
   ``dL/dtheta = sum_i  (d f(s_i) / d theta)^T  (dL / d f(s_i))``          (GradCache, Eq. 4-5)
 

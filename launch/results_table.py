@@ -47,7 +47,8 @@ from contrastive_jax import configs  # noqa: E402
 DEFAULT_CONFIGS = ("simclr_mnist", "mocov2_mnist", "mocov3_mnist", "clip_mnist")
 BASELINES_FILE = "baselines.json"
 
-# Published ImageNet-1k results of the recipes the full-scale configs follow (REFERENCE.md).
+# Published ImageNet-1k results of the recipes the full-scale configs follow (last column: the
+# paper).
 PUBLISHED = (
     ("SimCLR", "ResNet-50 (1x)", "linear top-1", "69.1", "Chen et al. 2020, SimCLR"),
     ("MoCo v2", "ResNet-50, 200 epochs", "linear top-1", "67.5", "Chen et al. 2020, MoCo v2"),
