@@ -151,3 +151,16 @@ def test_user_errors_print_the_message_alone(tmp_path):
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert "has no checkpoints/ directory" in proc.stderr
   assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_saved_config_of_an_older_run_gets_the_keys_declared_since():
+  """A checkpoint's JSON config written before a key existed still rebuilds the run."""
+  import json
+  saved = json.loads(json.dumps(configs.load_config("configs/simclr_mnist.py:quick").to_dict()))
+  del saved["optim"]["no_decay_patterns"], saved["checkpoint"]["preemption_check_every"]
+  del saved["data"]["prefetch"]
+  config = configs.config_from_json(saved)
+  assert config.optim.no_decay_patterns == () and config.checkpoint.preemption_check_every == 10
+  assert config.data.prefetch == 2
+  assert config.model.kwargs.widths == (16, 16, 32, 32)  # lists come back as tuples
+  assert config.data.augment.crop_area == (0.5, 1.0) and config.loss.temperature == 0.1

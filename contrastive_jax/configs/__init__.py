@@ -73,10 +73,40 @@ def _tuples(node: Any) -> Any:
 
 
 def config_from_json(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """A checkpoint's JSON config (plain dicts and lists) as a ConfigDict, lists as tuples."""
+  """A checkpoint's JSON config (plain dicts and lists) as a ConfigDict, lists as tuples.
+
+  A key declared in ``common.py`` after the checkpoint was written takes its default there, so
+  that the code, which reads every key without a default of its own, can rebuild older runs.
+  """
   if not isinstance(data, Mapping):
     raise ConfigError(f"a saved config must be a JSON object, got {type(data).__name__}")
-  return ml_collections.ConfigDict(_tuples(data))
+  saved = _tuples(data)
+  return ml_collections.ConfigDict(_merge(_declared_defaults(saved), saved))
+
+
+def _declared_defaults(saved: Mapping[str, Any]) -> dict[str, Any]:
+  """The defaults of ``common.py`` for the sections ``saved`` has."""
+  from contrastive_jax.configs import common  # pylint: disable=g-import-not-at-top
+  out = common.base_config().to_dict()
+  data, optim, clip = (saved.get(k) for k in ("data", "optim", "clip"))
+  if isinstance(data, Mapping) and {"source", "recipe", "image_size"} <= set(data):
+    out["data"] = common.data_config(data["source"], recipe=data["recipe"],
+                                     image_size=data["image_size"]).to_dict()
+  if isinstance(optim, Mapping) and {"name", "base_lr"} <= set(optim):
+    out["optim"] = common.optim_config(optim["name"], base_lr=optim["base_lr"]).to_dict()
+  if isinstance(clip, Mapping) and {"loss", "embed_dim"} <= set(clip):
+    out["clip"] = common.clip_config(clip["loss"], embed_dim=clip["embed_dim"]).to_dict()
+  return _tuples(out)
+
+
+def _merge(defaults: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, Any]:
+  out = dict(defaults)
+  for key, value in saved.items():
+    if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+      out[key] = _merge(out[key], value)
+    else:
+      out[key] = value
+  return out
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
