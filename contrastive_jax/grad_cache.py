@@ -63,9 +63,8 @@ PyTree = Any
 
 
 def micro_batches(config: ml_collections.ConfigDict) -> int:
-  """``config.grad_cache.micro_batches`` (1 when the config has no ``grad_cache`` section)."""
-  section = config.get("grad_cache")
-  value = 1 if section is None else section.get("micro_batches", 1)
+  """``config.grad_cache.micro_batches``, checked (declared in ``configs/common.py``)."""
+  value = config.grad_cache.micro_batches
   if not isinstance(value, int) or isinstance(value, bool) or value < 1:
     raise ValueError(f"config.grad_cache.micro_batches={value!r} must be an integer >= 1 "
                      "(1 turns gradient caching off)")
