@@ -24,7 +24,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from contrastive_jax.data import pipeline as P  # noqa: E402
+from contrastive_jax.configs import common  # noqa: E402
+from contrastive_jax.data import pipeline  # noqa: E402
 from contrastive_jax.data import sources as S  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
 def measure(config, batch: int, steps: int, warmup: int) -> tuple[float, float]:
   """(seconds to the first batch, images per second over ``steps`` batches)."""
   t0 = time.perf_counter()
-  it = P.train_iterator(config, mode="views", global_batch=batch, seed=0, process_index=0,
+  it = pipeline.train_iterator(config, mode="views", global_batch=batch, seed=0, process_index=0,
                         process_count=1)
   next(it)
   first = time.perf_counter() - t0
@@ -75,14 +76,13 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     jpegs = make_jpegs(args.num_jpegs)
     S.write_image_text_tfrecords(((j, "photo") for j in jpegs), os.path.join(tmp, "bench"), 1)
-    c = P.default_data_config()
-    c.source, c.path, c.cache = "tfrecord", os.path.join(tmp, "bench-*.tfrecord"), True
-    c.image_size, c.recipe = 224, "simclr"
-    c.augment = {"strength": 1.0, "blur": True}
+    c = common.data_config("tfrecord", recipe="simclr", image_size=224, cache=True,
+                           path=os.path.join(tmp, "bench-*.tfrecord"),
+                           augment={"strength": 1.0, "blur": True})
     first, ips = measure(c, args.batch, args.steps, args.warmup)
     rows.append(("simclr 2 views, 224, JPEG ~400x500", args.batch, first, ips))
 
-  c = P.default_data_config()
+  c = common.data_config("mnist", recipe="simclr", image_size=32, augment={"strength": 0.5})
   first, ips = measure(c, args.mnist_batch, args.steps, args.warmup)
   rows.append(("mnist default (simclr s=0.5, 32, 2 views)", args.mnist_batch, first, ips))
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import pathlib
 import statistics
 import sys
 import time
@@ -43,23 +42,14 @@ MODELS = {
 }
 
 
-def _set(config, key, value):
-  node = config
-  *path, last = key.split(".")
-  for p in path:
-    node = node[p]
-  node[last] = value
-
-
 def build(name: str, batch: int, dtype: str, remat: bool, micro: int = 1):
   """``(config, method, tx, schedule, mesh)`` for the model ``name`` at this batch and dtype."""
   import importlib
-  from contrastive_jax import distributed, methods, optim
+  from contrastive_jax import configs, distributed, methods, optim
 
   module, overrides, _ = MODELS[name]
-  config = importlib.import_module(f"configs.{module}").get_config(None)
-  for key, value in overrides.items():
-    _set(config, key, value)
+  config = importlib.import_module(f"contrastive_jax.configs.{module}").get_config(None)
+  configs.apply_overrides(config, overrides)
   config.global_batch = batch
   config.dtype = dtype
   config.remat = remat
@@ -187,7 +177,6 @@ def main() -> None:
   parser.add_argument("--micro", default="1,4", help="micro-batch counts of the GradCache table")
   args = parser.parse_args()
 
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # for `configs`
   import jax
   jax.config.update("jax_threefry_partitionable", True)
 

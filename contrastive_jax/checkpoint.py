@@ -21,8 +21,8 @@ abstract state) and its directory is *moved*, never deleted, to ``checkpoints/da
 (not a step name, so orbax ignores it). Without the move, the damaged step would stay the
 newest and later saves' garbage collection would delete good steps while keeping it, and a
 re-save of that step number would collide with it. When every step fails, nothing is moved
-and a ``RuntimeError`` lists the reasons (most often the abstract state does not match the
-checkpoint, e.g. after a change of model config).
+and a ``CheckpointMismatchError`` (a ``RuntimeError``) lists the reasons (most often the abstract
+state does not match the checkpoint, e.g. after a change of model config).
 
 Preemption. ``install_preemption_handler`` records SIGTERM in a flag (the handler does no
 other work: it may run between any two bytecodes of the training loop); the loop calls
@@ -49,6 +49,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+from contrastive_jax.errors import CheckpointMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +225,7 @@ class Checkpointer:
     skipped too. Damaged newer steps (proven damaged because an older step restores with the
     same ``abstract_state``) are logged, recorded in ``damaged_steps`` and moved to
     ``checkpoints/damaged/<step>``. If no step restores, nothing is moved and a
-    ``RuntimeError`` reports each step's error.
+    ``CheckpointMismatchError`` reports each step's error.
     """
     self._manager.reload()  # see steps written or moved by others since construction
     steps = _common_steps(sorted(self._manager.all_steps(), reverse=True))
@@ -258,7 +260,7 @@ class Checkpointer:
                        "moved to %s", step, sorted(failures), self.directory / DAMAGED_SUBDIR)
       return result
     details = "; ".join(f"step {s}: {r}" for s, r in failures.items())
-    raise RuntimeError(
+    raise CheckpointMismatchError(
         f"no checkpoint in {self.directory} could be restored ({details}). If every step "
         "fails the same way, the abstract state probably does not match the checkpoint "
         "(changed model/optimizer config?): restore with the run's original config.")

@@ -3,7 +3,7 @@
 GradCache (Gao, Zhang, Han and Callan 2021, "Scaling Deep Contrastive Learning Batch Size under
 Memory Limited Setup", Sec. 3.2). A contrastive loss ``L(f(x_1), ..., f(x_B))`` couples every
 example of the global batch, so plain gradient accumulation over micro-batches would shrink the
-set of negatives (REFERENCE.md item 10). The chain rule splits the gradient instead:
+set of negatives (GradCache, Sec. 1). The chain rule splits the gradient instead:
 
   ``dL/dtheta = sum_i  (d f(s_i) / d theta)^T  (dL / d f(s_i))``          (GradCache, Eq. 4-5)
 
@@ -68,9 +68,8 @@ PyTree = Any
 
 
 def micro_batches(config: ml_collections.ConfigDict) -> int:
-  """``config.grad_cache.micro_batches`` (1 when the config has no ``grad_cache`` section)."""
-  section = config.get("grad_cache")
-  value = 1 if section is None else section.get("micro_batches", 1)
+  """``config.grad_cache.micro_batches``, checked (declared in ``configs/common.py``)."""
+  value = config.grad_cache.micro_batches
   if not isinstance(value, int) or isinstance(value, bool) or value < 1:
     raise ValueError(f"config.grad_cache.micro_batches={value!r} must be an integer >= 1 "
                      "(1 turns gradient caching off)")

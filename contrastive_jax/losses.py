@@ -15,7 +15,7 @@ Similarities, logits and log-sum-exps are computed in float32 (float64 if the in
 float64) whatever the input dtype, with ``Precision.HIGHEST`` matmuls so that TPUs do not
 round the logits to bf16. Masking uses ``-inf`` on float32 logits, never a large constant.
 
-Conventions (see ``shared/REFERENCE.md``, "how directions combine"):
+Conventions (how the directions combine differs between the papers and their code):
 
 * ``nt_xent`` (SimCLR, Chen et al. 2020, eq. 1): mean over all 2N anchors (the paper's L).
   The original TF code sums its two directions, i.e. reports twice this value.

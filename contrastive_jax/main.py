@@ -3,6 +3,9 @@
   python -m contrastive_jax.main --config=configs/simclr_mnist.py[:args] \
       [--config.key=value ...] --workdir=DIR
 
+``configs/NAME.py`` is the packaged ``contrastive_jax/configs/NAME.py`` (see
+``contrastive_jax.configs.resolve``); ``--config.key=None`` resets an optional number.
+
 Multi-host: on Cloud TPU pods (and SLURM) jax finds the cluster itself (``--multihost``); on
 CPU machines pass ``--coordinator_address``, ``--num_processes`` and ``--process_id`` (see
 ``launch/local_multiprocess.sh``). ``--heartbeat_timeout_s`` bounds how long the other
@@ -20,10 +23,12 @@ from absl import app, flags
 from absl import logging
 from ml_collections import config_flags
 
+from contrastive_jax import configs, errors
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.getcwd())  # so that configs/*.py can `from configs import common`
 
 FLAGS = flags.FLAGS
+configs.accept_none_overrides()
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...).")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with auto-detection "
@@ -52,9 +57,25 @@ def _out_of_space(error: BaseException | None) -> bool:
 
 
 def main(argv):
+  """Runs the training; a ``UserError`` (bad config, missing or corrupt data, a checkpoint that
+  does not fit the config, NaN, full disk) prints its message alone and exits with status 2.
+  Any other exception is a bug and keeps its traceback."""
   del argv
+  try:
+    _train()
+  except errors.UserError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(errors.EXIT_CODE)
+
+
+def _train():
   from contrastive_jax import checkpoint
   checkpoint.quiet_orbax_logs()
+  config_path = config_flags.get_config_filename(FLAGS["config"]).split(":", 1)[0]
+  if not os.path.isfile(config_path):
+    raise errors.ConfigError(
+        f"--config: file {config_path!r} does not exist; use configs/<name>.py[:arg] with a "
+        f"name in {configs.names()}, or the path of your own config file")
   # TensorFlow only feeds data: keep it off the accelerators that jax uses.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
@@ -78,23 +99,26 @@ def main(argv):
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   try:
-    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except errors.UserError:
+    raise
   except Exception as error:  # noqa: BLE001 -- re-raised, with a clear message on a full disk
     if _out_of_space(error):
-      raise OSError(errno.ENOSPC, f"--workdir={FLAGS.workdir} is out of disk space. Complete "
-                    "checkpoints already written are kept (an interrupted one is never "
-                    "listed); free space or move the run, then rerun the same command to "
-                    "resume") from error
+      raise errors.OutOfSpaceError(
+          errno.ENOSPC, f"--workdir={FLAGS.workdir} is out of disk space (No space left on "
+          "device). Complete checkpoints already written are kept (an interrupted one is never "
+          "listed); free space or move the run, then rerun the same command to resume") from error
     raise
-  if "stopped_at_step" in summary:  # preemption / stop_at_step: no summary.json yet
-    print(f"stopped at step {summary['stopped_at_step']} with a checkpoint; rerun the same "
+  if not result.finished:  # preemption / stop_at_step: no summary.json yet
+    print(f"stopped at step {result.stopped_at_step} with a checkpoint; rerun the same "
           "command to resume")
     return
   if jax.process_index() == 0:
-    print(train.format_summary(summary))
+    print(train.format_summary(result.summary, knn_k=FLAGS.config.eval.knn_k))
     print(f"full summary: {os.path.join(FLAGS.workdir, 'summary.json')}; TensorBoard: "
           f"tensorboard --logdir={FLAGS.workdir}")
 
 
 if __name__ == "__main__":
+  sys.argv = configs.resolve_argv(sys.argv)
   app.run(main)

@@ -59,15 +59,9 @@ NO_DECAY_SUBSTRINGS = (
 )
 NO_DECAY_LEAF_NAMES = ("embedding",)
 
-_NAMES = ("lars", "sgd", "adamw")
-_SCALINGS = ("linear", "sqrt", "none")
-_SCHEDULES = ("cosine", "constant")
-
-
-def _get(config: Any, key: str, default: Any) -> Any:
-  """``config.key`` or ``default`` when missing or None (ConfigDict and plain dict alike)."""
-  value = config.get(key, None) if hasattr(config, "get") else getattr(config, key, None)
-  return default if value is None else value
+NAMES = ("lars", "sgd", "adamw")
+SCALINGS = ("linear", "sqrt", "none")
+SCHEDULES = ("cosine", "constant")
 
 
 def _key_name(entry: Any) -> str:
@@ -100,8 +94,7 @@ def weight_decay_mask(params: PyTree, extra_patterns: Sequence[str] = ()) -> PyT
 
 def resolve_warmup_steps(optim_config: Any, total_steps: int) -> int:
   """The one place that turns ``warmup_steps`` or ``warmup_fraction`` into a step count."""
-  steps = _get(optim_config, "warmup_steps", None)
-  fraction = _get(optim_config, "warmup_fraction", None)
+  steps, fraction = optim_config.warmup_steps, optim_config.warmup_fraction
   # A zero in either field means "unset", so a base config may default both to 0.
   steps = steps or None
   fraction = fraction or None
@@ -123,8 +116,8 @@ def resolve_warmup_steps(optim_config: Any, total_steps: int) -> int:
 
 def peak_learning_rate(optim_config: Any, global_batch: int) -> float:
   """``base_lr`` scaled by the global batch as ``optim_config.lr_scaling`` says."""
-  base_lr = float(_get(optim_config, "base_lr", 0.0))
-  scaling = _get(optim_config, "lr_scaling", "none")
+  base_lr = float(optim_config.base_lr)
+  scaling = optim_config.lr_scaling
   if global_batch <= 0:
     raise ValueError(f"global_batch={global_batch} must be positive")
   if scaling == "linear":
@@ -133,7 +126,7 @@ def peak_learning_rate(optim_config: Any, global_batch: int) -> float:
     return base_lr * math.sqrt(global_batch)
   if scaling == "none":
     return base_lr
-  raise ValueError(f"optim.lr_scaling={scaling!r} is not one of {_SCALINGS}")
+  raise ValueError(f"optim.lr_scaling={scaling!r} is not one of {SCALINGS}")
 
 
 def learning_rate_schedule(optim_config: Any, *, global_batch: int,
@@ -143,10 +136,10 @@ def learning_rate_schedule(optim_config: Any, *, global_batch: int,
     raise ValueError(f"total_steps={total_steps} must be positive")
   peak = peak_learning_rate(optim_config, global_batch)
   warmup = resolve_warmup_steps(optim_config, total_steps)
-  kind = _get(optim_config, "schedule", "cosine")
-  if kind not in _SCHEDULES:
-    raise ValueError(f"optim.schedule={kind!r} is not one of {_SCHEDULES}")
-  end = float(_get(optim_config, "end_lr_fraction", 0.0)) * peak
+  kind = optim_config.schedule
+  if kind not in SCHEDULES:
+    raise ValueError(f"optim.schedule={kind!r} is not one of {SCHEDULES}")
+  end = float(optim_config.end_lr_fraction) * peak
   decay_steps = max(total_steps - warmup, 1)
 
   def schedule(step):
@@ -181,12 +174,13 @@ def build_optimizer(optim_config: Any, *, global_batch: int,
   """The optax transformation and its learning-rate schedule from ``optim_config``.
 
   Args:
-    optim_config: ConfigDict (or dict) with ``name`` ("lars" | "sgd" | "adamw"), ``base_lr``,
+    optim_config: a ConfigDict with ``name`` ("lars" | "sgd" | "adamw"), ``base_lr``,
       ``lr_scaling`` ("linear" | "sqrt" | "none"), ``warmup_steps`` or ``warmup_fraction``,
       ``schedule`` ("cosine" | "constant"), ``end_lr_fraction`` (0), ``weight_decay`` (0),
       ``momentum`` (0.9), ``nesterov`` (False), ``lars_eta`` (1e-3), ``b1`` (0.9),
       ``b2`` (0.999), ``eps`` (1e-8), ``grad_clip_norm`` (None), ``frozen_patterns`` (()),
-      ``no_decay_patterns`` (()). Missing or None fields take these defaults.
+      ``no_decay_patterns`` (()): ``configs.common.optim_config`` declares them all with
+      these defaults.
     global_batch: the global batch size (for lr scaling).
     total_steps: optimizer steps of the whole run.
 
@@ -194,22 +188,22 @@ def build_optimizer(optim_config: Any, *, global_batch: int,
     ``(tx, schedule)``; ``schedule(step)`` is the learning rate used at update ``step``
     (0-based), for logging.
   """
-  name = _get(optim_config, "name", None)
-  if name not in _NAMES:
-    raise ValueError(f"optim.name={name!r} is not one of {_NAMES}")
+  name = optim_config.name
+  if name not in NAMES:
+    raise ValueError(f"optim.name={name!r} is not one of {NAMES}")
   schedule = learning_rate_schedule(optim_config, global_batch=global_batch,
                                     total_steps=total_steps)
-  weight_decay = float(_get(optim_config, "weight_decay", 0.0))
-  momentum = float(_get(optim_config, "momentum", 0.9))
-  nesterov = bool(_get(optim_config, "nesterov", False))
-  extra = tuple(_get(optim_config, "no_decay_patterns", ()))
+  weight_decay = float(optim_config.weight_decay)
+  momentum = float(optim_config.momentum)
+  nesterov = bool(optim_config.nesterov)
+  extra = tuple(optim_config.no_decay_patterns)
 
   def mask(params):
     return weight_decay_mask(params, extra)
 
   if name == "lars":
     tx = optax.lars(schedule, weight_decay=weight_decay, weight_decay_mask=mask,
-                    trust_coefficient=float(_get(optim_config, "lars_eta", 1e-3)),
+                    trust_coefficient=float(optim_config.lars_eta),
                     trust_ratio_mask=mask, momentum=momentum, nesterov=nesterov)
   elif name == "sgd":
     tx = optax.chain(
@@ -217,18 +211,17 @@ def build_optimizer(optim_config: Any, *, global_batch: int,
         optax.trace(decay=momentum, nesterov=nesterov),
         optax.scale_by_learning_rate(schedule))
   else:
-    tx = optax.adamw(schedule, b1=float(_get(optim_config, "b1", 0.9)),
-                     b2=float(_get(optim_config, "b2", 0.999)),
-                     eps=float(_get(optim_config, "eps", 1e-8)),
+    tx = optax.adamw(schedule, b1=float(optim_config.b1), b2=float(optim_config.b2),
+                     eps=float(optim_config.eps),
                      weight_decay=weight_decay, mask=mask)
 
-  clip = _get(optim_config, "grad_clip_norm", None)
+  clip = optim_config.grad_clip_norm
   if clip is not None:
     if clip <= 0:
       raise ValueError(f"optim.grad_clip_norm={clip} must be positive (or None to disable)")
     tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
 
-  frozen = tuple(_get(optim_config, "frozen_patterns", ()))
+  frozen = tuple(optim_config.frozen_patterns)
   if frozen:
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
                                _frozen_labels(frozen))

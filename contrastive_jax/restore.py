@@ -22,12 +22,8 @@ shapes); nothing below it imports this module.
 
 from __future__ import annotations
 
-import ast
 import functools
-import importlib.util
 import os
-import sys
-from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -35,7 +31,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from contrastive_jax import checkpoint, distributed, methods, optim, train
+# The config helpers live with the configs; re-exported for the tools that restore runs.
+from contrastive_jax.configs import (  # noqa: F401
+    apply_overrides, config_from_json, load_config, parse_value, set_value)
 from contrastive_jax.data import pipeline
+from contrastive_jax.errors import RunDirectoryError
 
 
 class RestoredRun(NamedTuple):
@@ -45,95 +45,6 @@ class RestoredRun(NamedTuple):
   state: Any
   mesh: jax.sharding.Mesh
   step: int
-
-
-# ----------------------------------------------------------------------------- configs
-
-
-def _tuples(node: Any) -> Any:
-  if isinstance(node, Mapping):
-    return {k: _tuples(v) for k, v in node.items()}
-  if isinstance(node, (list, tuple)):
-    return tuple(_tuples(v) for v in node)
-  return node
-
-
-def config_from_json(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """A checkpoint's JSON config (plain dicts and lists) as a ConfigDict, lists as tuples."""
-  if not isinstance(data, Mapping):
-    raise ValueError(f"a saved config must be a JSON object, got {type(data).__name__}")
-  return ml_collections.ConfigDict(_tuples(data))
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """``"configs/x.py[:arg]"`` -> ``get_config(arg)`` of that file (as ``--config`` does).
-
-  The current directory goes on ``sys.path`` first so that a config's ``from configs import
-  common`` works when run from the repository root.
-  """
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ValueError(f"config file {path!r} does not exist; pass --config=configs/<name>.py[:arg]")
-  if os.getcwd() not in sys.path:
-    sys.path.insert(0, os.getcwd())
-  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if repo_root not in sys.path:
-    sys.path.insert(0, repo_root)
-  name = "_config_" + os.path.splitext(os.path.basename(path))[0]
-  module_spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {path!r} has no get_config(arg) function")
-  return module.get_config(arg or None)
-
-
-def parse_value(text: str) -> Any:
-  """A command-line value: a Python literal (``0.1``, ``True``, ``(16, 32)``, ``None``) or text."""
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-
-
-def set_value(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-  """Sets dotted ``key`` (e.g. ``"loss.temperature"``) in place; the key must already exist.
-
-  Lists become tuples; an int given for a float setting is converted (ConfigDict's own type
-  check rejects other mismatches, e.g. a string for a number).
-  """
-  *path, last = key.split(".")
-  node = config
-  for i, part in enumerate(path):
-    if part not in node or not isinstance(node[part], (ml_collections.ConfigDict, dict)):
-      raise ValueError(f"config key {key!r}: {'.'.join(path[:i + 1])!r} is not a section of "
-                       "the config; check the spelling against the config file")
-    node = node[part]
-  if last not in node:
-    raise ValueError(f"config key {key!r} does not exist (known in this section: "
-                     f"{sorted(node.keys())}); check the spelling against the config file")
-  value = _tuples(value)
-  if isinstance(node[last], float) and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
-  with config.unlocked():  # a config from main.py's flags is locked against new keys only
-    node[last] = value
-
-
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Sequence[str] | Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """Applies ``["a.b=1", ...]`` (values parsed by ``parse_value``) or ``{"a.b": 1}`` in place."""
-  if isinstance(overrides, Mapping):
-    items = list(overrides.items())
-  else:
-    items = []
-    for text in overrides:
-      key, sep, value = text.partition("=")
-      if not sep or not key:
-        raise ValueError(f"override {text!r} must look like key=value, e.g. loss.temperature=0.1")
-      items.append((key.strip(), parse_value(value.strip())))
-  for key, value in items:
-    set_value(config, key, value)
-  return config
 
 
 # ----------------------------------------------------------------------------- state
@@ -172,18 +83,19 @@ def saved_config(workdir: str | os.PathLike, step: int | None = None
   """The config stored with checkpoint ``step`` (default: the newest) and that step."""
   directory = checkpoint.run_directory(workdir) / checkpoint.CHECKPOINT_SUBDIR
   if not directory.exists():
-    raise ValueError(f"{workdir} has no {checkpoint.CHECKPOINT_SUBDIR}/ directory; pass the "
+    raise RunDirectoryError(f"{workdir} has no {checkpoint.CHECKPOINT_SUBDIR}/ directory; pass the "
                      "--workdir of a training run")
   options = ocp.CheckpointManagerOptions(read_only=True, create=False)
   with ocp.CheckpointManager(directory, options=options,
                              item_names=("state", "data_state", "config")) as manager:
     steps = sorted(manager.all_steps())
     if not steps:
-      raise ValueError(f"no checkpoint in {directory}; train first (or pass another --workdir)")
+      raise RunDirectoryError(f"no checkpoint in {directory}; train first (or pass another "
+                              "--workdir)")
     if step is None:
       step = steps[-1]
     elif step not in steps:
-      raise ValueError(f"--step={step} has no checkpoint in {directory}; available: {steps}")
+      raise RunDirectoryError(f"--step={step} has no checkpoint in {directory}; available: {steps}")
     restored = manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return config_from_json(dict(restored.config)), int(step)
 
@@ -215,7 +127,8 @@ def restore_run(workdir: str | os.PathLike, step: int | None = None,
     if step is None:
       restored = ckpt.restore_latest_good(abstract)
       if restored is None:
-        raise ValueError(f"no checkpoint in {workdir}")
+        raise RunDirectoryError(f"no checkpoint in {workdir}; train first (or pass another "
+                                "--workdir)")
     else:
       restored = ckpt.restore(abstract, step)
   finally:

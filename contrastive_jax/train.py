@@ -7,6 +7,7 @@ The method plugs in through ``methods/base.py``'s surface; nothing here branches
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -22,7 +23,8 @@ from absl import logging
 from clu import metric_writers, metrics as clu_metrics, periodic_actions
 from etils import epath
 
-from contrastive_jax import checkpoint, distributed, grad_cache, methods, optim
+from contrastive_jax import checkpoint, distributed, grad_cache, methods, optim, ring_losses
+from contrastive_jax.errors import ConfigError, NonFiniteLossError
 from contrastive_jax.data import pipeline
 from contrastive_jax import evaluate as evaluators
 from contrastive_jax.evaluate import plots
@@ -30,32 +32,24 @@ from contrastive_jax.methods import base as method_base
 from contrastive_jax.models import registry
 from contrastive_jax.train_state import TrainState
 
-class NonFiniteLossError(FloatingPointError):
-  """The loss (or another logged metric) became NaN or infinite."""
-
-
 # ----------------------------------------------------------------------------- config
 
 
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int | None) -> int:
   """``config.total_steps``, or ``config.total_epochs`` converted with the dataset size."""
-  steps, epochs = config.get("total_steps"), config.get("total_epochs")
+  steps, epochs = config.total_steps, config.total_epochs
   if (steps is None) == (epochs is None):
-    raise ValueError("set exactly one of config.total_steps and config.total_epochs (the other "
-                     "to None)")
+    raise ConfigError("set exactly one of config.total_steps and config.total_epochs, the "
+                      "other to None (e.g. --config.total_steps=None --config.total_epochs=100)")
   if steps is not None:
     if steps <= 0:
-      raise ValueError(f"config.total_steps={steps} must be positive")
+      raise ConfigError(f"config.total_steps={steps} must be positive")
     return int(steps)
   if epochs <= 0:
-    raise ValueError(f"config.total_epochs={epochs} must be positive")
+    raise ConfigError(f"config.total_epochs={epochs} must be positive")
   if not num_train_examples:
-    raise ValueError("config.total_epochs needs the dataset size; set config.total_steps")
+    raise ConfigError("config.total_epochs needs the dataset size; set config.total_steps")
   return max(1, int(math.ceil(epochs * num_train_examples / config.global_batch)))
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key and the fix."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -63,80 +57,87 @@ def _require(ok: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+def _one_of(key: str, value: Any, options) -> None:
+  _require(value in options, f"config.{key}={value!r} is unknown; use one of {list(options)}")
+
+
 def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """Cheap checks that fail in well under a second, before any data is read or anything is
-  compiled, each naming the config key and the fix. Method-specific checks (queue size,
-  momentum) run when the method is built, also before compiling."""
-  _require("method" in config and config.method in methods.METHODS,
-           f"config.method={config.get('method')!r} is unknown; use one of "
-           f"{sorted(methods.METHODS)}")
-  gb = config.get("global_batch")
+  compiled, each naming the config key and the fix. The option lists are the modules' own
+  (``methods.METHODS``, ``optim.NAMES``, ``pipeline.SOURCES``, ...). Building the method runs
+  its own checks (queue size, momentum), also before compiling."""
+  _one_of("method", config.method, sorted(methods.METHODS))
+  gb = config.global_batch
   _require(isinstance(gb, int) and gb > 0,
            f"config.global_batch={gb!r} must be a positive integer")
-  distributed.check_batch_divisible(gb, mesh, "config.global_batch")
-  _require(int(config.get("log_every", 1)) > 0,
-           f"config.log_every={config.get('log_every')} must be >= 1")
-  _require(int(config.checkpoint.every_steps) > 0,
-           f"config.checkpoint.every_steps={config.checkpoint.every_steps} must be >= 1")
-  check_every = config.checkpoint.get("preemption_check_every", 10)
-  _require(int(check_every) > 0,
-           f"config.checkpoint.preemption_check_every={check_every} must be >= 1")
-  _require(config.checkpoint.get("max_to_keep") is None or config.checkpoint.max_to_keep >= 1,
-           f"config.checkpoint.max_to_keep={config.checkpoint.max_to_keep} must be >= 1 "
+  try:
+    distributed.check_batch_divisible(gb, mesh, "config.global_batch")
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  for key in ("log_every", "checkpoint.every_steps", "checkpoint.preemption_check_every"):
+    value = _value(config, key)
+    _require(isinstance(value, int) and value > 0, f"config.{key}={value!r} must be >= 1")
+  keep = config.checkpoint.max_to_keep
+  _require(keep is None or keep >= 1, f"config.checkpoint.max_to_keep={keep} must be >= 1 "
            "(or None to keep every checkpoint)")
-  if "loss" in config and config.loss.get("temperature") is not None:
+  if "loss" in config and "temperature" in config.loss:
     t = config.loss.temperature
     _require(isinstance(t, (int, float)) and t > 0,
              f"config.loss.temperature={t} must be positive (SimCLR 0.1-0.5, MoCo 0.2)")
-  _require(config.get("loss_impl", "all_gather") in ("all_gather", "ring"),
-           f"config.loss_impl={config.get('loss_impl')!r}; use 'all_gather' or 'ring'")
-  _require(config.get("dtype", "float32") in method_base.DTYPES,
-           f"config.dtype={config.get('dtype')!r}; use one of {sorted(method_base.DTYPES)}")
-  if "model" in config:
-    _require(config.model.name in registry.MODEL_NAMES,
-             f"config.model.name={config.model.name!r} is unknown; known models are "
-             f"{list(registry.MODEL_NAMES)}")
-  optim_cfg = config.optim
-  _require(optim_cfg.get("name") in ("lars", "sgd", "adamw"),
-           f"config.optim.name={optim_cfg.get('name')!r}; use 'lars', 'sgd' or 'adamw'")
-  _require(float(optim_cfg.get("base_lr", 0)) > 0,
-           f"config.optim.base_lr={optim_cfg.get('base_lr')} must be positive")
-  _require(float(optim_cfg.get("weight_decay", 0) or 0) >= 0,
-           f"config.optim.weight_decay={optim_cfg.get('weight_decay')} must be >= 0")
+  _one_of("loss_impl", config.loss_impl, ring_losses.IMPLEMENTATIONS)
+  _one_of("dtype", config.dtype, sorted(method_base.DTYPES))
+  _one_of("model.name", config.model.name, registry.MODEL_NAMES)
+  _one_of("optim.name", config.optim.name, optim.NAMES)
+  _one_of("optim.lr_scaling", config.optim.lr_scaling, optim.SCALINGS)
+  _one_of("optim.schedule", config.optim.schedule, optim.SCHEDULES)
+  _require(float(config.optim.base_lr) > 0,
+           f"config.optim.base_lr={config.optim.base_lr} must be positive")
+  _require(float(config.optim.weight_decay) >= 0,
+           f"config.optim.weight_decay={config.optim.weight_decay} must be >= 0")
   data = config.data
-  _require(data.get("source") in pipeline.SOURCES,
-           f"config.data.source={data.get('source')!r} is unknown; use one of "
-           f"{list(pipeline.SOURCES)}")
+  _one_of("data.source", data.source, pipeline.SOURCES)
   _require(isinstance(data.image_size, int) and data.image_size >= 8,
            f"config.data.image_size={data.image_size!r} must be an integer >= 8")
   if data.source == "tfds":
-    _require(bool(data.get("name")), "config.data.name must name a tfds dataset (e.g. "
-             "'cifar10') when config.data.source='tfds'")
+    _require(bool(data.name), "config.data.name must name a tfds dataset (e.g. 'cifar10') when "
+             "config.data.source='tfds'")
   if data.source in ("folder", "csv", "tfrecord"):
-    _require(bool(data.get("path")), f"config.data.path must be set for "
-             f"config.data.source={data.source!r} (a folder, CSV file or TFRecord glob)")
-  patch = None
-  if "model" in config:
-    patch = (dict(config.model.get("kwargs") or {}).get("patch_size")
-             or registry.VIT_PRESETS.get(config.model.name, {}).get("patch_size"))
+    _require(bool(data.path), f"config.data.path must be set for config.data.source="
+             f"{data.source!r} (a folder, CSV file or TFRecord glob)")
+  patch = (dict(config.model.kwargs).get("patch_size")
+           or registry.VIT_PRESETS.get(config.model.name, {}).get("patch_size"))
   if patch:
     _require(data.image_size >= patch and data.image_size % patch == 0,
              f"config.data.image_size={data.image_size} must be a multiple of the ViT patch "
              f"size {patch} (and at least one patch); change config.data.image_size or the "
              "patch size")
-  if config.eval.get("enabled", True):
-    distributed.check_batch_divisible(int(config.eval.batch_size), mesh,
-                                      "config.eval.batch_size")
+  if config.eval.enabled:
+    try:
+      distributed.check_batch_divisible(int(config.eval.batch_size), mesh,
+                                        "config.eval.batch_size")
+    except ValueError as error:
+      raise ConfigError(str(error)) from None
     _require(int(config.eval.knn_k) > 0, f"config.eval.knn_k={config.eval.knn_k} must be >= 1")
   try:
     micro = grad_cache.micro_batches(config)
+    total_steps(config, 1)  # exactly one of total_steps / total_epochs, positive
+    optim.resolve_warmup_steps(config.optim, 2**31)
+    methods.build_method(config, mesh)  # the method's own checks
+  except ConfigError:
+    raise
   except ValueError as error:
     raise ConfigError(str(error)) from None
   if micro > 1:
     _require(methods.METHODS[config.method].supports_grad_cache,
              f"config.grad_cache.micro_batches={micro} but method {config.method!r} has no "
              "gradient caching (SimCLR and CLIP do); set it to 1")
-  total_steps(config, 1)  # exactly one of total_steps / total_epochs, positive
+
+
+def _value(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
 
 
 def check_workdir(workdir: epath.Path) -> None:
@@ -205,9 +206,9 @@ def check_finite(step: int, scalars: dict[str, float], since: int | None = None)
         f"steps {since + 1}..{step}"
     raise NonFiniteLossError(
         f"non-finite metric(s) in {where}: {bad}. No checkpoint of this state is written; "
-        "lower the learning rate, raise the temperature or enable gradient clipping "
-        "(config.optim.grad_clip_norm), then restart: the run resumes from the last good "
-        "checkpoint.")
+        "lower the learning rate, raise the temperature or clip the gradient norm "
+        "(--config.optim.grad_clip_norm=1.0), then restart: the run resumes from the last "
+        "good checkpoint.")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -305,21 +306,43 @@ def _flatten(prefix: str, tree: Any) -> dict[str, float]:
 # ----------------------------------------------------------------------------- main loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+  """What ``train_and_evaluate`` returns, whether the run finished or stopped early.
+
+  Attributes:
+    summary: the final summary (also written to ``workdir/summary.json``): ``method``,
+      ``steps``, ``final_train``, ``train_history``, ``eval``, ...; None when the run stopped
+      early.
+    stopped_at_step: the step of the checkpoint saved on preemption or at
+      ``config.stop_at_step``; None when the run finished.
+    train_history: ``[{"step": s, <metric>: value, ...}]``, one entry per log step of this
+      process's run (since its start or resume).
+  """
+  summary: dict[str, Any] | None
+  stopped_at_step: int | None
+  train_history: list[dict[str, float]]
+
+  @property
+  def finished(self) -> bool:
+    return self.stopped_at_step is None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   """Trains ``config.method`` in ``workdir`` (resuming from its checkpoints) and evaluates.
 
-  Returns the final summary (also written to ``workdir/summary.json``).
+  Returns a ``RunResult``: the summary of a finished run, or the step at which it stopped.
   """
   workdir = checkpoint.run_directory(workdir)
   check_workdir(workdir)
   is_chief = jax.process_index() == 0
 
   # --- Mesh and config checks (before anything compiles).
-  mesh = distributed.make_mesh(config.get("num_devices"))
+  mesh = distributed.make_mesh(config.num_devices)
   validate_config(config, mesh)
   method = methods.build_method(config, mesh)
   num_train = None
-  if config.get("total_epochs") is not None:
+  if config.total_epochs is not None:
     num_train = len(pipeline.indexed_source(config.data, config.data.train_split))
   num_steps = total_steps(config, num_train)
 
@@ -341,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Checkpoints: resume from the newest good one if there is one.
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
                                  save_interval_steps=config.checkpoint.every_steps,
-                                 async_save=config.checkpoint.get("async_save", True))
+                                 async_save=config.checkpoint.async_save)
   restored = ckpt.restore_latest_good(abstract)
   if restored is not None:
     state, data_state, _, restored_step = restored
@@ -363,14 +386,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- The step.
   batch_sharding = distributed.data_sharding(mesh)
   step_fn = jax.jit(make_train_step(method, tx, lr_schedule,
-                                    skip_nonfinite=config.get("skip_nonfinite", False)),
+                                    skip_nonfinite=config.skip_nonfinite),
                     donate_argnums=(0,),
                     in_shardings=(state_sharding, batch_sharding),
                     out_shardings=(state_sharding, distributed.replicated(mesh)))
 
   # --- Evaluation data (held in memory: the embedded and small datasets).
   eval_data = None
-  if config.eval.get("enabled", True):
+  if config.eval.enabled:
     eval_data = load_eval_data(config)
 
   encode_fn = make_encode_fn(method)
@@ -381,13 +404,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                            every_steps=config.log_every)
   if is_chief:
     hooks.append(report)
-    if config.get("profile_steps", 0):
+    if config.profile_steps:
       hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
                                             first_profile=start_step + 10,
                                             logdir=str(workdir), every_secs=None,
                                             profile_duration_ms=None))
   preempted = checkpoint.install_preemption_handler()
-  check_every = int(config.checkpoint.get("preemption_check_every", 10))  # older configs: 10
+  check_every = config.checkpoint.preemption_check_every
 
   # --- The loop.
   collection = None
@@ -430,7 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
 
       stop = (checkpoint.reached_preemption(step, preempted, every=check_every)
-              or step == config.get("stop_at_step"))
+              or step == config.stop_at_step)
       if step % config.checkpoint.every_steps == 0 or at_end or stop:
         if train_metrics is not None:  # never checkpoint a state whose steps are unchecked
           check_finite(step, {k: float(v) for k, v in train_metrics.compute().items()},
@@ -441,7 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.warning("stopped early (preemption or config.stop_at_step): saved a checkpoint "
                         "at step %d; rerun the same command to resume", step)
         ckpt.close()
-        return {"stopped_at_step": step, "train_history": history}
+        return RunResult(summary=None, stopped_at_step=step, train_history=history)
   ckpt.wait()
   train_time = time.time() - t0
 
@@ -454,18 +477,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     summary["eval"], test_f = evaluate(method, state, eval_data, mesh, config,
                                        evals=FINAL_EVALS, encode_fn=encode_fn,
                                        return_test_features=True)
-    plot = config.eval.get("embedding_plot", "pca")
+    plot = config.eval.embedding_plot
     if plot and is_chief:
       plots.save_embedding_plot(test_f, eval_data["test"]["label"],
                                 str(workdir / "embeddings.png"), method=plot,
                                 title=f"{config.method}: test features after {num_steps} steps")
     writer.write_scalars(num_steps, {f"eval/{k}": v for k, v in summary["eval"].items()})
-    if config.eval.get("raw_pixel_baseline", False):
+    if config.eval.raw_pixel_baseline:
       summary["raw_pixels"] = raw_pixel_baseline(eval_data, config)
   ckpt.close()
   if is_chief:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-  return summary
+  return RunResult(summary=summary, stopped_at_step=None, train_history=history)
 
 
 def _flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -485,12 +508,14 @@ def _flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return flat
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-  """A short human-readable table of the final evaluation against the raw-pixel baseline."""
-  lines = [f"== {summary.get('method')} after {summary.get('steps')} steps "
-           f"({summary.get('train_seconds_this_run')} s of training in this run) =="]
-  ev, raw = summary.get("eval", {}), summary.get("raw_pixels", {})
-  rows = [("kNN (k=200) top-1", "knn/top1", None), ("linear probe top-1", "linear/top1", None)]
+def format_summary(summary: dict[str, Any], knn_k: int) -> str:
+  """A short human-readable table of the final evaluation against the raw-pixel baseline;
+  ``knn_k`` is the run's ``config.eval.knn_k``."""
+  lines = [f"== {summary['method']} after {summary['steps']} steps "
+           f"({summary['train_seconds_this_run']} s of training in this run) =="]
+  ev, raw = summary.get("eval", {}), summary.get("raw_pixels", {})  # absent: evaluation off
+  rows = [(f"kNN (k={knn_k}) top-1", "knn/top1", None),
+          ("linear probe top-1", "linear/top1", None)]
   rows += [(f"{k.split('/')[1]} labels/class top-1", k, k.replace("_mean", "_std"))
            for k in sorted(ev) if k.startswith("few/") and k.endswith("/top1_mean")]
   rows += [(k, k, None) for k in sorted(ev) if k.startswith(("zero_shot/", "retrieval/"))]

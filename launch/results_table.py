@@ -37,17 +37,18 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _path in (REPO_ROOT, os.path.dirname(os.path.abspath(__file__))):
-  if _path not in sys.path:
-    sys.path.insert(0, _path)
+_LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
+if _LAUNCH_DIR not in sys.path:  # run as a script, launch/ is already first; imported, it is not
+  sys.path.insert(0, _LAUNCH_DIR)
 
 import sweep  # noqa: E402  (launch/sweep.py: run_to_completion, formatting)
+from contrastive_jax import configs  # noqa: E402
 
 DEFAULT_CONFIGS = ("simclr_mnist", "mocov2_mnist", "mocov3_mnist", "clip_mnist")
 BASELINES_FILE = "baselines.json"
 
-# Published ImageNet-1k results of the recipes the full-scale configs follow (REFERENCE.md).
+# Published ImageNet-1k results of the recipes the full-scale configs follow (last column: the
+# paper).
 PUBLISHED = (
     ("SimCLR", "ResNet-50 (1x)", "linear top-1", "69.1", "Chen et al. 2020, SimCLR"),
     ("MoCo v2", "ResNet-50, 200 epochs", "linear top-1", "67.5", "Chen et al. 2020, MoCo v2"),
@@ -189,7 +190,7 @@ def make_table(out: str, configs: Sequence[str] = DEFAULT_CONFIGS, *,
   entries, notes = [], []
   workdir = os.path.abspath(workdir)
   for name in configs:
-    path = os.path.join(REPO_ROOT, "configs", f"{name}.py")
+    path = os.path.join(configs.PACKAGE_DIR, f"{name}.py")
     if not os.path.exists(path):
       notes.append(f"`configs/{name}.py` does not exist yet: skipped.")
       log(f"[{name}] skipped: {path} does not exist")

@@ -45,8 +45,6 @@ from collections.abc import Sequence
 from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-  sys.path.insert(0, REPO_ROOT)  # `contrastive_jax` and `configs` without installation
 
 TIMING_FILE = "run_seconds.json"
 FAILURE_FILE = "failed.txt"
@@ -152,8 +150,8 @@ def run_to_completion(config_spec: str, overrides: Sequence[str], workdir: str, 
       if proc.returncode != 0:
         raise RuntimeError(f"exit status {proc.returncode}; see the output above")
     else:
-      from contrastive_jax import restore, train  # pylint: disable=g-import-not-at-top
-      config = restore.apply_overrides(restore.load_config(config_spec), overrides)
+      from contrastive_jax import configs, train  # pylint: disable=g-import-not-at-top
+      config = configs.apply_overrides(configs.load_config(config_spec), overrides)
       train.train_and_evaluate(config, workdir)
   except Exception as error:  # noqa: BLE001 -- one failed point must not end the sweep
     first_line = (str(error).splitlines() or [""])[0][:200]
@@ -275,6 +273,7 @@ def run_sweep(config_spec: str, sweeps: Sequence[str], workdir: str, *,
 
   Returns ``{"rows": [...], "table": path, "plot": path, "failed": count}``.
   """
+  from contrastive_jax import configs  # pylint: disable=g-import-not-at-top
   parsed = [parse_sweep(s) for s in sweeps]
   keys = [k for k, _ in parsed]
   for key in keys:
@@ -282,12 +281,11 @@ def run_sweep(config_spec: str, sweeps: Sequence[str], workdir: str, *,
       raise ValueError(f"{key} is both swept and set with --set; drop one of them")
   if not use_subprocess:
     # Fail on a misspelt key before the first point trains.
-    from contrastive_jax import restore  # pylint: disable=g-import-not-at-top
-    probe = restore.apply_overrides(restore.load_config(config_spec), overrides)
-    restore.apply_overrides(probe, [f"{k}={v[0]}" for k, v in parsed])
+    probe = configs.apply_overrides(configs.load_config(config_spec), overrides)
+    configs.apply_overrides(probe, [f"{k}={v[0]}" for k, v in parsed])
   # Absolute paths: subprocesses run from the repository root.
   display_spec = config_spec
-  path, sep, arg = config_spec.partition(":")
+  path, sep, arg = configs.resolve(config_spec).partition(":")
   config_spec = os.path.abspath(path) + sep + arg
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)

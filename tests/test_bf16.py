@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import clip_mnist, simclr_mnist
+from contrastive_jax.configs import clip_mnist, simclr_mnist
 from contrastive_jax import distributed, methods, optim, train
 from contrastive_jax.data import pipeline
 

@@ -10,7 +10,8 @@ import tensorflow as tf
 from PIL import Image
 from skimage import data as skdata
 
-from contrastive_jax.data import pipeline as P
+from contrastive_jax.configs import common
+from contrastive_jax.data import pipeline
 from contrastive_jax.data import sources as S
 from contrastive_jax.data import tokenizer as T
 
@@ -44,17 +45,14 @@ def folder(tmp_path_factory):
   return str(root)
 
 
-def _config(**kw):
-  c = P.default_data_config()
-  c.image_size = SIZE
-  c.augment.blur = False
-  for k, v in kw.items():
-    c[k] = v
-  return c
+def _config(source="mnist", recipe="simclr", image_size=SIZE, **kw):
+  """``config.data`` as the configs build it (configs/common.py), no blur."""
+  return common.data_config(source, recipe=recipe, image_size=image_size,
+                            augment=dict(strength=0.5, blur=False), **kw)
 
 
 def _run(c, steps, **kw):
-  it = P.train_iterator(c, **{"mode": "views", "global_batch": 8, "seed": 0, **kw})
+  it = pipeline.train_iterator(c, **{"mode": "views", "global_batch": 8, "seed": 0, **kw})
   return [next(it) for _ in range(steps)], it
 
 
@@ -108,7 +106,7 @@ def test_mnist_default_views_and_image_text():
   assert b["label"].dtype == np.int32 and b["index"].dtype == np.int64
   assert 0.0 <= b["view1"].min() and b["view1"].max() <= 1.0
   assert it.stats["steps_per_epoch"] == 4000 // 8
-  it = P.train_iterator(c, mode="image_text", global_batch=8, seed=0, process_index=0,
+  it = pipeline.train_iterator(c, mode="image_text", global_batch=8, seed=0, process_index=0,
                         process_count=1)
   b = next(it)
   assert b["tokens"].shape == (8, c.context_length) and b["tokens"].dtype == np.int32
@@ -120,25 +118,25 @@ def test_mnist_default_views_and_image_text():
 
 def test_eval_arrays_and_padded_eval_iterator():
   c = _config()
-  ev = P.eval_arrays(c, "test", with_text=True)
+  ev = pipeline.eval_arrays(c, "test", with_text=True)
   assert ev["image"].shape == (1000, SIZE, SIZE, 3) and ev["image"].dtype == np.float32
   assert ev["label"].dtype == np.int32 and ev["tokens"].shape == (1000, c.context_length)
   # Eval preprocessing of tiny images is a plain resize of the stored image.
   src = S.mnist_source("test", SIZE)
   np.testing.assert_allclose(ev["image"][:5, ..., 0], src.columns["image"][:5, ..., 0] / 255,
                              atol=1e-6)
-  batches = list(P.eval_iterator(c, "test", 300, process_index=0, process_count=1))
+  batches = list(pipeline.eval_iterator(c, "test", 300, process_index=0, process_count=1))
   assert len(batches) == 4 and all(len(b["mask"]) == 300 for b in batches)
   assert batches[-1]["mask"].sum() == 100 and (batches[-1]["label"][100:] == 0).all()
   seen = np.concatenate([b["index"][b["mask"]] for b in batches])
   np.testing.assert_array_equal(seen, ev["index"])
   # Two processes: same number of batches each, masks cover every example exactly once.
-  per = [list(P.eval_iterator(c, "test", 600, process_index=p, process_count=2))
+  per = [list(pipeline.eval_iterator(c, "test", 600, process_index=p, process_count=2))
          for p in range(2)]
   assert len(per[0]) == len(per[1])
   ids = np.concatenate([b["index"][b["mask"]] for bs in per for b in bs])
   assert sorted(ids.tolist()) == sorted(ev["index"].tolist())
-  prompts = P.class_prompts(c)
+  prompts = pipeline.class_prompts(c)
   assert prompts["tokens"].shape[:2] == (10, len(S.MNIST_EVAL_TEMPLATES))
 
 
@@ -184,10 +182,10 @@ def test_resume_equals_uninterrupted(two_process_runs):
 def test_global_batch_not_divisible_raises(folder):
   c = _config(source="folder", path=folder)
   with pytest.raises(ValueError, match="not divisible"):
-    P.train_iterator(c, mode="views", global_batch=9, seed=0, process_index=0,
+    pipeline.train_iterator(c, mode="views", global_batch=9, seed=0, process_index=0,
                      process_count=2)
   with pytest.raises(ValueError, match="larger than"):
-    P.train_iterator(c, mode="views", global_batch=32, seed=0, process_index=0,
+    pipeline.train_iterator(c, mode="views", global_batch=32, seed=0, process_index=0,
                      process_count=1)
 
 
@@ -207,7 +205,7 @@ def test_folder_labels_and_errors(folder, tmp_path):
   # Pixels come through decoding unchanged (PNG is lossless): eval at native size.
   c = _config(source="folder", path=folder, image_size=24)
   c.augment.eval_mode = "resize"
-  ev = P.eval_arrays(c, "train")
+  ev = pipeline.eval_arrays(c, "train")
   png_row = 1  # cat/01.png
   ref = np.asarray(Image.open(src.columns["path"][png_row]).convert("RGB"), np.float64) / 255
   ref = tf.image.resize(ref, [24, 24], method="bicubic").numpy().clip(0, 1)
@@ -228,7 +226,7 @@ def csv_dir(tmp_path):
 
 def test_csv_image_text(csv_dir):
   c = _config(source="csv", path=str(csv_dir / "pairs.csv"), recipe="clip")
-  it = P.train_iterator(c, mode="image_text", global_batch=4, seed=1, process_index=0,
+  it = pipeline.train_iterator(c, mode="image_text", global_batch=4, seed=1, process_index=0,
                         process_count=1)
   tok = T.ByteTokenizer(c.context_length)
   seen = []
@@ -263,12 +261,12 @@ def test_corrupt_image_named_or_skipped_and_counted(folder, tmp_path):
   bad = root / "coffee" / "99.jpg"
   bad.write_bytes(b"\xff\xd8\xff garbage, not a jpeg")
   c = _config(source="folder", path=str(root))
-  it = P.train_iterator(c, mode="views", global_batch=25, seed=0, process_index=0,
+  it = pipeline.train_iterator(c, mode="views", global_batch=25, seed=0, process_index=0,
                         process_count=1)
   with pytest.raises(S.CorruptImageError, match="99.jpg.*skip_corrupt"):
     next(it)
   c.skip_corrupt = True
-  it = P.train_iterator(c, mode="views", global_batch=8, seed=0, process_index=0,
+  it = pipeline.train_iterator(c, mode="views", global_batch=8, seed=0, process_index=0,
                         process_count=1)
   assert it.stats["corrupt_skipped"] == 1 and it.stats["corrupt_files"][0].endswith("99.jpg")
   ids = np.concatenate([next(it)["index"] for _ in range(3)])
@@ -279,15 +277,15 @@ def test_tfds_mock_data():
   import tensorflow_datasets as tfds
   c = _config(source="tfds", name="mnist", cache=True)
   with tfds.testing.mock_data(num_examples=16):
-    ev = P.eval_arrays(c, "test")
+    ev = pipeline.eval_arrays(c, "test")
     assert ev["image"].shape == (16, SIZE, SIZE, 3) and ev["label"].dtype == np.int32
-    it = P.train_iterator(c, mode="views", global_batch=8, seed=0, process_index=0,
+    it = pipeline.train_iterator(c, mode="views", global_batch=8, seed=0, process_index=0,
                           process_count=2)
     b = next(it)
     assert b["view1"].shape == (4, SIZE, SIZE, 3)
     # Streaming (no cache): encoded records of this process's even sub-split.
     c.cache = False
-    it = P.train_iterator(c, mode="views", global_batch=8, seed=0, process_index=1,
+    it = pipeline.train_iterator(c, mode="views", global_batch=8, seed=0, process_index=1,
                           process_count=2)
     b = next(it)
     assert b["view2"].shape == (4, SIZE, SIZE, 3) and b["index"].dtype == np.int64
@@ -346,7 +344,7 @@ def test_tfds_stream_processes_read_disjoint_sub_splits(tiny_tfds):
 def test_tfds_missing_dataset_says_how_to_prepare(tmp_path):
   c = _config(source="tfds", name="cifar10", data_dir=str(tmp_path), cache=True)
   with pytest.raises(ValueError, match=r"cifar10.*data_dir.*tfds build"):
-    P.eval_arrays(c, "test")
+    pipeline.eval_arrays(c, "test")
 
 
 def test_tfrecord_stream_shards_and_resume(tmp_path):
@@ -359,20 +357,20 @@ def test_tfrecord_stream_shards_and_resume(tmp_path):
   kw = dict(mode="image_text", global_batch=4, seed=0)
   shard_ids = []
   for p in range(2):
-    it = P.train_iterator(c, process_index=p, process_count=2, **kw)
+    it = pipeline.train_iterator(c, process_index=p, process_count=2, **kw)
     assert it.stats["num_examples"] == 8
     shard_ids.append({int(i) for _ in range(4) for i in next(it)["index"]})
   assert len(shard_ids[0]) == len(shard_ids[1]) == 8 and not shard_ids[0] & shard_ids[1]
-  it = P.train_iterator(c, process_index=0, process_count=2, **kw)
+  it = pipeline.train_iterator(c, process_index=0, process_count=2, **kw)
   full = [next(it) for _ in range(6)]
-  it = P.train_iterator(c, process_index=0, process_count=2, start_step=3, **kw)
+  it = pipeline.train_iterator(c, process_index=0, process_count=2, start_step=3, **kw)
   for a in full[3:]:
     b = next(it)
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
   # Cached: the same records in memory, exact permutation, captions intact.
   c.cache = True
-  b = next(P.train_iterator(c, process_index=0, process_count=1, **kw))
+  b = next(pipeline.train_iterator(c, process_index=0, process_count=1, **kw))
   tok = T.ByteTokenizer(c.context_length)
   captions = set(tok.decode(b["tokens"]))
   assert captions <= {f"caption {i}" for i in range(16)}

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import clip_mnist, mocov2_mnist, mocov3_mnist, simclr_mnist
+from contrastive_jax.configs import clip_mnist, common, mocov2_mnist, mocov3_mnist, simclr_mnist
 from contrastive_jax import distributed, grad_cache, losses, methods, optim, train
 
 BATCH = 32
@@ -34,8 +34,8 @@ def _simclr_config(**model_kwargs):
   c.model.name = "vit"
   c.model.kwargs = dict(VIT, **model_kwargs)
   c.head = dict(version=2, hidden_dim=16, out_dim=8, use_bn=False)
-  c.optim = dict(name="sgd", base_lr=0.5, lr_scaling="none", warmup_fraction=0.0,
-                 schedule="constant", weight_decay=0.0, momentum=0.9)
+  c.optim = common.optim_config("sgd", base_lr=0.5, lr_scaling="none", schedule="constant",
+                                weight_decay=0.0, momentum=0.9)
   return c
 
 
@@ -48,8 +48,8 @@ def _clip_config():
   c.model.kwargs = dict(VIT)
   c.text.kwargs = dict(width=16, depth=1, num_heads=2)
   c.clip.embed_dim = 8
-  c.optim = dict(name="sgd", base_lr=0.5, lr_scaling="none", warmup_fraction=0.0,
-                 schedule="constant", weight_decay=0.0, momentum=0.9)
+  c.optim = common.optim_config("sgd", base_lr=0.5, lr_scaling="none", schedule="constant",
+                                weight_decay=0.0, momentum=0.9)
   return c
 
 

@@ -12,8 +12,8 @@ import sys
 import jax
 import numpy as np
 
-from configs import simclr_mnist
 from contrastive_jax import restore, train
+from contrastive_jax.configs import simclr_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +60,7 @@ def test_two_processes_match_one_process_and_checkpoint_restores_in_one(tmp_path
   # The reference: the same config in this single process on 4 devices (same global batch,
   # same mesh size). Per-step metrics (summary.json, full precision) and the final state agree.
   ref_dir = tmp_path / "single_process"
-  ref = train.train_and_evaluate(_quick_config(num_devices=4), str(ref_dir))
+  ref = train.train_and_evaluate(_quick_config(num_devices=4), str(ref_dir)).summary
   two = json.loads((workdir / "summary.json").read_text())
   assert [h["step"] for h in two["train_history"]] == [h["step"] for h in ref["train_history"]]
   for key in ("loss", "grad_norm", "param_norm"):
@@ -73,6 +73,6 @@ def test_two_processes_match_one_process_and_checkpoint_restores_in_one(tmp_path
 
   # The 2-process checkpoint (4 devices) restores in this single process (8 devices) and
   # training continues from step 4.
-  summary = train.train_and_evaluate(_quick_config(total_steps=6), str(workdir))
+  summary = train.train_and_evaluate(_quick_config(total_steps=6), str(workdir)).summary
   assert [h["step"] for h in summary["train_history"]] == [5, 6]
   assert np.isfinite(summary["final_train"]["loss"])

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import mocov2_mnist, mocov3_mnist
+from contrastive_jax.configs import mocov2_mnist, mocov3_mnist
 from contrastive_jax import distributed, methods, models, optim, train
 from contrastive_jax.methods.base import EncoderWithHeads
 

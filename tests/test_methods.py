@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import clip_mnist, mocov2_mnist, mocov3_mnist
-from contrastive_jax import checkpoint, distributed, methods, optim, train
+from contrastive_jax.configs import clip_mnist, mocov2_mnist, mocov3_mnist
+from contrastive_jax import checkpoint, configs, distributed, methods, optim, train
 from contrastive_jax.data import pipeline
 from contrastive_jax.methods import base, moco
 from contrastive_jax.train_state import TrainState
@@ -31,13 +31,7 @@ STEPS = 3
 
 
 def _override(c, overrides):
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return configs.apply_overrides(c, overrides)
 
 
 def tiny(module, arg="quick", **overrides):
@@ -133,7 +127,7 @@ def mocov2_runs(tmp_path_factory):
     c = tiny(mocov2_mnist, "quick", num_devices=n, **{"moco.shuffle_bn": False})
     c.moco.queue_size = 2 * c.global_batch
     workdir = tmp_path_factory.mktemp(f"mocov2_d{n}")
-    runs[n] = (c, workdir, train.train_and_evaluate(c, str(workdir)))
+    runs[n] = (c, workdir, train.train_and_evaluate(c, str(workdir)).summary)
   return runs
 
 
@@ -198,7 +192,7 @@ def test_mocov2_shuffle_bn_trainer_step(tmp_path):
   global batch normalised alone), the keys the step enqueued and the queue before the step;
   the step moved the parameters, both BN statistics and the key encoder (Eq. 2)."""
   c = tiny(mocov2_mnist, total_steps=1)
-  summary = train.train_and_evaluate(c, str(tmp_path))
+  summary = train.train_and_evaluate(c, str(tmp_path)).summary
   method, states, _ = _states(c, tmp_path)
   old, new = states[0], states[1]
   b, devices = c.global_batch, jax.device_count()
@@ -275,7 +269,7 @@ def mocov3_runs(tmp_path_factory):
     c = tiny(mocov3_mnist, num_devices=n)
     c.head.hidden_dim = c.predictor.hidden_dim = 32
     workdir = tmp_path_factory.mktemp(f"mocov3_d{n}")
-    runs[n] = (c, workdir, train.train_and_evaluate(c, str(workdir)))
+    runs[n] = (c, workdir, train.train_and_evaluate(c, str(workdir)).summary)
   return runs
 
 
@@ -331,7 +325,7 @@ def _clip_tiny(arg="quick", **overrides):
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_clip_one_and_eight_devices_agree(loss, tmp_path):
   summaries = {n: train.train_and_evaluate(_clip_tiny(f"quick,loss={loss}", num_devices=n),
-                                           str(tmp_path / f"d{n}")) for n in (1, 8)}
+                                           str(tmp_path / f"d{n}")).summary for n in (1, 8)}
   assert np.all(np.isfinite(_losses(summaries[8])))
   np.testing.assert_allclose(_losses(summaries[8]), _losses(summaries[1]), rtol=2e-5)
   np.testing.assert_allclose([h["grad_norm"] for h in summaries[8]["train_history"]],
@@ -400,7 +394,7 @@ def clip_trained(tmp_path_factory):
   c.model.name = "convnet"
   c.model.kwargs = dict(widths=(16, 32, 32), strides=(1, 2, 2))
   workdir = tmp_path_factory.mktemp("clip_zero_shot")
-  summary = train.train_and_evaluate(c, str(workdir))
+  summary = train.train_and_evaluate(c, str(workdir)).summary
   method, states, _ = _states(c, workdir)
   return c, method, states[c.total_steps], summary
 
@@ -440,7 +434,7 @@ FULL_CONFIGS = ["mocov2_resnet50_imagenet", "mocov3_resnet50_imagenet",
 
 @pytest.mark.parametrize("name", FULL_CONFIGS + ["mocov2_mnist", "mocov3_mnist", "clip_mnist"])
 def test_configs_build_and_init_under_eval_shape(name):
-  module = importlib.import_module(f"configs.{name}")
+  module = importlib.import_module(f"contrastive_jax.configs.{name}")
   for arg in (None, "quick") + (("tower=vit",) if name == "clip_mnist" else ()):
     c = module.get_config(arg)
     mesh = distributed.make_mesh(8)
@@ -452,7 +446,8 @@ def test_configs_build_and_init_under_eval_shape(name):
     assert method.input_mode in pipeline.MODES
     if c.method == "mocov2":
       assert state.queue.shape == (c.moco.queue_size, c.head.out_dim)
-  full = {n: importlib.import_module(f"configs.{n}").get_config() for n in FULL_CONFIGS}
+  full = {n: importlib.import_module(f"contrastive_jax.configs.{n}").get_config()
+          for n in FULL_CONFIGS}
   assert full["mocov2_resnet50_imagenet"].moco.queue_size == 65_536
   assert full["clip_vit_b32"].global_batch == 32_768
   assert full["mocov3_vit_base_imagenet"].optim.frozen_patterns == ("patch_embed_frozen",)
@@ -466,5 +461,5 @@ def test_every_config_data_key_can_be_overridden_on_the_command_line():
                  if not f.endswith(("common.py", "__init__.py")))
   assert len(names) >= 11
   for name in names:
-    c = importlib.import_module(f"configs.{name}").get_config()
+    c = importlib.import_module(f"contrastive_jax.configs.{name}").get_config()
     assert not [k for k, v in c.data.items() if v is None], name

@@ -6,21 +6,17 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from contrastive_jax import optim
+from contrastive_jax.configs import common
 
 
-def _config(**kw):
-  base = dict(name="lars", base_lr=0.3, lr_scaling="linear", warmup_steps=0,
-              warmup_fraction=None, schedule="cosine", end_lr_fraction=0.0, weight_decay=0.0,
-              momentum=0.9, nesterov=False, lars_eta=1e-3, b1=0.9, b2=0.999, eps=1e-8,
-              grad_clip_norm=None, frozen_patterns=())
-  base.update(kw)
-  return ml_collections.ConfigDict(base)
+def _config(name="lars", base_lr=0.3, **kw):
+  """``config.optim`` with the declared defaults (configs/common.py) and ``kw`` over them."""
+  return common.optim_config(name, base_lr=base_lr, **kw)
 
 
 def _run(tx, params, grads_seq):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import simclr_mnist
+from contrastive_jax.configs import simclr_mnist
 from contrastive_jax import restore, train
 from contrastive_jax.evaluate import __main__ as evaluator
 from contrastive_jax.evaluate import plots
@@ -126,7 +126,7 @@ def test_sweep_two_points_table_plot_and_resume(tmp_path):
 def test_standalone_evaluator_matches_trainer(tmp_path):
   config = restore.apply_overrides(simclr_mnist.get_config("quick"),
                                    TINY + ["eval.few_shots=()"])
-  summary = train.train_and_evaluate(config, str(tmp_path))
+  summary = train.train_and_evaluate(config, str(tmp_path)).summary
   assert evaluator.main(["--workdir", str(tmp_path), "--eval=knn"]) == 0
   report = json.loads((tmp_path / "eval_knn.json").read_text())
   assert report["step"] == 2

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import simclr_mnist
-from contrastive_jax import train
+from contrastive_jax.configs import simclr_mnist
+from contrastive_jax import configs, train
 
 
 def tiny_config(**overrides):
@@ -21,13 +21,7 @@ def tiny_config(**overrides):
   c.checkpoint.async_save = False
   c.data.image_size = 16
   c.data.shuffle_buffer = 64
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return configs.apply_overrides(c, overrides)
 
 
 def test_relative_workdir_saves_and_resumes(tmp_path, monkeypatch):
@@ -37,7 +31,7 @@ def test_relative_workdir_saves_and_resumes(tmp_path, monkeypatch):
   train.train_and_evaluate(c, "runs/relative")
   assert sorted(os.listdir(tmp_path / "runs/relative/checkpoints")) == ["2"]
   c.total_steps = 3                    # resumes from step 2 through the same relative path
-  assert train.train_and_evaluate(c, "runs/relative")["steps"] == 3
+  assert train.train_and_evaluate(c, "runs/relative").summary["steps"] == 3
 
 
 def _losses(summary):
@@ -46,7 +40,7 @@ def _losses(summary):
 
 def test_smoke_one_step_with_evaluation(tmp_path):
   c = tiny_config(total_steps=2, **{"eval.enabled": True, "eval.batch_size": 64})
-  summary = train.train_and_evaluate(c, str(tmp_path))
+  summary = train.train_and_evaluate(c, str(tmp_path)).summary
   assert np.isfinite(summary["final_train"]["loss"])
   assert 0.0 <= summary["eval"]["knn/top1"] <= 1.0
   assert "linear/top1" in summary["eval"]
@@ -60,7 +54,7 @@ def test_smoke_on_tfds_mock_data(tmp_path):
   c.data.name = "mnist"
   c.data.train_split = "train"
   with tfds.testing.mock_data(num_examples=64):
-    summary = train.train_and_evaluate(c, str(tmp_path))
+    summary = train.train_and_evaluate(c, str(tmp_path)).summary
   assert np.isfinite(summary["final_train"]["loss"])
 
 
@@ -68,7 +62,7 @@ def test_one_and_eight_devices_agree(tmp_path):
   runs = {}
   for n in (1, 8):
     c = tiny_config(total_steps=3, num_devices=n)
-    runs[n] = train.train_and_evaluate(c, str(tmp_path / f"d{n}"))
+    runs[n] = train.train_and_evaluate(c, str(tmp_path / f"d{n}")).summary
   np.testing.assert_allclose(_losses(runs[8]), _losses(runs[1]), rtol=2e-5)
   np.testing.assert_allclose(
       [h["grad_norm"] for h in runs[8]["train_history"]],
@@ -82,12 +76,12 @@ def test_one_and_eight_devices_agree(tmp_path):
 
 
 def test_exact_resume_matches_uninterrupted_run(tmp_path):
-  full = train.train_and_evaluate(tiny_config(total_steps=4), str(tmp_path / "full"))
+  full = train.train_and_evaluate(tiny_config(total_steps=4), str(tmp_path / "full")).summary
   first = train.train_and_evaluate(tiny_config(total_steps=4, stop_at_step=2),
                                    str(tmp_path / "resumed"))
-  assert first["stopped_at_step"] == 2
-  second = train.train_and_evaluate(tiny_config(total_steps=4), str(tmp_path / "resumed"))
-  resumed = _losses(first) + _losses(second)
+  assert first.stopped_at_step == 2 and first.summary is None
+  second = train.train_and_evaluate(tiny_config(total_steps=4), str(tmp_path / "resumed")).summary
+  resumed = [h["loss"] for h in first.train_history] + _losses(second)
   np.testing.assert_allclose(resumed, _losses(full), rtol=1e-6)
   assert [h["step"] for h in second["train_history"]] == [3, 4]
   from contrastive_jax import restore
@@ -105,7 +99,7 @@ def test_configs_build_and_init_shape_only(name, arg):
   import importlib
   import functools
   from contrastive_jax import distributed, methods, optim
-  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  config = importlib.import_module(f"contrastive_jax.configs.{name}").get_config(arg)
   mesh = distributed.make_mesh(8)
   method = methods.build_method(config, mesh)
   steps = train.total_steps(config, 50_000)
@@ -117,8 +111,15 @@ def test_configs_build_and_init_shape_only(name, arg):
 
 def test_ring_loss_impl_trains_like_all_gather(tmp_path):
   runs = {impl: train.train_and_evaluate(tiny_config(total_steps=2, loss_impl=impl),
-                                         str(tmp_path / impl))
+                                         str(tmp_path / impl)).summary
           for impl in ("all_gather", "ring")}
   np.testing.assert_allclose(_losses(runs["ring"]), _losses(runs["all_gather"]), rtol=1e-5)
   np.testing.assert_allclose(runs["ring"]["final_train"]["grad_norm"],
                              runs["all_gather"]["final_train"]["grad_norm"], rtol=1e-4)
+
+
+def test_format_summary_names_the_runs_knn_k():
+  summary = {"method": "simclr", "steps": 2, "train_seconds_this_run": 1.0,
+             "eval": {"knn/top1": 0.5, "linear/top1": 0.6}}
+  text = train.format_summary(summary, knn_k=20)
+  assert "kNN (k=20) top-1" in text and "k=200" not in text

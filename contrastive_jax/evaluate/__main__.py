@@ -31,6 +31,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from contrastive_jax import errors
+
 EVALS = ("knn", "linear_probe", "few_label", "extra")
 
 
@@ -41,8 +43,8 @@ def parse_evals(text: str) -> tuple[str, ...]:
     names = set(EVALS) | (names - {"all"})
   unknown = sorted(names - set(EVALS))
   if unknown or not names:
-    raise ValueError(f"--eval={text!r}: unknown evaluator(s) {unknown}; use a comma list of "
-                     f"{EVALS} or 'all'")
+    raise errors.ConfigError(f"--eval={text!r}: unknown evaluator(s) {unknown}; use a comma "
+                             f"list of {EVALS} or 'all'")
   return tuple(n for n in EVALS if n in names)
 
 
@@ -97,20 +99,21 @@ def evaluate_checkpoint(workdir: str, evals: Sequence[str] | str = "all", *,
                         overrides: Sequence[str] = (), embedding_plot: str = "none",
                         out_path: str | None = None, verbose: bool = True) -> dict[str, Any]:
   """The CLI as a function: restores, evaluates, writes the JSON; returns its content."""
-  from contrastive_jax import restore  # pylint: disable=g-import-not-at-top
+  from contrastive_jax import configs, restore  # pylint: disable=g-import-not-at-top
   from contrastive_jax.evaluate import plots  # pylint: disable=g-import-not-at-top
 
   evals = parse_evals(evals) if isinstance(evals, str) else parse_evals(",".join(evals))
   if not os.path.isdir(os.path.join(workdir, "checkpoints")) and "://" not in workdir:
-    raise ValueError(f"--workdir={workdir!r} has no checkpoints/ directory; pass the directory "
-                     "of a training run (the --workdir given to contrastive_jax.main)")
+    raise errors.RunDirectoryError(
+        f"--workdir={workdir!r} has no checkpoints/ directory; pass the directory of a training "
+        "run (the --workdir given to contrastive_jax.main)")
   config = None
   if config_spec:
-    config = restore.load_config(config_spec)
+    config = configs.load_config(config_spec)
   elif overrides:
     config, _ = restore.saved_config(workdir, step)
   if config is not None and overrides:
-    restore.apply_overrides(config, overrides)
+    configs.apply_overrides(config, overrides)
   t0 = time.time()
   run = restore.restore_run(workdir, step=step, config=config)
   results, test_f = run_evaluations(run.method, run.state, run.mesh, run.config, evals,
@@ -122,7 +125,7 @@ def evaluate_checkpoint(workdir: str, evals: Sequence[str] | str = "all", *,
             "results": results}
   if embedding_plot != "none":
     if test_f is None:
-      raise ValueError("--embedding_plot needs a feature evaluator (knn, linear_probe or "
+      raise errors.ConfigError("--embedding_plot needs a feature evaluator (knn, linear_probe or "
                        "few_label) in --eval")
     labels = load_eval_data(run.config)["test"]["label"]
     report["embedding_plot"] = plots.save_embedding_plot(
@@ -142,9 +145,18 @@ def evaluate_checkpoint(workdir: str, evals: Sequence[str] | str = "all", *,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command line; a ``UserError`` prints its message alone and returns status 2 (other
+  exceptions are bugs and keep their traceback)."""
   args = parse_args(argv)
+  try:
+    return _main(args)
+  except errors.UserError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return errors.EXIT_CODE
+
+
+def _main(args: argparse.Namespace) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  sys.path.insert(0, os.getcwd())  # configs/*.py import `from configs import common`
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data

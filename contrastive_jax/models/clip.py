@@ -5,7 +5,8 @@ encoder (``TextTransformer``, ``[B, L] -> [B, W]``), each followed by a bias-fre
 projection to ``embed_dim`` and L2 normalisation, plus the learned log temperature:
 
 * CLIP: ``logit_scale = log(1 / 0.07)`` at init; logits are ``exp(logit_scale) zimg ztxt^T``
-  (the method clips ``logit_scale`` at ``log(100)``; REFERENCE.md item 9).
+  (the method clips ``logit_scale`` at ``log(100)``, CLIP Sec. 2.5: "clipped to prevent scaling
+  the logits by more than 100").
 * SigLIP (``siglip=True``): ``logit_scale = log(10)``, learned ``logit_bias = -10``.
 
 Output contract of ``__call__`` (what losses and evaluators read; they never reach inside):

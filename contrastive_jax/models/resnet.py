@@ -6,8 +6,8 @@ and followed by our ``BatchNorm``; paddings are explicit (3 for the 7x7 stem, 1 
 that the spatial alignment matches torchvision rather than XLA's asymmetric "SAME".
 
 Stems: ``"imagenet"`` = 7x7/2 conv + 3x3/2 max-pool (224 px -> 56 px); ``"cifar"`` = 3x3/1 conv
-and no pool, so 32 px images stay 32 px through the stem (SimCLR Appendix B.9; REFERENCE.md
-item 11). ``width`` multiplies every channel count, the stem's included (SimCLR's R50 (2x), (4x)).
+and no pool, so 32 px images stay 32 px through the stem (SimCLR Appendix B.9, CIFAR-10).
+``width`` multiplies every channel count, the stem's included (SimCLR's R50 (2x), (4x)).
 Output: global-average-pooled features ``[B, F]`` with ``F = 512 * width`` (18/34) or
 ``2048 * width`` (50/101/152).
 """

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from contrastive_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -23,16 +23,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 1 if a.quick else 100
   c.model = ml_collections.ConfigDict(dict(
       name="resnet18", kwargs=dict(stem="cifar", width=1.0 if not a.quick else 0.125)))
-  c.head = ml_collections.ConfigDict(dict(version=1, hidden_dim=2048 if not a.quick else 64,
-                                          out_dim=128))
+  c.head = ml_collections.ConfigDict(dict(
+      use_bn=True, version=1, hidden_dim=2048 if not a.quick else 64, out_dim=128))
   c.loss = ml_collections.ConfigDict(dict(temperature=0.5))
   c.data = common.data_config("tfds", name="cifar10", recipe="simclr", image_size=32,
                               augment=dict(strength=0.5, blur=False), shuffle_buffer=50_000,
                               cache=True)
-  c.optim = ml_collections.ConfigDict(dict(
-      name="lars", base_lr=1.0, lr_scaling="linear",
+  c.optim = common.optim_config(
+      "lars", base_lr=1.0, lr_scaling="linear",
       warmup_fraction=10 / a.epochs if not a.quick else 0.0, schedule="cosine",
-      weight_decay=1e-6, momentum=0.9, lars_eta=1e-3))
+      weight_decay=1e-6, momentum=0.9, lars_eta=1e-3)
   c.checkpoint.every_steps = 2 if a.quick else 2000
   c.eval.every_steps = 0 if a.quick else 5000
   c.eval.batch_size = 512 if not a.quick else 16

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from contrastive_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -31,14 +31,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.head = ml_collections.ConfigDict(dict(num_layers=2, hidden_dim=width, out_dim=64))
   c.predictor = ml_collections.ConfigDict(dict(hidden_dim=width, out_dim=64))
   c.loss = ml_collections.ConfigDict(dict(temperature=0.2))
-  c.moco = ml_collections.ConfigDict(dict(momentum=0.99, schedule_steps=None))
+  # schedule_steps: None follows config.total_steps (set it when the run is given in epochs).
+  c.moco = ml_collections.ConfigDict(dict(momentum=0.99,
+                                          schedule_steps=common.placeholder(int)))
 
   c.data = common.data_config("mnist", recipe="mocov3", image_size=28, context_length=16,
                               augment=dict(flip_prob=0.0, blur=False, crop_area=(0.5, 1.0)))
 
-  c.optim = ml_collections.ConfigDict(dict(
-      name="lars", base_lr=4.8, lr_scaling="linear", warmup_fraction=0.05, schedule="cosine",
-      weight_decay=1e-6, momentum=0.9, lars_eta=1e-3))
+  c.optim = common.optim_config(
+      "lars", base_lr=4.8, lr_scaling="linear", warmup_fraction=0.05, schedule="cosine",
+      weight_decay=1e-6, momentum=0.9, lars_eta=1e-3)
 
   c.checkpoint.every_steps = 2 if a.quick else 300
   c.eval.every_steps = 0 if a.quick else 300

@@ -18,7 +18,7 @@ import math
 
 import ml_collections
 
-from configs import common
+from contrastive_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -40,18 +40,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     text = dict(width=768, depth=12, num_heads=12)
   c.text = ml_collections.ConfigDict(dict(kwargs=dict(
       vocab_size=a.spm_vocab + 3, context_length=64, **text)))
-  c.clip = ml_collections.ConfigDict(dict(
-      loss="siglip", embed_dim=768, max_logit_scale=100.0, logit_scale_init=None,
-      logit_bias_init=None))
+  c.clip = common.clip_config("siglip", embed_dim=768)
 
   c.data = common.data_config(
       "tfrecord", eval_split="validation", path=a.path, recipe="clip",
       image_size=64 if a.quick else 224, shuffle_buffer=1000 if a.quick else 100_000,
       skip_corrupt=True, context_length=64, tokenizer="sentencepiece", spm_model=a.spm_model)
 
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", base_lr=1e-3, lr_scaling="none", warmup_steps=1 if a.quick else 5_000,
-      schedule="cosine", weight_decay=1e-4, b1=0.9, b2=0.95, eps=1e-8))
+  c.optim = common.optim_config(
+      "adamw", base_lr=1e-3, lr_scaling="none", warmup_steps=1 if a.quick else 5_000,
+      schedule="cosine", weight_decay=1e-4, b1=0.9, b2=0.95, eps=1e-8)
 
   c.dtype = "bfloat16"
   c.remat = not a.quick

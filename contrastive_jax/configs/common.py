@@ -1,10 +1,19 @@
-"""Shared config pieces: ``parse_arg`` for ``--config=configs/x.py:key=value,...`` and the defaults
-every run has (logging, checkpoints, evaluation). Configs call ``base_config()`` then fill in the
-method, model, data and optimizer."""
+"""Shared config pieces: ``parse_arg`` for ``--config=configs/x.py:key=value,...`` and the one
+source of every default the code reads.
+
+A config starts from ``base_config()`` (run length, logging, checkpoints, evaluation) and builds
+its ``data`` and ``optim`` sections with ``data_config`` and ``optim_config``, which declare every
+key the pipeline and the optimizer read. The library reads these keys directly, never with a
+default of its own, so each key can be set from the command line
+(``--config.optim.grad_clip_norm=1.0``). A setting that may be absent is a typed placeholder
+(``placeholder(int)``): it is None by default, can be set to a number, and back to None
+(``--config.total_steps=None --config.total_epochs=100``).
+"""
 
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 # ImageNet-1k train split size, for configs that count their run in epochs of ImageNet.
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
@@ -37,7 +46,7 @@ def parse_arg(arg: str | None, **defaults):
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.num_devices = ml_collections.config_dict.placeholder(int)  # None: all devices
+  c.num_devices = placeholder(int)  # None: all devices
   c.dtype = "float32"           # compute dtype of models and heads; params stay float32
   c.remat = False
   c.loss_impl = "all_gather"    # or "ring": memory-bounded InfoNCE (ring_losses.py)
@@ -45,11 +54,11 @@ def base_config() -> ml_collections.ConfigDict:
   # gradient in M micro-batches, holding one micro-batch's activations at a time. Exact without
   # BN; global_batch must be divisible by M x devices.
   c.grad_cache = ml_collections.ConfigDict(dict(micro_batches=1))
-  c.total_steps = ml_collections.config_dict.placeholder(int)
-  c.total_epochs = ml_collections.config_dict.placeholder(float)
+  c.total_steps = placeholder(int)
+  c.total_epochs = placeholder(float)
   c.log_every = 50
   # Exit cleanly (checkpoint saved) at this step, as on preemption: for jobs with a time limit.
-  c.stop_at_step = ml_collections.config_dict.placeholder(int)
+  c.stop_at_step = placeholder(int)
   # True: a step whose loss, gradients or new parameters are NaN/inf leaves the state unchanged
   # and is counted in summary['nonfinite_skipped']; False: the run stops with
   # NonFiniteLossError (no checkpoint of the bad state is written).
@@ -57,8 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.profile_steps = 0
   # preemption_check_every: on multi-host runs without jax's preemption service, the steps
   # between the cross-host checks for a SIGTERM (checkpoint.reached_preemption).
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3,
+  # max_to_keep: None keeps every checkpoint.
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=placeholder(int),
                                                 async_save=True, preemption_check_every=10))
+  c.checkpoint.max_to_keep = 3
   c.eval = ml_collections.ConfigDict(dict(
       enabled=True, every_steps=0, batch_size=512, knn_k=200, knn_temperature=0.07,
       few_shots=(10,), raw_pixel_baseline=False,
@@ -76,8 +87,7 @@ def data_config(source: str, *, recipe: str, image_size: int, **overrides):
   (context_length, tokenizer "bytes" | "sentencepiece", spm_model) and cache (hold a
   tfds/TFRecord split in memory for exact random access).
   """
-  # String keys default to "" (not None), so that --config.data.<key>=... can override them;
-  # the field names and types follow pipeline.default_data_config().
+  # String keys default to "" (not None), so that --config.data.<key>=... can override them.
   d = dict(source=source, name="mnist_embedded" if source == "mnist" else "",
            train_split="train", eval_split="test", data_dir="", path="",
            image_size=image_size, recipe=recipe, augment={}, shuffle_buffer=10_000,
@@ -90,3 +100,37 @@ def data_config(source: str, *, recipe: str, image_size: int, **overrides):
     raise ValueError(f"unknown data config keys {sorted(unknown)}; known: {sorted(d)}")
   d.update(overrides)
   return ml_collections.ConfigDict(d)
+
+
+def clip_config(loss: str, *, embed_dim: int, **overrides):
+  """``config.clip`` of the CLIP/SigLIP method: ``loss`` ("clip" | "siglip"), ``embed_dim``,
+  ``max_logit_scale`` (the learned scale is clipped at 100, CLIP Sec. 2.5) and
+  ``logit_scale_init`` / ``logit_bias_init`` (None: the loss's own initial values, 1/0.07 for
+  CLIP; scale 10 and bias -10 for SigLIP, Zhai et al. 2023 Sec. 3)."""
+  c = ml_collections.ConfigDict(dict(
+      loss=loss, embed_dim=embed_dim, max_logit_scale=100.0,
+      logit_scale_init=placeholder(float), logit_bias_init=placeholder(float)))
+  c.update(overrides)
+  return c
+
+
+def optim_config(name: str, *, base_lr: float, **overrides):
+  """``config.optim`` with every key ``optim.build_optimizer`` reads; ``overrides`` set any.
+
+  Keys (see optim.py): name ("lars" | "sgd" | "adamw"), base_lr, lr_scaling ("linear":
+  base_lr x B / 256, "sqrt": base_lr x sqrt(B), "none"), warmup_steps or warmup_fraction (0 in
+  one of them means unset), schedule ("cosine" | "constant"), end_lr_fraction, weight_decay,
+  momentum and nesterov (LARS, SGD), lars_eta, b1, b2, eps (AdamW), grad_clip_norm (None: no
+  clipping), frozen_patterns (parameter-path substrings held fixed) and no_decay_patterns
+  (substrings added to the no-weight-decay rule).
+  """
+  d = dict(name=name, base_lr=base_lr, lr_scaling="linear", warmup_steps=0,
+           warmup_fraction=0.0, schedule="cosine", end_lr_fraction=0.0, weight_decay=0.0,
+           momentum=0.9, nesterov=False, lars_eta=1e-3, b1=0.9, b2=0.999, eps=1e-8,
+           grad_clip_norm=placeholder(float), frozen_patterns=(), no_decay_patterns=())
+  unknown = set(overrides) - set(d)
+  if unknown:
+    raise ValueError(f"unknown optim config keys {sorted(unknown)}; known: {sorted(d)}")
+  c = ml_collections.ConfigDict(d)
+  c.update(overrides)  # through the placeholders, so that they keep their types
+  return c

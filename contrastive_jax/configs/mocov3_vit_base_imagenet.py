@@ -15,7 +15,7 @@ import math
 
 import ml_collections
 
-from configs import common
+from contrastive_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -36,18 +36,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.head = ml_collections.ConfigDict(dict(num_layers=3, hidden_dim=4096, out_dim=256))
   c.predictor = ml_collections.ConfigDict(dict(hidden_dim=4096, out_dim=256))
   c.loss = ml_collections.ConfigDict(dict(temperature=0.2))
-  c.moco = ml_collections.ConfigDict(dict(momentum=0.99, schedule_steps=None))
+  # schedule_steps: None follows config.total_steps (set it when the run is given in epochs).
+  c.moco = ml_collections.ConfigDict(dict(momentum=0.99,
+                                          schedule_steps=common.placeholder(int)))
 
   c.data = common.data_config(
       "tfds", name="imagenet2012", eval_split="validation", data_dir=a.data_dir,
       recipe="mocov3", image_size=64 if a.quick else 224, context_length=32,
       shuffle_buffer=1000 if a.quick else 50_000)
 
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", base_lr=1.5e-4, lr_scaling="linear",
+  c.optim = common.optim_config(
+      "adamw", base_lr=1.5e-4, lr_scaling="linear",
       warmup_steps=1 if a.quick else math.ceil(40 * steps_per_epoch), schedule="cosine",
       weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8,
-      frozen_patterns=("patch_embed_frozen",)))
+      frozen_patterns=("patch_embed_frozen",))
 
   c.dtype = "bfloat16"
   c.checkpoint.every_steps = 2 if a.quick else 5000

@@ -19,7 +19,7 @@ import math
 
 import ml_collections
 
-from configs import common
+from contrastive_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,18 +43,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.text = ml_collections.ConfigDict(dict(kwargs=dict(
       vocab_size=a.spm_vocab + 3, context_length=77, ln_eps=1e-5, activation="quick_gelu",
       **text)))
-  c.clip = ml_collections.ConfigDict(dict(
-      loss="clip", embed_dim=512, max_logit_scale=100.0, logit_scale_init=None,
-      logit_bias_init=None))
+  c.clip = common.clip_config("clip", embed_dim=512)
 
   c.data = common.data_config(
       "tfrecord", eval_split="validation", path=a.path, recipe="clip",
       image_size=64 if a.quick else 224, shuffle_buffer=1000 if a.quick else 100_000,
       skip_corrupt=True, tokenizer="sentencepiece", spm_model=a.spm_model)
 
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", base_lr=5e-4, lr_scaling="none", warmup_steps=1 if a.quick else 10_000,
-      schedule="cosine", weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6))
+  c.optim = common.optim_config(
+      "adamw", base_lr=5e-4, lr_scaling="none", warmup_steps=1 if a.quick else 10_000,
+      schedule="cosine", weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6)
 
   c.dtype = "bfloat16"
   c.remat = not a.quick

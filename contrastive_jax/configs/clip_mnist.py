@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from contrastive_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -36,15 +36,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(name=a.tower, kwargs=image_kwargs))
   c.text = ml_collections.ConfigDict(dict(
       kwargs=dict(width=width, depth=depth, num_heads=4)))
-  c.clip = ml_collections.ConfigDict(dict(
-      loss=a.loss, embed_dim=32 if a.quick else 128, max_logit_scale=100.0,
-      logit_scale_init=None, logit_bias_init=None))
+  c.clip = common.clip_config(a.loss, embed_dim=32 if a.quick else 128)
 
   c.data = common.data_config("mnist", recipe="clip", image_size=28, context_length=40)
 
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", base_lr=1e-3, lr_scaling="none", warmup_fraction=0.05, schedule="cosine",
-      weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6))
+  c.optim = common.optim_config(
+      "adamw", base_lr=1e-3, lr_scaling="none", warmup_fraction=0.05, schedule="cosine",
+      weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6)
 
   c.checkpoint.every_steps = 2 if a.quick else 300
   c.eval.every_steps = 0 if a.quick else 300

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from contrastive_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -30,17 +30,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 1 if a.quick else 100
   c.model = ml_collections.ConfigDict(dict(
       name="resnet50", kwargs=dict(stem="imagenet", width=1.0 if not a.quick else 0.125)))
-  c.head = ml_collections.ConfigDict(dict(version=2, hidden_dim=2048 if not a.quick else 64,
-                                          out_dim=128))
+  c.head = ml_collections.ConfigDict(dict(
+      use_bn=True, version=2, hidden_dim=2048 if not a.quick else 64, out_dim=128))
   c.loss = ml_collections.ConfigDict(dict(temperature=0.1))
   c.data = common.data_config(
       "tfds", name="imagenet2012", eval_split="validation", recipe="simclr",
       image_size=224 if not a.quick else 32, augment=dict(strength=1.0, blur=True),
       shuffle_buffer=50_000)
-  c.optim = ml_collections.ConfigDict(dict(
-      name="lars", base_lr=0.3, lr_scaling="linear",
+  c.optim = common.optim_config(
+      "lars", base_lr=0.3, lr_scaling="linear",
       warmup_fraction=10 / a.epochs if not a.quick else 0.0, schedule="cosine",
-      weight_decay=1e-6, momentum=0.9, lars_eta=1e-3))
+      weight_decay=1e-6, momentum=0.9, lars_eta=1e-3)
   c.checkpoint.every_steps = 2 if a.quick else 2500
   # ImageNet does not fit the in-memory evaluators; evaluate with the standalone evaluator on a
   # subset, or keep the kNN monitor off (the default here).

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from contrastive_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -33,9 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = common.data_config("mnist", recipe="mocov2", image_size=28, context_length=16,
                               augment=dict(flip_prob=0.0, blur=False, crop_area=(0.5, 1.0)))
 
-  c.optim = ml_collections.ConfigDict(dict(
-      name="sgd", base_lr=0.06, lr_scaling="linear", warmup_fraction=0.05, schedule="cosine",
-      weight_decay=1e-4, momentum=0.9))
+  c.optim = common.optim_config(
+      "sgd", base_lr=0.06, lr_scaling="linear", warmup_fraction=0.05, schedule="cosine",
+      weight_decay=1e-4, momentum=0.9)
 
   c.checkpoint.every_steps = 2 if a.quick else 300
   c.eval.every_steps = 0 if a.quick else 300

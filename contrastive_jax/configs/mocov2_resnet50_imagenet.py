@@ -16,7 +16,7 @@ import math
 
 import ml_collections
 
-from configs import common
+from contrastive_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,9 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       recipe="mocov2", image_size=64 if a.quick else 224, context_length=32,
       shuffle_buffer=1000 if a.quick else 50_000)
 
-  c.optim = ml_collections.ConfigDict(dict(
-      name="sgd", base_lr=0.03, lr_scaling="linear", warmup_steps=0, schedule="cosine",
-      weight_decay=1e-4, momentum=0.9))
+  c.optim = common.optim_config(
+      "sgd", base_lr=0.03, lr_scaling="linear", warmup_steps=0, schedule="cosine",
+      weight_decay=1e-4, momentum=0.9)
 
   c.dtype = "bfloat16"
   c.checkpoint.every_steps = 2 if a.quick else 5000

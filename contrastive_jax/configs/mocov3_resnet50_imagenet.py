@@ -15,7 +15,7 @@ import math
 
 import ml_collections
 
-from configs import common
+from contrastive_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -33,17 +33,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.head = ml_collections.ConfigDict(dict(num_layers=2, hidden_dim=4096, out_dim=256))
   c.predictor = ml_collections.ConfigDict(dict(hidden_dim=4096, out_dim=256))
   c.loss = ml_collections.ConfigDict(dict(temperature=1.0))
-  c.moco = ml_collections.ConfigDict(dict(momentum=0.99, schedule_steps=None))
+  # schedule_steps: None follows config.total_steps (set it when the run is given in epochs).
+  c.moco = ml_collections.ConfigDict(dict(momentum=0.99,
+                                          schedule_steps=common.placeholder(int)))
 
   c.data = common.data_config(
       "tfds", name="imagenet2012", eval_split="validation", data_dir=a.data_dir,
       recipe="mocov3", image_size=64 if a.quick else 224, context_length=32,
       shuffle_buffer=1000 if a.quick else 50_000)
 
-  c.optim = ml_collections.ConfigDict(dict(
-      name="lars", base_lr=0.6, lr_scaling="linear",
+  c.optim = common.optim_config(
+      "lars", base_lr=0.6, lr_scaling="linear",
       warmup_steps=1 if a.quick else math.ceil(10 * steps_per_epoch), schedule="cosine",
-      weight_decay=1e-6, momentum=0.9, lars_eta=1e-3))
+      weight_decay=1e-6, momentum=0.9, lars_eta=1e-3)
 
   c.dtype = "bfloat16"
   c.checkpoint.every_steps = 2 if a.quick else 5000

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from contrastive_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -29,17 +29,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       name="convnet", kwargs=dict(widths=(16, 16, 32, 32) if a.quick else (16, 32, 64, 128))))
-  c.head = ml_collections.ConfigDict(dict(version=2, hidden_dim=256, out_dim=64))
+  c.head = ml_collections.ConfigDict(dict(use_bn=True, version=2, hidden_dim=256, out_dim=64))
   c.loss = ml_collections.ConfigDict(dict(temperature=0.1))
 
   c.data = common.data_config(
       "mnist", recipe="simclr", image_size=28, context_length=16,
       augment=dict(strength=0.5, blur=False, flip_prob=0.0, crop_area=(0.5, 1.0)))
 
-  c.optim = ml_collections.ConfigDict(dict(
-      name="lars", base_lr=0.3 if not a.quick else 0.1, lr_scaling="sqrt",
+  c.optim = common.optim_config(
+      "lars", base_lr=0.3 if not a.quick else 0.1, lr_scaling="sqrt",
       warmup_fraction=0.05, schedule="cosine", weight_decay=1e-6, momentum=0.9,
-      lars_eta=1e-3))
+      lars_eta=1e-3)
 
   c.checkpoint.every_steps = 2 if a.quick else 400
   c.profile_steps = 0 if a.quick else 3  # a short trace at step 10 (TensorBoard profile tab)
