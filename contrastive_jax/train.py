@@ -85,6 +85,12 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     _require(isinstance(t, (int, float)) and t > 0,
              f"config.loss.temperature={t} must be positive (SimCLR 0.1-0.5, MoCo 0.2)")
   _one_of("loss_impl", config.loss_impl, ring_losses.IMPLEMENTATIONS)
+  tile = config.loss_tile
+  _require(isinstance(tile, int) and tile >= 0,
+           f"config.loss_tile={tile!r} must be an integer >= 0 (0: whole blocks)")
+  _require(tile == 0 or config.loss_impl == "ring",
+           f"config.loss_tile={tile} tiles the ring loss only; set config.loss_impl='ring' or "
+           "config.loss_tile=0")
   _one_of("dtype", config.dtype, sorted(method_base.DTYPES))
   _one_of("model.name", config.model.name, registry.MODEL_NAMES)
   _one_of("optim.name", config.optim.name, optim.NAMES)

@@ -282,3 +282,30 @@ def test_tile_argument_errors():
   a, b = _f32(_inputs(6))
   with pytest.raises(ValueError, match="tile must be a positive int"):
     ring_losses.nt_xent(a, b, 0.1, tile=-4)
+
+
+def test_config_loss_tile_reaches_the_methods_loss(monkeypatch):
+  """``config.loss_tile`` (with ``loss_impl="ring"``) is what the methods' loss tiles by, with
+  the same values and gradients as the all-gather loss."""
+  import ml_collections
+
+  from contrastive_jax.methods import base
+
+  asked = []
+  get_loss = ring_losses.get_loss
+  monkeypatch.setattr(ring_losses, "get_loss",
+                      lambda name, impl, tile=None: asked.append((name, impl, tile))
+                      or get_loss(name, impl, tile=tile))
+  mesh = distributed.make_mesh()
+  rng = np.random.default_rng(0)
+  z1, z2 = (jnp.asarray(rng.normal(size=(8 * 6, 16)), jnp.float32) for _ in range(2))
+  fns = {}
+  for impl, tile in (("all_gather", 0), ("ring", 4)):
+    config = ml_collections.ConfigDict(dict(loss_impl=impl, loss_tile=tile))
+    loss = base.global_loss(config, "nt_xent", mesh)
+    fns[impl] = jax.value_and_grad(lambda a, b, loss=loss: loss(a, b, 0.1)[0], argnums=(0, 1))
+  assert asked == [("nt_xent", "all_gather", None), ("nt_xent", "ring", 4)]
+  (v_ring, g_ring), (v_all, g_all) = fns["ring"](z1, z2), fns["all_gather"](z1, z2)
+  np.testing.assert_allclose(v_ring, v_all, rtol=1e-5)
+  for a, b in zip(g_ring, g_all):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

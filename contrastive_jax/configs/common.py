@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"           # compute dtype of models and heads; params stay float32
   c.remat = False
   c.loss_impl = "all_gather"    # or "ring": memory-bounded InfoNCE (ring_losses.py)
+  # With loss_impl="ring": each device's block in [loss_tile, loss_tile] pieces (Inf-CL,
+  # Cheng et al. 2024), so the loss's memory is O(n x D + tile^2); 0 = whole blocks.
+  c.loss_tile = 0
   # GradCache (grad_cache.py; SimCLR and CLIP): M > 1 computes the global batch's loss and
   # gradient in M micro-batches, holding one micro-batch's activations at a time. Exact without
   # BN; global_batch must be divisible by M x devices.

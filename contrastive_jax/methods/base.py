@@ -59,7 +59,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> Any:
-  name = config.get("dtype", "float32")
+  name = config.dtype
   if name not in DTYPES:
     raise ValueError(f"config.dtype={name!r} is not supported; use one of {sorted(DTYPES)}")
   return DTYPES[name]
@@ -67,9 +67,9 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
 
 def build_encoder(config: ml_collections.ConfigDict, **extra: Any) -> nn.Module:
   """The image encoder named by ``config.model.name`` with ``config.model.kwargs``."""
-  kwargs = dict(config.model.get("kwargs", {}) or {})
+  kwargs = dict(config.model.kwargs or {})
   kwargs.setdefault("dtype", compute_dtype(config))
-  if config.get("remat", False):
+  if config.remat:
     kwargs.setdefault("remat", True)
   kwargs.update(extra)
   return models.build_model(config.model.name, **kwargs)
@@ -124,8 +124,8 @@ def global_loss(config: ml_collections.ConfigDict, name: str, mesh):
   """The loss ``name`` over the global batch, ``(loss, metrics)``, as ``config.loss_impl`` says:
   ``"all_gather"`` (default; fastest while the [n, N] logits fit) or ``"ring"`` (memory-bounded,
   same values and gradients; see ``ring_losses.py``)."""
-  impl = config.get("loss_impl", "all_gather")
-  return losses.sharded(ring_losses.get_loss(name, impl), mesh, return_metrics=True)
+  loss = ring_losses.get_loss(name, config.loss_impl, tile=config.loss_tile or None)
+  return losses.sharded(loss, mesh, return_metrics=True)
 
 
 # The batch entries each input mode feeds the model (``data.pipeline`` also yields labels etc.).
@@ -155,7 +155,7 @@ class Method(abc.ABC):
         raise ValueError(f"config.grad_cache.micro_batches={m} but method "
                          f"{self.config.method!r} has no gradient caching (SimCLR and CLIP "
                          "do); set it to 1")
-      if self.config.get("global_batch") is not None:
+      if self.config.global_batch is not None:
         grad_cache.check_micro_batches(int(self.config.global_batch), m, self.mesh.size)
 
   # -- what a method defines

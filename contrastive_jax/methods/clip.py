@@ -8,8 +8,8 @@ scale (``t`` initialised at ``log 10``) and bias (initialised at -10). ``config.
 picks ``"clip"`` or ``"siglip"``; the towers come from ``models.build_clip``.
 
 The logit scale is clipped where it is used: the loss multiplies the similarities by
-``exp(min(t, log(max_logit_scale)))`` with ``config.clip.max_logit_scale = 100`` (CLIP Sec. 2.5,
-REFERENCE.md item 9; ``None`` turns the clip off). Above the cap the scale gets no gradient, so
+``exp(min(t, log(max_logit_scale)))`` with ``config.clip.max_logit_scale = 100`` (CLIP Sec. 2.5;
+``None`` turns the clip off). Above the cap the scale gets no gradient, so
 ``post_update`` also clamps the parameter itself into ``[0, log(max_logit_scale)]`` after each
 optimizer step, as open_clip does, so that it can come back below the cap.
 
@@ -84,28 +84,28 @@ class CLIP(base.Method):
 
   @property
   def loss_name(self) -> str:
-    return self.config.clip.get("loss", "clip")
+    return self.config.clip.loss
 
   @property
   def max_logit_scale(self) -> float | None:
-    value = self.config.clip.get("max_logit_scale", 100.0)
+    value = self.config.clip.max_logit_scale
     return None if value is None else float(value)
 
   def build_model(self) -> models.CLIP:
     data = self.config.data
-    text_kwargs = dict(self.config.text.get("kwargs", {}) or {})
+    text_kwargs = dict(self.config.text.kwargs or {})
     if "vocab_size" not in text_kwargs:
       text_kwargs["vocab_size"] = pipeline.make_tokenizer(data).vocab_size
     text_kwargs.setdefault("context_length", int(data.context_length))
     text_kwargs.setdefault("eot_id", tok_lib.EOT_ID)  # our EOT is not the largest id
     clip_cfg = self.config.clip
-    extra = {k: clip_cfg.get(k) for k in ("logit_scale_init", "logit_bias_init")
-             if clip_cfg.get(k) is not None}
+    extra = {k: clip_cfg[k] for k in ("logit_scale_init", "logit_bias_init")
+             if clip_cfg[k] is not None}
     return models.build_clip(
-        self.config.model.name, image_kwargs=dict(self.config.model.get("kwargs", {}) or {}),
+        self.config.model.name, image_kwargs=dict(self.config.model.kwargs or {}),
         text_kwargs=text_kwargs, embed_dim=int(clip_cfg.embed_dim),
         siglip=self.loss_name == "siglip", dtype=base.compute_dtype(self.config),
-        remat=bool(self.config.get("remat", False)), **extra)
+        remat=bool(self.config.remat), **extra)
 
   def example_inputs(self) -> tuple[jax.Array, ...]:
     (images,) = super().example_inputs()

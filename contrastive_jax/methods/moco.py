@@ -12,7 +12,7 @@ projector with the cosine momentum schedule ``m_t = 1 - (1 - m0)(cos(pi t / T) +
 queue; the symmetric loss ``ctr(q1, k2) + ctr(q2, k1)`` with the keys of the global batch as
 candidates (``losses.moco_v3_loss``, each term scaled by 2 tau); sync BN.
 
-Timing of the momentum update (REFERENCE.md item 7). MoCo updates the key encoder at the start
+Timing of the momentum update (MoCo, He et al. 2020, Algorithm 1). MoCo updates the key encoder at the start
 of iteration t, from the query parameters left by the optimizer step of iteration t - 1, and
 then computes the keys. Here ``post_update`` applies that same update right after the optimizer
 step of iteration t - 1 (with the momentum of iteration t: ``m(state.step)`` where ``state.step``
@@ -136,7 +136,7 @@ class MoCoV2(_MoCo):
     k = int(moco.queue_size)
     if k <= 0 or k % per_step:
       what = "2 x config.global_batch (config.moco.symmetric=True enqueues both views)" \
-          if moco.get("symmetric", False) else "config.global_batch"
+          if moco.symmetric else "config.global_batch"
       fix = max(1, round(k / per_step)) * per_step
       raise ValueError(
           f"config.moco.queue_size={k} must be a positive multiple of {what} = {per_step}, so "
@@ -150,7 +150,7 @@ class MoCoV2(_MoCo):
   @property
   def num_views(self) -> int:
     """Views forwarded per step through each encoder (2 when symmetric)."""
-    return 2 if self.config.moco.get("symmetric", False) else 1
+    return 2 if self.config.moco.symmetric else 1
 
   @property
   def keys_per_step(self) -> int:
@@ -158,7 +158,7 @@ class MoCoV2(_MoCo):
 
   @property
   def shuffle_bn(self) -> bool:
-    return bool(self.config.moco.get("shuffle_bn", True))
+    return bool(self.config.moco.shuffle_bn)
 
   def momentum(self, step: jax.Array | int) -> jax.Array:  # noqa: ARG002 -- fixed in MoCo v2
     return jnp.float32(self.config.moco.momentum)
@@ -262,7 +262,7 @@ def _key_part(tree: Any) -> dict[str, Any]:
 def schedule_steps(config: ml_collections.ConfigDict) -> int:
   """Total steps T of the momentum schedule: ``config.moco.schedule_steps`` or
   ``config.total_steps``."""
-  steps = config.moco.get("schedule_steps") or config.get("total_steps")
+  steps = config.moco.schedule_steps or config.total_steps
   if not steps:
     raise ValueError(
         "MoCo v3's cosine momentum schedule needs the run length in steps: set "

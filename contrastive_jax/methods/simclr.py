@@ -29,9 +29,9 @@ class SimCLR(base.Method):
     (v1: 2 layers, v2: 3) without BN, so that a BN-free encoder (ViT) makes the whole model
     free of batch coupling (GradCache is then exact)."""
     head_cfg = dict(self.config.head)
-    version = head_cfg.pop("version", 2)
+    version = head_cfg.pop("version")
     dtype = base.compute_dtype(self.config)
-    if head_cfg.pop("use_bn", True):
+    if head_cfg.pop("use_bn"):
       head = models.simclr_head(version=version, dtype=dtype, **head_cfg)
     else:
       if version not in (1, 2):
