@@ -8,13 +8,20 @@ Training order (``train_iterator``):
   ``perm_e[t B : (t + 1) B]`` and process ``p`` takes its ``p``-th slice of ``b`` rows. The
   processes' shards are disjoint, their union is the epoch (less the ``N mod B`` remainder that
   is dropped, a different one each epoch), and the global batch does not depend on ``P``.
-* Streaming sources (tfds or TFRecord without ``cache``): process ``p`` reads only its even
-  sub-split (tfds) or its files; each epoch is a buffer shuffle seeded by (seed, e).
+* Streaming TFRecord sources (no ``cache``): process ``p`` reads only its files (counts from
+  the shard index); each epoch is a seeded file order, a deterministic parallel interleave of
+  ``cycle_length`` files and a windowed shuffle (``streaming.py``), so ``start_step`` seeks:
+  files before the resume point are not opened and at most one interleave group and one
+  window are read again. With ``skip_corrupt``, undecodable records are skipped as they are
+  met, counted in ``stats`` and named in the log.
+* Streaming tfds sources: process ``p`` reads its even sub-split; each epoch is a buffer
+  shuffle seeded by (seed, e); a resume reads and discards the records before it.
 
 Each example's augmentation is seeded by (seed, epoch, example id, view) (see augment.py), so
 a batch is a pure function of (seed, step): ``start_step=s`` computes the epoch and offset of
-step ``s``, skips example ids before any decoding, and yields exactly the batches of an
-uninterrupted run. Epochs repeat forever; every epoch ends on a whole batch.
+step ``s``, skips records before any decoding, and yields exactly the batches of an
+uninterrupted run (streaming TFRecord with ``skip_corrupt``: see streaming.py for the one
+exception). Epochs repeat forever; every epoch ends on a whole batch.
 
 TensorFlow only feeds data: it never sees an accelerator (``data/__init__.py`` hides GPUs).
 """
@@ -29,9 +36,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from contrastive_jax.data import augment as aug_lib
 from contrastive_jax.data import sources as src_lib
+from contrastive_jax.data import streaming
 from contrastive_jax.data import tokenizer as tok_lib
 
 SOURCES = ("mnist", "tfds", "folder", "csv", "tfrecord")
@@ -52,8 +61,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.image_size = 32
   c.recipe = "simclr"         # simclr | mocov2 | mocov3 | byol | clip
   c.augment = ml_collections.ConfigDict({"strength": 0.5})  # AugmentConfig overrides
-  c.shuffle_buffer = 10_000   # streaming sources only; random-access sources use a full perm
+  c.shuffle_buffer = 10_000   # streaming: shuffle window (TFRecord) / buffer (tfds), records
+  c.cycle_length = 16         # streaming TFRecord: files read in parallel (interleave group)
   c.skip_corrupt = False
+  c.corrupt_reserve = 0.01    # streaming TFRecord + skip_corrupt: window fraction kept spare
   c.context_length = 32
   c.tokenizer = "bytes"       # bytes | sentencepiece
   c.spm_model = ""
@@ -156,16 +167,21 @@ class DataIterator:
 
   ``stats``: ``num_examples`` (this process's examples per epoch for streaming sources, the
   split's size otherwise), ``steps_per_epoch``, ``local_batch``, ``corrupt_skipped`` and
-  ``corrupt_files`` (images dropped by ``skip_corrupt=True``). ``step`` is the global step of
-  the next batch.
+  ``corrupt_files`` (images dropped by ``skip_corrupt=True``: found before step 0 for
+  in-memory sources; for streaming TFRecord sources counted as they are met, so both grow
+  while iterating, and ``corrupt_files`` keeps the first 1000 names). Streaming TFRecord
+  sources add ``resume_position`` (epoch, window, offset), ``resume_groups_skipped`` and
+  ``resume_records_skipped`` (records read again to seek). ``step`` is the global step of the
+  next batch.
   """
 
   def __init__(self, dataset: tf.data.Dataset, stats: dict[str, Any], start_step: int,
-               diagnose):
+               diagnose, tracker=None):
     self.dataset = dataset
     self.stats = stats
     self.step = start_step
     self._diagnose = diagnose
+    self._tracker = tracker
     self._it = dataset.as_numpy_iterator()
 
   def __iter__(self):
@@ -178,6 +194,9 @@ class DataIterator:
             tf.errors.UnknownError, tf.errors.NotFoundError) as e:
       self._diagnose(e)
       raise
+    if self._tracker is not None:
+      for name in self._tracker.update(batch, self.stats):
+        logging.warning("skipped corrupt record %s (data.skip_corrupt=True)", name)
     self.step += 1
     return batch
 
@@ -201,21 +220,56 @@ def _caption_table(source) -> tf.Tensor | None:
   return None
 
 
-def _drop_corrupt_stream(stream: src_lib.StreamSource) -> tuple[src_lib.StreamSource, list]:
-  """One decoding pass over the stream; drops the positions that fail to decode."""
-  checked = stream.dataset.enumerate().map(
-      lambda i, r: (i, tf.shape(src_lib.decode_record(r))[0]),
-      num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-  good = {int(i) for i, _ in checked.as_numpy_iterator()}
-  bad = sorted(set(range(stream.num_examples)) - good)
-  if not bad:
-    return stream, []
-  bad_t = tf.constant(bad, tf.int64)
-  ds = stream.dataset.enumerate().filter(
-      lambda i, r: tf.reduce_all(tf.not_equal(i, bad_t))).map(lambda i, r: r)
-  names = [f"{stream.name} record #{i}" for i in bad]
-  return dataclasses.replace(stream, dataset=ds, num_examples=stream.num_examples - len(bad)), \
-      names
+def _start_position(order, spe: int, b: int, start_step: int) -> tuple[int, int, int, int]:
+  """``(epoch, kept position q, window k, offset o)`` of global step ``start_step``."""
+  epoch, q = divmod(int(start_step), spe)
+  q *= b
+  k, o = divmod(q, order.keep_full)
+  return epoch, q, k, o
+
+
+def _tfrecord_train_records(order, spe: int, b: int, start_step: int, skip_corrupt: bool,
+                            make_example, par) -> tuple[tf.data.Dataset, dict[str, Any]]:
+  """Examples of a streaming TFRecord source from ``start_step`` on (streaming.py's order).
+
+  Without ``skip_corrupt`` the records before the resume point are skipped before parsing;
+  with it, the records of the resume window before the offset are decoded (their validity
+  decides which records the window keeps) and dropped.
+  """
+  epoch0, q, k0, o = _start_position(order, spe, b, start_step)
+  group, skip = order.seek(epoch0, k0)
+  per_epoch = spe * b
+  first = order.records(epoch0, group, skip, k0)
+  info = {"resume_records_skipped": int(skip + o), "resume_groups_skipped": group,
+          "resume_position": (epoch0, k0, o)}
+
+  def example(rec):
+    r = order.parse(rec)
+    return make_example(rec["epoch"], r)
+
+  if not skip_corrupt:
+    ds = first.skip(o).take(per_epoch - q).concatenate(
+        tf.data.Dataset.range(epoch0 + 1, _INF_EPOCHS).flat_map(
+            lambda e: order.records(e).take(per_epoch)))
+    ds = ds.map(example, num_parallel_calls=par, deterministic=True)
+    return ds, info
+  ds = first.concatenate(tf.data.Dataset.range(epoch0 + 1, _INF_EPOCHS).flat_map(order.records))
+  ds = ds.map(example, num_parallel_calls=par, deterministic=True).ignore_errors()
+  int64 = lambda v: tf.constant(v, tf.int64)
+
+  def keep(state, ex):
+    e, k, n, m = state
+    ee, kk = ex["_epoch"], ex["_window"]
+    new_window = tf.logical_or(tf.not_equal(ee, e), tf.not_equal(kk, k))
+    n = tf.where(new_window, int64(0), n)
+    m = tf.where(tf.not_equal(ee, e), int64(0), m)
+    off = tf.where(tf.logical_and(tf.equal(ee, epoch0), tf.equal(kk, k0)), int64(o), int64(0))
+    ok = (n >= off) & (n < order.window_keep(kk)) & (m < per_epoch)
+    return (ee, kk, n + 1, m + tf.cast(ok, tf.int64)), (ok, ex)
+
+  ds = ds.scan((int64(epoch0), int64(k0), int64(0), int64(q)), keep)
+  ds = ds.filter(lambda ok, ex: ok).map(lambda ok, ex: ex)
+  return ds, info
 
 
 def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
@@ -249,18 +303,21 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
   stats: dict[str, Any] = {"local_batch": b, "corrupt_skipped": 0, "corrupt_files": []}
   _check_source(c)
 
+  order = None
   if _is_streaming(c):
     if c.source == "tfds":
       source = src_lib.tfds_stream(c.name, c.train_split, c.data_dir or None, p, num_p,
                                    c.get("image_key", "image"), c.get("label_key", "label"),
                                    c.get("caption_key", "") or None)
+      n = source.num_examples
+      spe = n // b
     else:
       source = src_lib.tfrecord_stream(_split_path(c.path, c.train_split), p, num_p)
-    if c.skip_corrupt:
-      source, bad = _drop_corrupt_stream(source)
-      stats.update(corrupt_skipped=len(bad), corrupt_files=bad)
-    n = source.num_examples
-    spe = n // b
+      order = streaming.StreamOrder(
+          source.shards, seed, int(c.get("cycle_length", 16)), int(c.shuffle_buffer),
+          float(c.get("corrupt_reserve", 0.01)) if c.skip_corrupt else 0.0)
+      n = source.num_examples
+      spe = order.usable // b
     what = f"this process's {n} examples"
   else:
     source = indexed_source(c, c.train_split)
@@ -296,11 +353,15 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
                             reshuffle_each_iteration=False).take(spe * b).map(
                                 lambda r: (epoch, r))
 
+  tracker_columns = order is not None and bool(c.skip_corrupt)
+
   @tf.autograph.experimental.do_not_convert  # plain graph code: skip autograph's rewrite
   def make_example(epoch, record):
     image = src_lib.decode_record(record)
     ex_seed = aug_lib.example_seed(seed, epoch, record["id"])
     out = {"label": tf.cast(record["label"], tf.int32), "index": record["id"]}
+    if tracker_columns:
+      out.update({k: record[k] for k in ("_epoch", "_window", "_slot")})
     if mode == "views":
       out["view1"], out["view2"] = aug_lib.two_views(image, ex_seed, cfg)
     else:
@@ -317,16 +378,26 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
 
   par = c.get("num_parallel_calls", -1)
   par = tf.data.AUTOTUNE if par in (None, -1) else int(par)
-  ds = tf.data.Dataset.range(start_epoch, _INF_EPOCHS).flat_map(epoch_ds)
-  ds = ds.skip(offset * b)  # ids only: nothing before the resume point is decoded
-  ds = ds.map(make_example, num_parallel_calls=par, deterministic=True)
+  tracker = None
+  if order is not None:
+    ds, info = _tfrecord_train_records(order, spe, b, int(start_step), bool(c.skip_corrupt),
+                                       make_example, par)
+    stats.update(info)
+    if c.skip_corrupt:
+      tracker = streaming.CorruptTracker(order, info["resume_position"])
+  else:
+    ds = tf.data.Dataset.range(start_epoch, _INF_EPOCHS).flat_map(epoch_ds)
+    ds = ds.skip(offset * b)  # ids only: nothing before the resume point is decoded
+    ds = ds.map(make_example, num_parallel_calls=par, deterministic=True)
+    if c.skip_corrupt and _is_streaming(c):  # tfds: skipped as met, not counted
+      ds = ds.ignore_errors()
   ds = ds.batch(b, drop_remainder=True)
   ds = ds.prefetch(int(c.get("prefetch", 2)) or tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_optimization.map_parallelization = True
   ds = ds.with_options(options)
-  return DataIterator(ds, stats, int(start_step), _make_diagnose(source))
+  return DataIterator(ds, stats, int(start_step), _make_diagnose(source), tracker)
 
 
 def _has_captions(source) -> bool:
