@@ -357,15 +357,22 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
 
   @tf.autograph.experimental.do_not_convert  # plain graph code: skip autograph's rewrite
   def make_example(epoch, record):
-    image = src_lib.decode_record(record)
     ex_seed = aug_lib.example_seed(seed, epoch, record["id"])
     out = {"label": tf.cast(record["label"], tf.int32), "index": record["id"]}
     if tracker_columns:
       out.update({k: record[k] for k in ("_epoch", "_window", "_slot")})
+    views = (1, 2) if mode == "views" else (1,)
+    if "image" in record:
+      image = src_lib.decode_record(record)
+      x = [aug_lib.augment_view(image, aug_lib.view_seed(ex_seed, v), cfg, v) for v in views]
+    else:  # encoded: decode only the crop window (JPEG)
+      data = record["image_bytes"] if "image_bytes" in record else tf.io.read_file(
+          record["path"])
+      x = aug_lib.encoded_views(data, ex_seed, cfg, views)
     if mode == "views":
-      out["view1"], out["view2"] = aug_lib.two_views(image, ex_seed, cfg)
+      out["view1"], out["view2"] = x
     else:
-      out["image"] = aug_lib.augment_view(image, aug_lib.view_seed(ex_seed, 1), cfg, 1)
+      out["image"] = x[0]
       if "caption" in record:
         caption = record["caption"]
       else:
