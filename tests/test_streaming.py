@@ -186,3 +186,37 @@ def test_crop_window_decode_equals_full_decode_then_crop(fmt, sub):
       else:
         np.testing.assert_array_equal(g.numpy(), w.numpy())
   assert ring_diff <= (40 if sub == "4:2:0" else 0)
+
+
+def test_mix_block_weights_exact():
+  assert streaming.mix_block((0.7, 0.3)).tolist() == [700, 300]
+  assert streaming.mix_block((1, 1, 1)).tolist() == [334, 333, 333]
+  a = streaming.mix_choices((0.7, 0.3), 0, 5).numpy()
+  b = streaming.mix_choices((0.7, 0.3), 0, 6).numpy()
+  assert np.bincount(a).tolist() == [700, 300] and not np.array_equal(a, b)
+
+
+def test_weighted_mix_deterministic_and_resumable(tmp_path, monkeypatch):
+  monkeypatch.setattr(streaming, "MIX_BLOCK", 100)  # weights exact over 100 records
+  os.makedirs(tmp_path / "a")
+  os.makedirs(tmp_path / "b")
+  _write(str(tmp_path / "a"))
+  S.write_image_text_tfrecords([(_image(100 + i), f"b {i}", 0) for i in range(11)],
+                               str(tmp_path / "b" / "s"), 2)
+  c = _config(str(tmp_path / "a"), mix_paths=(str(tmp_path / "b" / "s*"),),
+              mix_weights=(0.7, 0.3))
+  ids_b = set()
+  for f in sorted((tmp_path / "b").glob("*.tfrecord")):
+    ids_b |= {int(S._record_id(tf.constant("mix1/" + f.name), tf.constant(r, tf.int64)))
+              for r in range(6)}
+  it = _iter(c, batch=4)
+  full = [next(it) for _ in range(52)]
+  ids = np.concatenate([b["index"] for b in full[:50]])  # two mix blocks
+  assert sum(int(i) in ids_b for i in ids) == 60
+  assert sum(int(i) in ids_b for i in ids[:100]) == 30
+  for s in (2, 24, 37):
+    it = _iter(c, start_step=s, batch=4)
+    for a in full[s:s + 2]:
+      _assert_same(a, next(it))
+  with pytest.raises(ValueError, match="mix_weights"):
+    _iter(_config(str(tmp_path / "a"), mix_paths=("x",), mix_weights=(1.0,)))

@@ -63,6 +63,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.augment = ml_collections.ConfigDict({"strength": 0.5})  # AugmentConfig overrides
   c.shuffle_buffer = 10_000   # streaming: shuffle window (TFRecord) / buffer (tfds), records
   c.cycle_length = 16         # streaming TFRecord: files read in parallel (interleave group)
+  c.mix_paths = ()            # streaming TFRecord: more globs mixed with path by mix_weights
+  c.mix_weights = ()          # one weight per source, e.g. (0.7, 0.3); () = path alone
   c.skip_corrupt = False
   c.corrupt_reserve = 0.01    # streaming TFRecord + skip_corrupt: window fraction kept spare
   c.context_length = 32
@@ -220,56 +222,16 @@ def _caption_table(source) -> tf.Tensor | None:
   return None
 
 
-def _start_position(order, spe: int, b: int, start_step: int) -> tuple[int, int, int, int]:
-  """``(epoch, kept position q, window k, offset o)`` of global step ``start_step``."""
-  epoch, q = divmod(int(start_step), spe)
-  q *= b
-  k, o = divmod(q, order.keep_full)
-  return epoch, q, k, o
-
-
-def _tfrecord_train_records(order, spe: int, b: int, start_step: int, skip_corrupt: bool,
-                            make_example, par) -> tuple[tf.data.Dataset, dict[str, Any]]:
-  """Examples of a streaming TFRecord source from ``start_step`` on (streaming.py's order).
-
-  Without ``skip_corrupt`` the records before the resume point are skipped before parsing;
-  with it, the records of the resume window before the offset are decoded (their validity
-  decides which records the window keeps) and dropped.
-  """
-  epoch0, q, k0, o = _start_position(order, spe, b, start_step)
-  group, skip = order.seek(epoch0, k0)
-  per_epoch = spe * b
-  first = order.records(epoch0, group, skip, k0)
-  info = {"resume_records_skipped": int(skip + o), "resume_groups_skipped": group,
-          "resume_position": (epoch0, k0, o)}
-
-  def example(rec):
-    r = order.parse(rec)
-    return make_example(rec["epoch"], r)
-
-  if not skip_corrupt:
-    ds = first.skip(o).take(per_epoch - q).concatenate(
-        tf.data.Dataset.range(epoch0 + 1, _INF_EPOCHS).flat_map(
-            lambda e: order.records(e).take(per_epoch)))
-    ds = ds.map(example, num_parallel_calls=par, deterministic=True)
-    return ds, info
-  ds = first.concatenate(tf.data.Dataset.range(epoch0 + 1, _INF_EPOCHS).flat_map(order.records))
-  ds = ds.map(example, num_parallel_calls=par, deterministic=True).ignore_errors()
-  int64 = lambda v: tf.constant(v, tf.int64)
-
-  def keep(state, ex):
-    e, k, n, m = state
-    ee, kk = ex["_epoch"], ex["_window"]
-    new_window = tf.logical_or(tf.not_equal(ee, e), tf.not_equal(kk, k))
-    n = tf.where(new_window, int64(0), n)
-    m = tf.where(tf.not_equal(ee, e), int64(0), m)
-    off = tf.where(tf.logical_and(tf.equal(ee, epoch0), tf.equal(kk, k0)), int64(o), int64(0))
-    ok = (n >= off) & (n < order.window_keep(kk)) & (m < per_epoch)
-    return (ee, kk, n + 1, m + tf.cast(ok, tf.int64)), (ok, ex)
-
-  ds = ds.scan((int64(epoch0), int64(k0), int64(0), int64(q)), keep)
-  ds = ds.filter(lambda ok, ex: ok).map(lambda ok, ex: ex)
-  return ds, info
+def _mix_weights(c, num_sources: int) -> list[float]:
+  """``data.mix_weights`` for ``[data.path, *data.mix_paths]``, checked."""
+  weights = [float(w) for w in c.get("mix_weights", ())]
+  if num_sources == 1 and not weights:
+    return [1.0]
+  if len(weights) != num_sources or min(weights) < 0 or sum(weights) <= 0:
+    raise ValueError(f"data.mix_weights={tuple(weights)} must give one non-negative weight "
+                     f"per source: data.path plus the {num_sources - 1} data.mix_paths "
+                     f"(e.g. mix_weights=(0.7, 0.3))")
+  return weights
 
 
 def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
@@ -303,7 +265,7 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
   stats: dict[str, Any] = {"local_batch": b, "corrupt_skipped": 0, "corrupt_files": []}
   _check_source(c)
 
-  order = None
+  orders = []
   if _is_streaming(c):
     if c.source == "tfds":
       source = src_lib.tfds_stream(c.name, c.train_split, c.data_dir or None, p, num_p,
@@ -312,12 +274,17 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
       n = source.num_examples
       spe = n // b
     else:
-      source = src_lib.tfrecord_stream(_split_path(c.path, c.train_split), p, num_p)
-      order = streaming.StreamOrder(
-          source.shards, seed, int(c.get("cycle_length", 16)), int(c.shuffle_buffer),
-          float(c.get("corrupt_reserve", 0.01)) if c.skip_corrupt else 0.0)
-      n = source.num_examples
-      spe = order.usable // b
+      paths = [c.path, *c.get("mix_paths", ())]
+      weights = _mix_weights(c, len(paths))
+      reserve = float(c.get("corrupt_reserve", 0.01)) if c.skip_corrupt else 0.0
+      for i, path in enumerate(paths):
+        stream = src_lib.tfrecord_stream(_split_path(path, c.train_split), p, num_p)
+        orders.append(streaming.StreamOrder(
+            stream.shards, seed, int(c.get("cycle_length", 16)), int(c.shuffle_buffer),
+            reserve, source_index=i))
+        source = stream if i == 0 else source
+      n = sum(o.num_records for o in orders)
+      spe = sum(o.usable for o in orders) // b
     what = f"this process's {n} examples"
   else:
     source = indexed_source(c, c.train_split)
@@ -353,14 +320,14 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
                             reshuffle_each_iteration=False).take(spe * b).map(
                                 lambda r: (epoch, r))
 
-  tracker_columns = order is not None and bool(c.skip_corrupt)
+  tracker_columns = bool(orders) and bool(c.skip_corrupt)
 
   @tf.autograph.experimental.do_not_convert  # plain graph code: skip autograph's rewrite
   def make_example(epoch, record):
     ex_seed = aug_lib.example_seed(seed, epoch, record["id"])
     out = {"label": tf.cast(record["label"], tf.int32), "index": record["id"]}
     if tracker_columns:
-      out.update({k: record[k] for k in ("_epoch", "_window", "_slot")})
+      out.update({k: record[k] for k in streaming.POSITION_KEYS})
     views = (1, 2) if mode == "views" else (1,)
     if "image" in record:
       image = src_lib.decode_record(record)
@@ -386,12 +353,18 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
   par = c.get("num_parallel_calls", -1)
   par = tf.data.AUTOTUNE if par in (None, -1) else int(par)
   tracker = None
-  if order is not None:
-    ds, info = _tfrecord_train_records(order, spe, b, int(start_step), bool(c.skip_corrupt),
-                                       make_example, par)
-    stats.update(info)
+  if orders:
+    if len(orders) == 1:  # epochs end on whole batches
+      ds, info = streaming.kept_examples(orders[0], spe * b, int(start_step) * b,
+                                         bool(c.skip_corrupt), make_example, par)
+      infos = [info]
+    else:
+      ds, infos = streaming.mixed_examples(orders, weights, int(start_step) * b,
+                                           bool(c.skip_corrupt), make_example, par)
+    stats.update(infos[0] if len(infos) == 1 else {
+        k: [i[k] for i in infos] for k in infos[0]})
     if c.skip_corrupt:
-      tracker = streaming.CorruptTracker(order, info["resume_position"])
+      tracker = streaming.CorruptTracker(orders, [i["resume_position"] for i in infos])
   else:
     ds = tf.data.Dataset.range(start_epoch, _INF_EPOCHS).flat_map(epoch_ds)
     ds = ds.skip(offset * b)  # ids only: nothing before the resume point is decoded

@@ -565,12 +565,13 @@ class ShardedFiles:
     return ds.map(lambda r, x: (i, r, x))
 
 
-def tfrecord_record(files: tf.Tensor, file_index, record_index, serialized
+def tfrecord_record(names: tf.Tensor, file_index, record_index, serialized
                     ) -> dict[str, tf.Tensor]:
   """Parses one serialized record into ``{image_bytes, caption, label, id}``; the id hashes
-  ``<file name>:<record index>``, stable across process counts."""
-  base = tf.strings.regex_replace(tf.gather(files, file_index), r".*/", "")
-  return {**parse_image_text(serialized), "id": _record_id(base, record_index)}
+  ``<name>:<record index>`` (``names``: the files' base names), stable across process
+  counts."""
+  return {**parse_image_text(serialized),
+          "id": _record_id(tf.gather(names, file_index), record_index)}
 
 
 def tfds_stream(name: str, split: str, data_dir: str | None, process_index: int,
@@ -617,7 +618,7 @@ def tfrecord_stream(pattern: str, process_index: int, process_count: int) -> Str
     shards = ShardedFiles(tuple(files), tuple(
         max(0, -(-(n - process_index) // process_count)) for n in counts),
                           stride=process_count, start=process_index)
-  names = tf.constant(shards.files)
+  names = tf.constant([os.path.basename(f) for f in shards.files])
   ds = tf.data.Dataset.range(len(shards.files)).flat_map(shards.record_dataset).map(
       lambda i, r, x: tfrecord_record(names, i, r, x))
   return StreamSource(name=f"tfrecord:{pattern}[{process_index}/{process_count}]",

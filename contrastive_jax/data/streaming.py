@@ -31,6 +31,7 @@ that precede it, permutes window ``k`` and drops its first ``o`` records: at mos
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -38,7 +39,10 @@ import tensorflow as tf
 from contrastive_jax.data import augment as aug_lib
 from contrastive_jax.data import sources as src_lib
 
-_FILE_ORDER, _WINDOW_PERM = 0xF11E, 0x3D0F
+_FILE_ORDER, _WINDOW_PERM, _MIX = 0xF11E, 0x3D0F, 0x313C
+_INF_EPOCHS = 2**62
+MIX_BLOCK = 1000  # records of the mixed stream over which the weights hold exactly
+POSITION_KEYS = ("_source", "_epoch", "_window", "_slot")
 
 
 class StreamOrder:
@@ -51,10 +55,12 @@ class StreamOrder:
     window: shuffle window ``W`` in records.
     reserve: fraction of each window kept in reserve for corrupt records (0 without
       ``skip_corrupt``).
+    source_index: position in a mix; ids of source ``i > 0`` hash ``mix<i>/<file>:<record>``
+      so that equal file names in two sources give different examples.
   """
 
   def __init__(self, shards: src_lib.ShardedFiles, seed: int, cycle: int, window: int,
-               reserve: float = 0.0):
+               reserve: float = 0.0, source_index: int = 0):
     if cycle < 1 or window < 1:
       raise ValueError(f"data.cycle_length={cycle} and data.shuffle_buffer={window} must be "
                        ">= 1")
@@ -72,7 +78,11 @@ class StreamOrder:
     last = self.num_records - (self.num_windows - 1) * self.window
     self.keep_full = self.keep(self.window)
     self.usable = (self.num_windows - 1) * self.keep_full + self.keep(last)
-    self._names = tf.constant(shards.files)
+    self.source_index = int(source_index)
+    names = [os.path.basename(f) for f in shards.files]
+    if source_index:
+      names = [f"mix{source_index}/{f}" for f in names]
+    self._names = tf.constant(names)
 
   def keep(self, size: int) -> int:
     """Records a window of ``size`` records yields."""
@@ -139,7 +149,8 @@ class StreamOrder:
     """A ``records`` element -> ``{image_bytes, caption, label, id, _epoch, _window, _slot}``."""
     record = self.shards.start + self.shards.stride * rec["record"]
     out = src_lib.tfrecord_record(self._names, rec["file"], record, rec["serialized"])
-    out.update(_epoch=rec["epoch"], _window=rec["window"], _slot=rec["slot"])
+    out.update(_source=tf.constant(self.source_index, tf.int64), _epoch=rec["epoch"],
+               _window=rec["window"], _slot=rec["slot"])
     return out
 
   def window_keep(self, window) -> tf.Tensor:
@@ -177,34 +188,126 @@ class StreamOrder:
 
 
 class CorruptTracker:
-  """Counts and names the records a ``skip_corrupt`` stream skipped, from the ``_epoch``,
-  ``_window`` and ``_slot`` of the kept records: within a window the kept records are the good
-  ones in slot order, so a gap in the slots is a corrupt record."""
+  """Counts and names the records a ``skip_corrupt`` stream skipped, from the position columns
+  (``POSITION_KEYS``) of the kept records: within a window the kept records are the good ones
+  in slot order, so a gap in the slots is a corrupt record."""
 
-  def __init__(self, order: StreamOrder, start: tuple[int, int, int], max_names: int = 1000):
-    self.order = order
-    self.start = start  # (epoch, window, offset) of the resume point
-    self.prev: tuple[int, int, int] | None = None
+  def __init__(self, orders: list[StreamOrder], starts: list[tuple[int, int, int]],
+               max_names: int = 1000):
+    self.orders = orders
+    self.starts = starts  # per source: (epoch, window, offset) of the resume point
+    self.prev: list[tuple[int, int, int] | None] = [None] * len(orders)
     self.max_names = max_names
 
   def update(self, batch: dict[str, np.ndarray], stats: dict) -> list[str]:
     """Pops the position columns from ``batch``; returns the names of new corrupt records."""
-    e, w, j = (batch.pop(k) for k in ("_epoch", "_window", "_slot"))
+    src, e, w, j = (batch.pop(k) for k in POSITION_KEYS)
     found = []
     for i in range(len(e)):
-      cur = (int(e[i]), int(w[i]), int(j[i]))
-      if self.prev is not None and self.prev[:2] == cur[:2]:
-        lo = self.prev[2] + 1
-      elif self.prev is None and self.start[2] > 0 and cur[:2] == self.start[:2]:
+      s = int(src[i])
+      cur, prev, start = (int(e[i]), int(w[i]), int(j[i])), self.prev[s], self.starts[s]
+      if prev is not None and prev[:2] == cur[:2]:
+        lo = prev[2] + 1
+      elif prev is None and start[2] > 0 and cur[:2] == start[:2]:
         lo = cur[2]  # resumed inside this window: what precedes was seen before the restart
       else:
         lo = 0
       for slot in range(lo, cur[2]):
-        f, r = self.order.locate(cur[0], cur[1], slot)
+        f, r = self.orders[s].locate(cur[0], cur[1], slot)
         found.append(f"{f} record #{r}")
-      self.prev = cur
+      self.prev[s] = cur
     if found:
       stats["corrupt_skipped"] += len(found)
       room = self.max_names - len(stats["corrupt_files"])
       stats["corrupt_files"].extend(found[:max(room, 0)])
     return found
+
+
+def kept_examples(order: StreamOrder, per_epoch: int, start: int, skip_corrupt: bool,
+                  make_example, par) -> tuple[tf.data.Dataset, dict]:
+  """Infinite examples ``make_example(epoch, record)`` of one source from kept position
+  ``start`` on; an epoch is its first ``per_epoch <= order.usable`` kept records.
+
+  Without ``skip_corrupt`` the records before the resume point are skipped before parsing;
+  with it, the records of the resume window before the offset are decoded (their validity
+  decides which records the window keeps) and dropped.
+  """
+  if not 0 < per_epoch <= order.usable:
+    raise ValueError(f"per_epoch={per_epoch} must be in (0, {order.usable}]")
+  epoch0, q = divmod(int(start), per_epoch)
+  k0, o = divmod(q, order.keep_full)
+  group, skip = order.seek(epoch0, k0)
+  first = order.records(epoch0, group, skip, k0)
+  info = {"resume_records_skipped": int(skip + o), "resume_groups_skipped": group,
+          "resume_position": (epoch0, k0, o)}
+
+  def example(rec):
+    return make_example(rec["epoch"], order.parse(rec))
+
+  if not skip_corrupt:
+    ds = first.skip(o).take(per_epoch - q).concatenate(
+        tf.data.Dataset.range(epoch0 + 1, _INF_EPOCHS).flat_map(
+            lambda e: order.records(e).take(per_epoch)))
+    return ds.map(example, num_parallel_calls=par, deterministic=True), info
+  ds = first.concatenate(tf.data.Dataset.range(epoch0 + 1, _INF_EPOCHS).flat_map(order.records))
+  ds = ds.map(example, num_parallel_calls=par, deterministic=True).ignore_errors()
+  int64 = lambda v: tf.constant(v, tf.int64)
+
+  def keep(state, ex):
+    e, k, n, m = state
+    ee, kk = ex["_epoch"], ex["_window"]
+    new_window = tf.logical_or(tf.not_equal(ee, e), tf.not_equal(kk, k))
+    n = tf.where(new_window, int64(0), n)
+    m = tf.where(tf.not_equal(ee, e), int64(0), m)
+    off = tf.where(tf.logical_and(tf.equal(ee, epoch0), tf.equal(kk, k0)), int64(o), int64(0))
+    ok = (n >= off) & (n < order.window_keep(kk)) & (m < per_epoch)
+    return (ee, kk, n + 1, m + tf.cast(ok, tf.int64)), (ok, ex)
+
+  ds = ds.scan((int64(epoch0), int64(k0), int64(0), int64(q)), keep)
+  return ds.filter(lambda ok, ex: ok).map(lambda ok, ex: ex), info
+
+
+def mix_block(weights, block: int | None = None) -> np.ndarray:
+  """``[S] int64`` records of each source per block of ``block`` (default ``MIX_BLOCK``):
+  ``weights`` normalised times ``block``, rounded by largest remainder (summing to ``block``)."""
+  block = block or MIX_BLOCK
+  w = np.asarray(weights, np.float64) / np.sum(weights)
+  exact = w * block
+  n = np.floor(exact).astype(np.int64)
+  extra = block - int(n.sum())
+  n[np.argsort(-(exact - n), kind="stable")[:extra]] += 1
+  return n
+
+
+def mix_choices(weights, seed: int, block_index) -> tf.Tensor:
+  """``[block] int64`` source of each record of mixed block ``block_index``: each source
+  ``mix_block(weights)[i]`` times, in an order seeded by (seed, block)."""
+  pattern = np.repeat(np.arange(len(weights)), mix_block(weights))
+  s = aug_lib.fold_in(tf.constant([seed, _MIX], tf.int64), block_index)
+  return tf.gather(tf.constant(pattern, tf.int64), tf.random.experimental.stateless_shuffle(
+      tf.range(len(pattern), dtype=tf.int64), seed=s))
+
+
+def mixed_examples(orders: list[StreamOrder], weights, start: int, skip_corrupt: bool,
+                   make_example, par) -> tuple[tf.data.Dataset, list[dict]]:
+  """Examples of several sources mixed by weight, from mixed position ``start`` on.
+
+  Record ``t`` of the mixed stream comes from source ``mix_choices(weights, seed, t //
+  MIX_BLOCK)[t % MIX_BLOCK]``, so the weights hold exactly over every block of
+  ``MIX_BLOCK`` records; each source is an infinite stream of its own epochs (all its kept
+  records). A resume counts each source's records before ``start`` in O(MIX_BLOCK) and seeks
+  every source there.
+  """
+  seed = orders[0].seed
+  blk, rem = divmod(int(start), MIX_BLOCK)
+  counts = blk * mix_block(weights)
+  head = mix_choices(weights, seed, blk).numpy()[:rem]
+  counts += np.bincount(head, minlength=len(orders))
+  dss, infos = [], []
+  for order, n in zip(orders, counts):
+    ds, info = kept_examples(order, order.usable, int(n), skip_corrupt, make_example, par)
+    dss.append(ds)
+    infos.append(info)
+  choice = tf.data.Dataset.range(blk, _INF_EPOCHS).flat_map(
+      lambda k: tf.data.Dataset.from_tensor_slices(mix_choices(weights, seed, k))).skip(rem)
+  return tf.data.Dataset.choose_from_datasets(dss, choice), infos
