@@ -114,7 +114,7 @@ def test_resume_seeks_and_is_bit_exact(tmp_path):
 def test_corrupt_skipped_as_met_counted_named_resumable(tmp_path, caplog):
   corrupt = {(1, 4), (4, 0), (5, 5)}
   files = _write(str(tmp_path), corrupt)
-  c = _config(str(tmp_path), skip_corrupt=True, corrupt_reserve=0.5)
+  c = _config(str(tmp_path), skip_corrupt=True, corrupt_reserve=0.5, crop_decode="on")
   it = _iter(c, batch=2)
   spe = it.stats["steps_per_epoch"]
   assert spe == (3 * 4 + 4) // 2  # windows 8, 8, 8, 8 keep 4 each

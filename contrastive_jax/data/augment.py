@@ -354,33 +354,30 @@ def decode_crops(data: tf.Tensor, seeds, cfg: AugmentConfig) -> list[tf.Tensor]:
   libjpeg's chroma upsampling has no neighbours outside the window. Other formats (PNG, GIF,
   BMP) are decoded whole, then cropped.
   """
-  def boxes(height, width):
-    return [sample_crop_box(s, height, width, cfg.crop_area, cfg.crop_aspect,
-                            cfg.crop_attempts) for s in seeds]
+  is_jpeg = tf.io.is_jpeg(data)
 
-  def crop_all(image, bs, origin):
-    return [tf.image.crop_to_bounding_box(image, b[0] - origin[0], b[1] - origin[1], b[2],
-                                          b[3]) for b in bs]
-
-  def jpeg():
-    shape = tf.image.extract_jpeg_shape(data)
-    bs = boxes(shape[0], shape[1])
-    top = tf.reduce_min(tf.stack([b[0] for b in bs]))
-    left = tf.reduce_min(tf.stack([b[1] for b in bs]))
-    bottom = tf.reduce_max(tf.stack([b[0] + b[2] for b in bs]))
-    right = tf.reduce_max(tf.stack([b[1] + b[3] for b in bs]))
-    window = tf.image.decode_and_crop_jpeg(data, tf.stack([top, left, bottom - top,
-                                                           right - left]), channels=3)
-    return crop_all(window, bs, (top, left))
-
-  def other():
+  def whole():
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    shape = tf.shape(image)
-    return crop_all(image, boxes(shape[0], shape[1]), (0, 0))
+    return tf.shape(image), image
 
-  crops = tf.cond(tf.io.is_jpeg(data), jpeg, other)
-  return [tf.ensure_shape(c, [None, None, 3]) for c in crops]
+  # Two small conds rather than one around everything: a cond's branches run as functions,
+  # and keeping the box sampling outside them measured cheaper.
+  shape, image = tf.cond(
+      is_jpeg, lambda: (tf.image.extract_jpeg_shape(data), tf.zeros([0, 0, 3], tf.uint8)),
+      whole)
+  bs = [sample_crop_box(s, shape[0], shape[1], cfg.crop_area, cfg.crop_aspect,
+                        cfg.crop_attempts) for s in seeds]
+  top = tf.reduce_min(tf.stack([b[0] for b in bs]))
+  left = tf.reduce_min(tf.stack([b[1] for b in bs]))
+  bottom = tf.reduce_max(tf.stack([b[0] + b[2] for b in bs]))
+  right = tf.reduce_max(tf.stack([b[1] + b[3] for b in bs]))
+  window = tf.cond(
+      is_jpeg, lambda: tf.image.decode_and_crop_jpeg(
+          data, tf.stack([top, left, bottom - top, right - left]), channels=3),
+      lambda: image[top:bottom, left:right])
+  window.set_shape([None, None, 3])
+  return [window[b[0] - top:b[0] - top + b[2], b[1] - left:b[1] - left + b[3]] for b in bs]
 
 
 def _post_crop(x: tf.Tensor, seed, cfg: AugmentConfig, view: int) -> tf.Tensor:

@@ -65,6 +65,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.cycle_length = 16         # streaming TFRecord: files read in parallel (interleave group)
   c.mix_paths = ()            # streaming TFRecord: more globs mixed with path by mix_weights
   c.mix_weights = ()          # one weight per source, e.g. (0.7, 0.3); () = path alone
+  c.crop_decode = "auto"      # JPEG: decode only the views' crop window: auto | on | off
   c.skip_corrupt = False
   c.corrupt_reserve = 0.01    # streaming TFRecord + skip_corrupt: window fraction kept spare
   c.context_length = 32
@@ -321,6 +322,11 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
                                 lambda r: (epoch, r))
 
   tracker_columns = bool(orders) and bool(c.skip_corrupt)
+  crop_decode = {"auto": _is_streaming(c), "on": True, "off": False, True: True,
+                 False: False}.get(c.get("crop_decode", "auto"))
+  if crop_decode is None:
+    raise ValueError(f"data.crop_decode={c.crop_decode!r}; use 'auto' (streaming sources "
+                     "only), 'on' or 'off'")
 
   @tf.autograph.experimental.do_not_convert  # plain graph code: skip autograph's rewrite
   def make_example(epoch, record):
@@ -329,7 +335,7 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
     if tracker_columns:
       out.update({k: record[k] for k in streaming.POSITION_KEYS})
     views = (1, 2) if mode == "views" else (1,)
-    if "image" in record:
+    if "image" in record or not crop_decode:
       image = src_lib.decode_record(record)
       x = [aug_lib.augment_view(image, aug_lib.view_seed(ex_seed, v), cfg, v) for v in views]
     else:  # encoded: decode only the crop window (JPEG)

@@ -263,8 +263,16 @@ def kept_examples(order: StreamOrder, per_epoch: int, start: int, skip_corrupt: 
     ok = (n >= off) & (n < order.window_keep(kk)) & (m < per_epoch)
     return (ee, kk, n + 1, m + tf.cast(ok, tf.int64)), (ok, ex)
 
+  def kept(ok, ex):
+    del ex
+    return ok
+
+  def example_only(ok, ex):
+    del ok
+    return ex
+
   ds = ds.scan((int64(epoch0), int64(k0), int64(0), int64(q)), keep)
-  return ds.filter(lambda ok, ex: ok).map(lambda ok, ex: ex), info
+  return ds.filter(kept).map(example_only), info
 
 
 def mix_block(weights, block: int | None = None) -> np.ndarray:
