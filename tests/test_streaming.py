@@ -220,3 +220,16 @@ def test_weighted_mix_deterministic_and_resumable(tmp_path, monkeypatch):
       _assert_same(a, next(it))
   with pytest.raises(ValueError, match="mix_weights"):
     _iter(_config(str(tmp_path / "a"), mix_paths=("x",), mix_weights=(1.0,)))
+
+
+def test_damaged_tfrecord_file_is_named_not_skipped(tmp_path):
+  """skip_corrupt drops undecodable images; a file whose record framing is damaged stops the
+  run with its name (skipping it silently would lose its records and shift every position)."""
+  files = _write(str(tmp_path))
+  raw = open(files[1], "rb").read()
+  with open(files[1], "wb") as fh:
+    fh.write(raw[:len(raw) // 2] + b"\x00" * 7 + raw[len(raw) // 2 + 7:])
+  it = _iter(_config(str(tmp_path), skip_corrupt=True))
+  with pytest.raises(S.CorruptImageError, match=r"s1-00000-of-00001.tfrecord.*damaged"):
+    for _ in range(2 * it.stats["steps_per_epoch"]):
+      next(it)

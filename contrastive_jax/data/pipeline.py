@@ -211,6 +211,14 @@ def _make_diagnose(source):
       bad = src_lib.find_corrupt(source)
       if bad:
         raise src_lib.corrupt_error(source.name, [source.describe(i) for i in bad]) from err
+    shards = getattr(source, "shards", None)
+    if isinstance(err, tf.errors.DataLossError) and shards is not None:
+      damaged = src_lib.damaged_tfrecord_files(shards.files)  # a pass, on this error only
+      if damaged:
+        raise src_lib.CorruptImageError(
+            f"TFRecord file(s) {damaged} of {source.name} are damaged (bad record length or "
+            "CRC); data.skip_corrupt skips undecodable images, not damaged files. Fix: rewrite "
+            "them, or delete them and rewrite the index (sources.index_tfrecords).") from err
     raise src_lib.CorruptImageError(
         f"reading {source.name} failed ({type(err).__name__}: {err.message.splitlines()[0]}). "
         "If an image or record is corrupt, replace it or set data.skip_corrupt=True.") from err

@@ -427,6 +427,17 @@ def count_examples(ds: tf.data.Dataset) -> int:
   return int(ds.reduce(np.int64(0), lambda c, _: c + 1).numpy())
 
 
+def damaged_tfrecord_files(files: Sequence[str]) -> list[str]:
+  """The files among ``files`` whose records cannot be read (bad length or CRC)."""
+  damaged = []
+  for f in files:
+    try:
+      count_examples(tf.data.TFRecordDataset(f))
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError):
+      damaged.append(f)
+  return damaged
+
+
 def tfrecord_files(pattern: str) -> list[str]:
   if not pattern:
     raise ValueError("data.source='tfrecord' needs data.path=<glob of TFRecord shards>")

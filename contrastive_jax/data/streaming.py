@@ -250,7 +250,12 @@ def kept_examples(order: StreamOrder, per_epoch: int, start: int, skip_corrupt: 
             lambda e: order.records(e).take(per_epoch)))
     return ds.map(example, num_parallel_calls=par, deterministic=True), info
   ds = first.concatenate(tf.data.Dataset.range(epoch0 + 1, _INF_EPOCHS).flat_map(order.records))
-  ds = ds.map(example, num_parallel_calls=par, deterministic=True).ignore_errors()
+  # Each record's decode in its own one-element dataset: its errors (a corrupt image) drop that
+  # record only, while errors upstream (a damaged TFRecord file) still stop the run.
+  ds = ds.interleave(
+      lambda rec: tf.data.Dataset.from_tensors(rec).map(example).ignore_errors(),
+      cycle_length=tf.data.AUTOTUNE if par == tf.data.AUTOTUNE else max(par, 1),
+      block_length=1, num_parallel_calls=par, deterministic=True)
   int64 = lambda v: tf.constant(v, tf.int64)
 
   def keep(state, ex):
