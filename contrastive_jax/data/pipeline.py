@@ -28,7 +28,6 @@ TensorFlow only feeds data: it never sees an accelerator (``data/__init__.py`` h
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
