@@ -233,3 +233,15 @@ def test_damaged_tfrecord_file_is_named_not_skipped(tmp_path):
   with pytest.raises(S.CorruptImageError, match=r"s1-00000-of-00001.tfrecord.*damaged"):
     for _ in range(2 * it.stats["steps_per_epoch"]):
       next(it)
+
+
+def test_more_processes_than_files_stride_records(tmp_path):
+  """Process 2 of 8 over 6 files reads records 2, 10, ... of each file; ids name them."""
+  files = _write(str(tmp_path))
+  want = {int(S._record_id(tf.constant(os.path.basename(f)), tf.constant(r, tf.int64)))
+          for f, n in zip(files, SIZES) for r in range(2, n, 8)}
+  it = P.train_iterator(_config(str(tmp_path)), mode="views", global_batch=8, seed=0,
+                        process_index=2, process_count=8)
+  assert it.stats["num_examples"] == it.stats["steps_per_epoch"] == len(want) == 5
+  ids = [int(next(it)["index"][0]) for _ in range(10)]
+  assert set(ids[:5]) == set(ids[5:]) == want and ids[:5] != ids[5:]

@@ -117,8 +117,8 @@ class StreamOrder:
 
   def records(self, epoch, first_group=0, skip=0, first_window=0) -> tf.Tensor:
     """Records of ``epoch`` in order from ``first_window``: dicts of ``epoch, window, slot``
-    (position in the permuted window), ``file``, ``record`` (index in the file's records read by
-    this process) and ``serialized``. Graph-compatible in ``epoch``."""
+    (position in the permuted window), ``file``, ``record`` (the record's index in its file)
+    and ``serialized``. Graph-compatible in ``epoch``."""
     epoch = tf.cast(epoch, tf.int64)
     c = self.cycle
     num_groups = -(-self.num_files // c)
@@ -147,8 +147,7 @@ class StreamOrder:
 
   def parse(self, rec) -> dict[str, tf.Tensor]:
     """A ``records`` element -> ``{image_bytes, caption, label, id, _epoch, _window, _slot}``."""
-    record = self.shards.start + self.shards.stride * rec["record"]
-    out = src_lib.tfrecord_record(self._names, rec["file"], record, rec["serialized"])
+    out = src_lib.tfrecord_record(self._names, rec["file"], rec["record"], rec["serialized"])
     out.update(_source=tf.constant(self.source_index, tf.int64), _epoch=rec["epoch"],
                _window=rec["window"], _slot=rec["slot"])
     return out
