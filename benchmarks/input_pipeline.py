@@ -1,22 +1,31 @@
-"""Input-pipeline throughput: images per second (and per CPU core) of ``train_iterator``.
+"""Input-pipeline benchmarks: start-up and resume cost at scale, and augmentation throughput.
 
-Two cases:
-* SimCLR two-view recipe at 224 from JPEG bytes (ImageNet-like ~400x500 JPEGs made from
-  skimage.data photos, held in memory as a cached TFRecord source, so disk speed is out);
-* the embedded MNIST default (32x32, SimCLR recipe at strength 0.5, no blur).
+Parts (``--parts``, default all):
+
+* ``startup``: time to the first batch and time to resume at step N (a fresh iterator with
+  ``start_step=N``, as after a preemption) of the streaming TFRecord path, on generated shards
+  of 10k and 1M records (1,000 records per file, each a 16x16 JPEG and a caption, ~0.4 KB;
+  kept under ``--data_dir``, default ``/tmp/contrastive_jax_bench_input``: ~4 MB and ~400 MB).
+  Also the cost of the counting pass that a start without an index pays (what start-up read
+  before the shard index existed).
+* ``simclr``: images per second of the SimCLR two-view recipe at 224 px, with and without
+  blur, on a folder of ImageNet-sized (~400x500) JPEGs made from skimage photos; next to it,
+  when torchvision is importable, torchvision's standard SimCLR transforms (RandomResizedCrop,
+  flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, RandomGrayscale 0.2, GaussianBlur p=0.5 with a
+  23-pixel kernel) in a DataLoader with one worker per core, on the same files.
+* ``mnist``: the embedded MNIST default (32x32, SimCLR recipe at strength 0.5, no blur).
 
 An "image" is one source example; each yields two augmented views. Usage:
 
   python benchmarks/input_pipeline.py --steps 20 --batch 64
 
-Prints a markdown table.
+Prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -62,36 +71,167 @@ def measure(config, batch: int, steps: int, warmup: int) -> tuple[float, float]:
   return first, batch * steps / (time.perf_counter() - t0)
 
 
+def write_shards(folder: str, num_records: int, per_file: int = 1000) -> str:
+  """Generated shards of ``num_records`` tiny records in ``folder`` (reused when complete);
+  returns their glob."""
+  pattern = os.path.join(folder, "gen-*.tfrecord")
+  num_files = -(-num_records // per_file)
+  if os.path.exists(os.path.join(folder, "gen.index.json")):
+    return pattern
+  os.makedirs(folder, exist_ok=True)
+  image = tf.io.encode_jpeg(np.random.default_rng(0).integers(0, 256, (16, 16, 3),
+                                                               np.uint8)).numpy()
+  record = tf.train.Example(features=tf.train.Features(feature={
+      "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+      "caption": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"a generated image"])),
+      "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
+  })).SerializeToString()
+  files, counts = [], []
+  for i in range(num_files):
+    n = min(per_file, num_records - i * per_file)
+    path = os.path.join(folder, f"gen-{i:05d}-of-{num_files:05d}.tfrecord")
+    with tf.io.TFRecordWriter(path) as w:
+      for _ in range(n):
+        w.write(record)
+    files.append(path)
+    counts.append(n)
+  S.write_tfrecord_index(files, counts, os.path.join(folder, "gen.index.json"))
+  return pattern
+
+
+def startup_rows(data_dir: str, sizes, batch: int, resume_step: int):
+  rows = []
+  for n in sizes:
+    pattern = write_shards(os.path.join(data_dir, f"records_{n}"), n)
+    c = common.data_config("tfrecord", path=pattern, image_size=32, recipe="clip",
+                           skip_corrupt=True)  # as the CLIP / SigLIP configs
+
+    def first_batch(step):
+      t0 = time.perf_counter()
+      it = pipeline.train_iterator(c, mode="views", global_batch=batch, seed=0, start_step=step,
+                            process_index=0, process_count=1)
+      next(it)
+      return time.perf_counter() - t0, it.stats
+
+    first, _ = first_batch(0)
+    resume, stats = first_batch(resume_step)
+    files = S.tfrecord_files(pattern)
+    t0 = time.perf_counter()
+    total = sum(S.count_examples(tf.data.TFRecordDataset(f)) for f in files)
+    count = time.perf_counter() - t0
+    assert total == n
+    size = sum(os.path.getsize(f) for f in files) / 2**20
+    rows.append((n, len(files), size, first, resume, stats, count))
+  return rows
+
+
+def write_jpeg_folder(folder: str, num: int) -> str:
+  if not os.path.isdir(os.path.join(folder, "photos")):
+    os.makedirs(os.path.join(folder, "photos"))
+    for i, jpeg in enumerate(make_jpegs(num)):
+      with open(os.path.join(folder, "photos", f"{i:05d}.jpg"), "wb") as f:
+        f.write(jpeg)
+  return folder
+
+
+def torchvision_rate(folder: str, batch: int, steps: int, warmup: int, blur: bool,
+                     workers: int) -> float | None:
+  """Images/s of torchvision's SimCLR transforms in a DataLoader; None without torchvision."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from torchvision import datasets, transforms  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  ops = [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+         transforms.RandomApply([transforms.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+         transforms.RandomGrayscale(p=0.2)]
+  if blur:
+    ops.append(transforms.RandomApply([transforms.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5))
+  ops.append(transforms.ToTensor())
+  view = transforms.Compose(ops)
+
+  class TwoViews:
+    def __call__(self, x):
+      return view(x), view(x)
+
+  ds = datasets.ImageFolder(folder, transform=TwoViews())
+  loader = torch.utils.data.DataLoader(
+      ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+      persistent_workers=True, sampler=None)
+
+  def batches():
+    while True:
+      yield from loader
+
+  it = batches()
+  for _ in range(warmup + 1):
+    next(it)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    next(it)
+  return batch * steps / (time.perf_counter() - t0)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--parts", default="startup,simclr,mnist")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--num_jpegs", type=int, default=256)
   parser.add_argument("--mnist_batch", type=int, default=256)
+  parser.add_argument("--sizes", default="10000,1000000")
+  parser.add_argument("--startup_batch", type=int, default=256)
+  parser.add_argument("--resume_step", type=int, default=2000)
+  parser.add_argument("--data_dir", default="/tmp/contrastive_jax_bench_input")
   args = parser.parse_args()
+  parts = set(args.parts.split(","))
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  print(f"\n{cores} CPU core(s) visible, TensorFlow {tf.__version__}")
 
-  rows = []
-  with tempfile.TemporaryDirectory() as tmp:
-    jpegs = make_jpegs(args.num_jpegs)
-    S.write_image_text_tfrecords(((j, "photo") for j in jpegs), os.path.join(tmp, "bench"), 1)
-    c = common.data_config("tfrecord", recipe="simclr", image_size=224, cache=True,
-                           path=os.path.join(tmp, "bench-*.tfrecord"),
-                           augment={"strength": 1.0, "blur": True})
-    first, ips = measure(c, args.batch, args.steps, args.warmup)
-    rows.append(("simclr 2 views, 224, JPEG ~400x500", args.batch, first, ips))
+  if "startup" in parts:
+    rows = startup_rows(args.data_dir, [int(x) for x in args.sizes.split(",")],
+                        args.startup_batch, args.resume_step)
+    print(f"\nStreaming TFRecord start-up (skip_corrupt=True, local batch "
+          f"{args.startup_batch}, window 10,000, 16 files in parallel; resume at step "
+          f"{args.resume_step}):\n")
+    print("| records | files | MiB | first batch (s) | resume (s) | resume position (epoch, "
+          "window, offset) | records re-read | counting pass without index (s) |")
+    print("|---:|---:|---:|---:|---:|---|---:|---:|")
+    for n, nf, size, first, resume, stats, count in rows:
+      print(f"| {n:,} | {nf:,} | {size:.0f} | {first:.2f} | {resume:.2f} | "
+            f"{stats['resume_position']} | {stats['resume_records_skipped']:,} | {count:.1f} |")
+    if len(rows) > 1:
+      print(f"\nlargest / smallest: first batch {rows[-1][3] / rows[0][3]:.2f}x, resume "
+            f"{rows[-1][4] / rows[0][4]:.2f}x")
 
-  c = common.data_config("mnist", recipe="simclr", image_size=32, augment={"strength": 0.5})
-  first, ips = measure(c, args.mnist_batch, args.steps, args.warmup)
-  rows.append(("mnist default (simclr s=0.5, 32, 2 views)", args.mnist_batch, first, ips))
+  if "simclr" in parts:
+    folder = write_jpeg_folder(os.path.join(args.data_dir, "jpegs"), args.num_jpegs)
+    print(f"\nSimCLR two views at 224 px from {args.num_jpegs} ~400x500 JPEG files "
+          f"({folder}), batch {args.batch}, {args.steps} timed batches after "
+          f"{args.warmup} warm-up:\n")
+    print("| pipeline | blur | images/s | images/s/core |")
+    print("|---|---|---:|---:|")
+    for blur in (True, False):
+      for crop_decode in ("off", "on"):
+        c = common.data_config("folder", path=folder, image_size=224, recipe="simclr",
+                               augment={"strength": 1.0, "blur": blur},
+                               crop_decode=crop_decode)
+        _, ips = measure(c, args.batch, args.steps, args.warmup)
+        name = "crop-window decode" if crop_decode == "on" else "full decode"
+        print(f"| contrastive_jax tf.data, {name} | {blur} | {ips:.0f} | {ips / cores:.0f} |")
+      tv = torchvision_rate(folder, args.batch, args.steps, args.warmup, blur, cores)
+      if tv is None:
+        print("| torchvision DataLoader | - | not installed | - |")
+      else:
+        print(f"| torchvision DataLoader, {cores} workers | {blur} | {tv:.0f} | "
+              f"{tv / cores:.0f} |")
 
-  print(f"\n{cores} CPU core(s) visible, TensorFlow {tf.__version__}, "
-        f"{args.steps} timed batches after {args.warmup} warm-up\n")
-  print("| pipeline | batch | first batch (s) | images/s | images/s/core |")
-  print("|---|---:|---:|---:|---:|")
-  for name, b, first, ips in rows:
-    print(f"| {name} | {b} | {first:.1f} | {ips:.0f} | {ips / cores:.0f} |")
+  if "mnist" in parts:
+    c = common.data_config("mnist", recipe="simclr", image_size=32, augment={"strength": 0.5})
+    first, ips = measure(c, args.mnist_batch, args.steps, args.warmup)
+    print(f"\nmnist default (simclr s=0.5, 32, 2 views), batch {args.mnist_batch}: first "
+          f"batch {first:.1f} s, {ips:.0f} images/s, {ips / cores:.0f} images/s/core")
 
 
 if __name__ == "__main__":

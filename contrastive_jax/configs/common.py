@@ -85,8 +85,12 @@ def data_config(source: str, *, recipe: str, image_size: int, **overrides):
 
   Keys: source ("mnist" | "tfds" | "folder" | "csv" | "tfrecord"), name (tfds name), the
   splits, data_dir (tfds, local or gs://), path (folder / CSV / TFRecord glob, ``{split}`` is
-  replaced), image_size, recipe and ``augment`` overrides (data/augment.py), shuffle_buffer,
-  skip_corrupt (skip and count undecodable images instead of failing), the text settings
+  replaced), image_size, recipe and ``augment`` overrides (data/augment.py), shuffle_buffer
+  (streaming shuffle window), cycle_length (TFRecord files read in parallel), mix_paths and
+  mix_weights (more TFRecord globs mixed with ``path`` by weight), crop_decode (decode only
+  the JPEG crop window of the training views: "auto" = streaming sources only), skip_corrupt
+  (skip and count undecodable images instead of failing), corrupt_reserve (streaming
+  TFRecord: fraction of each shuffle window kept spare for corrupt records), the text settings
   (context_length, tokenizer "bytes" | "sentencepiece", spm_model) and cache (hold a
   tfds/TFRecord split in memory for exact random access).
   """
@@ -94,7 +98,9 @@ def data_config(source: str, *, recipe: str, image_size: int, **overrides):
   d = dict(source=source, name="mnist_embedded" if source == "mnist" else "",
            train_split="train", eval_split="test", data_dir="", path="",
            image_size=image_size, recipe=recipe, augment={}, shuffle_buffer=10_000,
-           skip_corrupt=False, context_length=77, tokenizer="bytes", spm_model="",
+           cycle_length=16, mix_paths=(), mix_weights=(), crop_decode="auto", skip_corrupt=False,
+           corrupt_reserve=0.01, context_length=77,
+           tokenizer="bytes", spm_model="",
            cache=source in ("mnist", "folder", "csv"), image_key="image", label_key="label",
            caption_key="", csv_image_key="filepath", csv_caption_key="caption",
            csv_delimiter=",", split_seed=0, num_parallel_calls=-1, prefetch=2)

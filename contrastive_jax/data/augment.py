@@ -342,17 +342,48 @@ def _to_float(image: tf.Tensor) -> tf.Tensor:
   return image
 
 
-def augment_view(image: tf.Tensor, seed, cfg: AugmentConfig, view: int = 1) -> tf.Tensor:
-  """One training view: ``[h, w, C] uint8|float32`` -> ``[S, S, 3] float32``.
+def decode_crops(data: tf.Tensor, seeds, cfg: AugmentConfig) -> list[tf.Tensor]:
+  """The random-resized crops of encoded image bytes, one per view seed, decoding no more of
+  the image than the crops need: ``[h_i, w_i, 3] uint8`` each.
 
-  Order: crop, flip, colour jitter, grayscale, blur, solarize, optional normalisation.
-  ``seed`` is the view's seed (``view_seed``); ``view`` (1 or 2) selects the per-view
-  blur/solarize probabilities.
+  JPEG: the size comes from the header (``tf.image.extract_jpeg_shape``), each view's box is
+  sampled from it exactly as ``random_resized_crop`` samples it, and only the union of the
+  boxes is decoded (``tf.image.decode_and_crop_jpeg``, as the reference TF ResNet / SimCLR
+  input pipelines decode their crop). Pixels equal those of a full decode then crop, except
+  on the outer ring of the decoded window of a chroma-subsampled (4:2:0, 4:2:2) JPEG, where
+  libjpeg's chroma upsampling has no neighbours outside the window. Other formats (PNG, GIF,
+  BMP) are decoded whole, then cropped.
   """
+  is_jpeg = tf.io.is_jpeg(data)
+
+  def whole():
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return tf.shape(image), image
+
+  # Two small conds rather than one around everything: a cond's branches run as functions,
+  # and keeping the box sampling outside them measured cheaper.
+  shape, image = tf.cond(
+      is_jpeg, lambda: (tf.image.extract_jpeg_shape(data), tf.zeros([0, 0, 3], tf.uint8)),
+      whole)
+  bs = [sample_crop_box(s, shape[0], shape[1], cfg.crop_area, cfg.crop_aspect,
+                        cfg.crop_attempts) for s in seeds]
+  top = tf.reduce_min(tf.stack([b[0] for b in bs]))
+  left = tf.reduce_min(tf.stack([b[1] for b in bs]))
+  bottom = tf.reduce_max(tf.stack([b[0] + b[2] for b in bs]))
+  right = tf.reduce_max(tf.stack([b[1] + b[3] for b in bs]))
+  window = tf.cond(
+      is_jpeg, lambda: tf.image.decode_and_crop_jpeg(
+          data, tf.stack([top, left, bottom - top, right - left]), channels=3),
+      lambda: image[top:bottom, left:right])
+  window.set_shape([None, None, 3])
+  return [window[b[0] - top:b[0] - top + b[2], b[1] - left:b[1] - left + b[3]] for b in bs]
+
+
+def _post_crop(x: tf.Tensor, seed, cfg: AugmentConfig, view: int) -> tf.Tensor:
+  """Everything after the crop: flip, jitter, grayscale, blur, solarize, normalisation."""
   if view not in (1, 2):
     raise ValueError(f"view must be 1 or 2, got {view}")
-  x = _to_float(image)
-  x = random_resized_crop(x, seed, cfg)
   if cfg.flip_prob > 0:
     x = tf.cond(_coin(seed, _OP_FLIP, cfg.flip_prob), lambda: tf.image.flip_left_right(x),
                 lambda: x)
@@ -376,10 +407,33 @@ def augment_view(image: tf.Tensor, seed, cfg: AugmentConfig, view: int = 1) -> t
   return normalize(x, cfg.normalize)
 
 
+def augment_view(image: tf.Tensor, seed, cfg: AugmentConfig, view: int = 1) -> tf.Tensor:
+  """One training view: ``[h, w, C] uint8|float32`` -> ``[S, S, 3] float32``.
+
+  Order: crop, flip, colour jitter, grayscale, blur, solarize, optional normalisation.
+  ``seed`` is the view's seed (``view_seed``); ``view`` (1 or 2) selects the per-view
+  blur/solarize probabilities.
+  """
+  if view not in (1, 2):
+    raise ValueError(f"view must be 1 or 2, got {view}")
+  x = random_resized_crop(_to_float(image), seed, cfg)
+  return _post_crop(x, seed, cfg, view)
+
+
 def two_views(image: tf.Tensor, ex_seed, cfg: AugmentConfig) -> tuple[tf.Tensor, tf.Tensor]:
   """The two views of an example from its ``example_seed``."""
   return (augment_view(image, view_seed(ex_seed, 1), cfg, 1),
           augment_view(image, view_seed(ex_seed, 2), cfg, 2))
+
+
+def encoded_views(data: tf.Tensor, ex_seed, cfg: AugmentConfig, views=(1, 2)
+                  ) -> list[tf.Tensor]:
+  """``augment_view`` of encoded bytes for each of ``views``, decoding only the crops
+  (``decode_crops``); same crop boxes and draws as ``augment_view`` on the decoded image."""
+  seeds = [view_seed(ex_seed, v) for v in views]
+  size = [cfg.image_size, cfg.image_size]
+  return [_post_crop(_resize(_to_float(crop), size, cfg.resize_method), s, cfg, v)
+          for crop, s, v in zip(decode_crops(data, seeds, cfg), seeds, views)]
 
 
 def eval_preprocess(image: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:

@@ -8,29 +8,37 @@ Training order (``train_iterator``):
   ``perm_e[t B : (t + 1) B]`` and process ``p`` takes its ``p``-th slice of ``b`` rows. The
   processes' shards are disjoint, their union is the epoch (less the ``N mod B`` remainder that
   is dropped, a different one each epoch), and the global batch does not depend on ``P``.
-* Streaming sources (tfds or TFRecord without ``cache``): process ``p`` reads only its even
-  sub-split (tfds) or its files; each epoch is a buffer shuffle seeded by (seed, e).
+* Streaming TFRecord sources (no ``cache``): process ``p`` reads only its files (counts from
+  the shard index); each epoch is a seeded file order, a deterministic parallel interleave of
+  ``cycle_length`` files and a windowed shuffle (``streaming.py``), so ``start_step`` seeks:
+  files before the resume point are not opened and at most one interleave group and one
+  window are read again. With ``skip_corrupt``, undecodable records are skipped as they are
+  met, counted in ``stats`` and named in the log.
+* Streaming tfds sources: process ``p`` reads its even sub-split; each epoch is a buffer
+  shuffle seeded by (seed, e); a resume reads and discards the records before it.
 
 Each example's augmentation is seeded by (seed, epoch, example id, view) (see augment.py), so
 a batch is a pure function of (seed, step): ``start_step=s`` computes the epoch and offset of
-step ``s``, skips example ids before any decoding, and yields exactly the batches of an
-uninterrupted run. Epochs repeat forever; every epoch ends on a whole batch.
+step ``s``, skips records before any decoding, and yields exactly the batches of an
+uninterrupted run (streaming TFRecord with ``skip_corrupt``: see streaming.py for the one
+exception). Epochs repeat forever; every epoch ends on a whole batch.
 
 TensorFlow only feeds data: it never sees an accelerator (``data/__init__.py`` hides GPUs).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from contrastive_jax.data import augment as aug_lib
 from contrastive_jax.data import sources as src_lib
+from contrastive_jax.data import streaming
 from contrastive_jax.data import tokenizer as tok_lib
 from contrastive_jax.errors import ConfigError
 
@@ -125,16 +133,21 @@ class DataIterator:
 
   ``stats``: ``num_examples`` (this process's examples per epoch for streaming sources, the
   split's size otherwise), ``steps_per_epoch``, ``local_batch``, ``corrupt_skipped`` and
-  ``corrupt_files`` (images dropped by ``skip_corrupt=True``). ``step`` is the global step of
-  the next batch.
+  ``corrupt_files`` (images dropped by ``skip_corrupt=True``: found before step 0 for
+  in-memory sources; for streaming TFRecord sources counted as they are met, so both grow
+  while iterating, and ``corrupt_files`` keeps the first 1000 names). Streaming TFRecord
+  sources add ``resume_position`` (epoch, window, offset), ``resume_groups_skipped`` and
+  ``resume_records_skipped`` (records read again to seek). ``step`` is the global step of the
+  next batch.
   """
 
   def __init__(self, dataset: tf.data.Dataset, stats: dict[str, Any], start_step: int,
-               diagnose):
+               diagnose, tracker=None):
     self.dataset = dataset
     self.stats = stats
     self.step = start_step
     self._diagnose = diagnose
+    self._tracker = tracker
     self._it = dataset.as_numpy_iterator()
 
   def __iter__(self):
@@ -147,6 +160,9 @@ class DataIterator:
             tf.errors.UnknownError, tf.errors.NotFoundError) as e:
       self._diagnose(e)
       raise
+    if self._tracker is not None:
+      for name in self._tracker.update(batch, self.stats):
+        logging.warning("skipped corrupt record %s (data.skip_corrupt=True)", name)
     self.step += 1
     return batch
 
@@ -158,6 +174,14 @@ def _make_diagnose(source):
       bad = src_lib.find_corrupt(source)
       if bad:
         raise src_lib.corrupt_error(source.name, [source.describe(i) for i in bad]) from err
+    shards = getattr(source, "shards", None)
+    if isinstance(err, tf.errors.DataLossError) and shards is not None:
+      damaged = src_lib.damaged_tfrecord_files(shards.files)  # a pass, on this error only
+      if damaged:
+        raise src_lib.CorruptImageError(
+            f"TFRecord file(s) {damaged} of {source.name} are damaged (bad record length or "
+            "CRC); data.skip_corrupt skips undecodable images, not damaged files. Fix: rewrite "
+            "them, or delete them and rewrite the index (sources.index_tfrecords).") from err
     raise src_lib.CorruptImageError(
         f"reading {source.name} failed ({type(err).__name__}: {err.message.splitlines()[0]}). "
         "If an image or record is corrupt, replace it or set data.skip_corrupt=True.") from err
@@ -170,21 +194,16 @@ def _caption_table(source) -> tf.Tensor | None:
   return None
 
 
-def _drop_corrupt_stream(stream: src_lib.StreamSource) -> tuple[src_lib.StreamSource, list]:
-  """One decoding pass over the stream; drops the positions that fail to decode."""
-  checked = stream.dataset.enumerate().map(
-      lambda i, r: (i, tf.shape(src_lib.decode_record(r))[0]),
-      num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-  good = {int(i) for i, _ in checked.as_numpy_iterator()}
-  bad = sorted(set(range(stream.num_examples)) - good)
-  if not bad:
-    return stream, []
-  bad_t = tf.constant(bad, tf.int64)
-  ds = stream.dataset.enumerate().filter(
-      lambda i, r: tf.reduce_all(tf.not_equal(i, bad_t))).map(lambda i, r: r)
-  names = [f"{stream.name} record #{i}" for i in bad]
-  return dataclasses.replace(stream, dataset=ds, num_examples=stream.num_examples - len(bad)), \
-      names
+def _mix_weights(c, num_sources: int) -> list[float]:
+  """``data.mix_weights`` for ``[data.path, *data.mix_paths]``, checked."""
+  weights = [float(w) for w in c.mix_weights]
+  if num_sources == 1 and not weights:
+    return [1.0]
+  if len(weights) != num_sources or min(weights) < 0 or sum(weights) <= 0:
+    raise ValueError(f"data.mix_weights={tuple(weights)} must give one non-negative weight "
+                     f"per source: data.path plus the {num_sources - 1} data.mix_paths "
+                     f"(e.g. mix_weights=(0.7, 0.3))")
+  return weights
 
 
 def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
@@ -218,18 +237,26 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
   stats: dict[str, Any] = {"local_batch": b, "corrupt_skipped": 0, "corrupt_files": []}
   _check_source(c)
 
+  orders = []
   if _is_streaming(c):
     if c.source == "tfds":
       source = src_lib.tfds_stream(c.name, c.train_split, c.data_dir or None, p, num_p,
                                    c.image_key, c.label_key,
                                    c.caption_key or None)
+      n = source.num_examples
+      spe = n // b
     else:
-      source = src_lib.tfrecord_stream(_split_path(c.path, c.train_split), p, num_p)
-    if c.skip_corrupt:
-      source, bad = _drop_corrupt_stream(source)
-      stats.update(corrupt_skipped=len(bad), corrupt_files=bad)
-    n = source.num_examples
-    spe = n // b
+      paths = [c.path, *c.mix_paths]
+      weights = _mix_weights(c, len(paths))
+      reserve = float(c.corrupt_reserve) if c.skip_corrupt else 0.0
+      for i, path in enumerate(paths):
+        stream = src_lib.tfrecord_stream(_split_path(path, c.train_split), p, num_p)
+        orders.append(streaming.StreamOrder(
+            stream.shards, seed, int(c.cycle_length), int(c.shuffle_buffer),
+            reserve, source_index=i))
+        source = stream if i == 0 else source
+      n = sum(o.num_records for o in orders)
+      spe = sum(o.usable for o in orders) // b
     what = f"this process's {n} examples"
   else:
     source = indexed_source(c, c.train_split)
@@ -266,15 +293,31 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
                             reshuffle_each_iteration=False).take(spe * b).map(
                                 lambda r: (epoch, r))
 
+  tracker_columns = bool(orders) and bool(c.skip_corrupt)
+  crop_decode = {"auto": _is_streaming(c), "on": True, "off": False, True: True,
+                 False: False}.get(c.crop_decode)
+  if crop_decode is None:
+    raise ValueError(f"data.crop_decode={c.crop_decode!r}; use 'auto' (streaming sources "
+                     "only), 'on' or 'off'")
+
   @tf.autograph.experimental.do_not_convert  # plain graph code: skip autograph's rewrite
   def make_example(epoch, record):
-    image = src_lib.decode_record(record)
     ex_seed = aug_lib.example_seed(seed, epoch, record["id"])
     out = {"label": tf.cast(record["label"], tf.int32), "index": record["id"]}
+    if tracker_columns:
+      out.update({k: record[k] for k in streaming.POSITION_KEYS})
+    views = (1, 2) if mode == "views" else (1,)
+    if "image" in record or not crop_decode:
+      image = src_lib.decode_record(record)
+      x = [aug_lib.augment_view(image, aug_lib.view_seed(ex_seed, v), cfg, v) for v in views]
+    else:  # encoded: decode only the crop window (JPEG)
+      data = record["image_bytes"] if "image_bytes" in record else tf.io.read_file(
+          record["path"])
+      x = aug_lib.encoded_views(data, ex_seed, cfg, views)
     if mode == "views":
-      out["view1"], out["view2"] = aug_lib.two_views(image, ex_seed, cfg)
+      out["view1"], out["view2"] = x
     else:
-      out["image"] = aug_lib.augment_view(image, aug_lib.view_seed(ex_seed, 1), cfg, 1)
+      out["image"] = x[0]
       if "caption" in record:
         caption = record["caption"]
       else:
@@ -287,16 +330,32 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
 
   par = c.num_parallel_calls
   par = tf.data.AUTOTUNE if par in (None, -1) else int(par)
-  ds = tf.data.Dataset.range(start_epoch, _INF_EPOCHS).flat_map(epoch_ds)
-  ds = ds.skip(offset * b)  # ids only: nothing before the resume point is decoded
-  ds = ds.map(make_example, num_parallel_calls=par, deterministic=True)
+  tracker = None
+  if orders:
+    if len(orders) == 1:  # epochs end on whole batches
+      ds, info = streaming.kept_examples(orders[0], spe * b, int(start_step) * b,
+                                         bool(c.skip_corrupt), make_example, par)
+      infos = [info]
+    else:
+      ds, infos = streaming.mixed_examples(orders, weights, int(start_step) * b,
+                                           bool(c.skip_corrupt), make_example, par)
+    stats.update(infos[0] if len(infos) == 1 else {
+        k: [i[k] for i in infos] for k in infos[0]})
+    if c.skip_corrupt:
+      tracker = streaming.CorruptTracker(orders, [i["resume_position"] for i in infos])
+  else:
+    ds = tf.data.Dataset.range(start_epoch, _INF_EPOCHS).flat_map(epoch_ds)
+    ds = ds.skip(offset * b)  # ids only: nothing before the resume point is decoded
+    ds = ds.map(make_example, num_parallel_calls=par, deterministic=True)
+    if c.skip_corrupt and _is_streaming(c):  # tfds: skipped as met, not counted
+      ds = ds.ignore_errors()
   ds = ds.batch(b, drop_remainder=True)
   ds = ds.prefetch(int(c.prefetch) or tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_optimization.map_parallelization = True
   ds = ds.with_options(options)
-  return DataIterator(ds, stats, int(start_step), _make_diagnose(source))
+  return DataIterator(ds, stats, int(start_step), _make_diagnose(source), tracker)
 
 
 def _has_captions(source) -> bool:

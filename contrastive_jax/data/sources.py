@@ -7,7 +7,9 @@ Two kinds of source:
   per-epoch permutation of ids. Used for the embedded MNIST default, image folders, CSV
   files, and tfds / TFRecord sources loaded with ``cache=True`` (small data sets).
 * ``StreamSource``: a sequential ``tf.data.Dataset`` of encoded records for one process
-  (tfds splits or TFRecord shards too large to hold in memory), shuffled with a seeded buffer.
+  (tfds splits or TFRecord shards too large to hold in memory). TFRecord streams also carry
+  this process's files and their record counts (``ShardedFiles``, counts from the index that
+  ``write_image_text_tfrecords`` writes), from which ``streaming.py`` builds a seekable order.
 
 Records carry ``id`` (int64, stable across process counts: the row index, or a hash of the
 tfds id / ``file:position``), ``label`` (int64, -1 if none) and, where present, ``caption``.
@@ -22,6 +24,10 @@ TFRecord image-text feature spec (``IMAGE_TEXT_FEATURES``)::
   "image":   tf.io.FixedLenFeature([], tf.string)              encoded JPEG or PNG bytes
   "caption": tf.io.FixedLenFeature([], tf.string)              UTF-8 text
   "label":   tf.io.FixedLenFeature([], tf.int64, default -1)   optional class id
+
+Shard index: ``{output_prefix}.index.json`` next to the shards, ``{"format":
+"contrastive_jax.tfrecord_index.v1", "files": {"<shard file name>": <records>, ...}}``
+(``read_tfrecord_index``); ``index_tfrecords(glob)`` writes one for shards written elsewhere.
 """
 
 from __future__ import annotations
@@ -29,16 +35,20 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from contrastive_jax.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+INDEX_SUFFIX = ".index.json"  # TFRecord record-count index, see read_tfrecord_index
+INDEX_FORMAT = "contrastive_jax.tfrecord_index.v1"
 
 MNIST_CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                      "nine")
@@ -315,10 +325,13 @@ def write_image_text_tfrecords(examples: Iterable[tuple[bytes, str] | tuple[byte
   """Writes (encoded image bytes, caption[, label]) pairs round-robin into shards.
 
   Files are ``{output_prefix}-{i:05d}-of-{num_shards:05d}.tfrecord``; returns their paths.
+  The per-file record counts go to the index ``{output_prefix}.index.json``
+  (``write_tfrecord_index``), so that a streaming reader starts without a pass over the data.
   """
   if num_shards < 1:
     raise ValueError(f"num_shards={num_shards} must be >= 1")
   paths = [f"{output_prefix}-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
+  counts = [0] * num_shards
   writers = [tf.io.TFRecordWriter(p) for p in paths]
   try:
     for k, ex in enumerate(examples):
@@ -332,10 +345,83 @@ def write_image_text_tfrecords(examples: Iterable[tuple[bytes, str] | tuple[byte
       }
       writers[k % num_shards].write(
           tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+      counts[k % num_shards] += 1
   finally:
     for w in writers:
       w.close()
+  write_tfrecord_index(paths, counts, output_prefix + INDEX_SUFFIX)
   return paths
+
+
+def write_tfrecord_index(files: Sequence[str], counts: Sequence[int], index_path: str) -> str:
+  """Writes the record counts of ``files`` as a JSON index (format in ``read_tfrecord_index``).
+
+  The index must sit in the same folder as the files; file names are stored without folder,
+  so a copied folder keeps a valid index.
+  """
+  folder = os.path.dirname(index_path)
+  for f in files:
+    if os.path.dirname(f) != folder:
+      raise ValueError(f"TFRecord index {index_path!r} must be in the folder of {f!r}")
+  doc = {"format": INDEX_FORMAT,
+         "files": {os.path.basename(f): int(n) for f, n in zip(files, counts, strict=True)}}
+  with tf.io.gfile.GFile(index_path, "w") as fh:
+    fh.write(json.dumps(doc, indent=1, sort_keys=True))
+  return index_path
+
+
+def index_tfrecords(pattern: str, index_path: str | None = None) -> str:
+  """Counts the records of existing shards once (offline) and writes their index.
+
+  ``index_path`` defaults to ``<folder>/tfrecords.index.json``.
+  """
+  files = tfrecord_files(pattern)
+  counts = [count_examples(tf.data.TFRecordDataset(f)) for f in files]
+  path = index_path or os.path.join(os.path.dirname(files[0]), "tfrecords" + INDEX_SUFFIX)
+  return write_tfrecord_index(files, counts, path)
+
+
+def read_tfrecord_index(folder: str) -> dict[str, int]:
+  """``{file name: record count}`` from every ``*.index.json`` in ``folder``.
+
+  Index format (JSON)::
+
+    {"format": "contrastive_jax.tfrecord_index.v1",
+     "files": {"<shard file name, no folder>": <number of records>, ...}}
+
+  One index per written split (``write_image_text_tfrecords``); several may share a folder.
+  """
+  out: dict[str, int] = {}
+  for path in sorted(tf.io.gfile.glob(os.path.join(folder, "*" + INDEX_SUFFIX))):
+    with tf.io.gfile.GFile(path, "r") as fh:
+      try:
+        doc = json.loads(fh.read())
+      except json.JSONDecodeError as e:
+        raise ValueError(f"TFRecord index {path!r} is not valid JSON ({e}); delete it or "
+                         "rewrite it with sources.index_tfrecords(<glob>)") from e
+    if doc.get("format") != INDEX_FORMAT or not isinstance(doc.get("files"), dict):
+      raise ValueError(f"TFRecord index {path!r} is not a {INDEX_FORMAT} index; delete it "
+                       "or rewrite it with sources.index_tfrecords(<glob>)")
+    out.update({str(k): int(v) for k, v in doc["files"].items()})
+  return out
+
+
+def tfrecord_counts(files: Sequence[str]) -> list[int]:
+  """Record counts of ``files`` from the indexes of their folders (one glob and a few small
+  reads per folder); files without an entry are counted by reading them, with a warning."""
+  known: dict[str, int] = {}
+  for folder in sorted({os.path.dirname(f) for f in files}):
+    known.update({os.path.join(folder, k): v for k, v in read_tfrecord_index(folder).items()})
+  missing = [f for f in files if f not in known]
+  if missing:
+    logging.warning(
+        "%d of %d TFRecord files have no index entry (e.g. %s): counting their records by "
+        "reading them all now, which costs a full read of those files at every start. "
+        "Write an index once with contrastive_jax.data.sources.index_tfrecords(%r).",
+        len(missing), len(files), missing[0], os.path.join(os.path.dirname(missing[0]), "*"))
+    for f in missing:
+      known[f] = count_examples(tf.data.TFRecordDataset(f))
+  return [known[f] for f in files]
 
 
 def count_examples(ds: tf.data.Dataset) -> int:
@@ -343,10 +429,21 @@ def count_examples(ds: tf.data.Dataset) -> int:
   return int(ds.reduce(np.int64(0), lambda c, _: c + 1).numpy())
 
 
+def damaged_tfrecord_files(files: Sequence[str]) -> list[str]:
+  """The files among ``files`` whose records cannot be read (bad length or CRC)."""
+  damaged = []
+  for f in files:
+    try:
+      count_examples(tf.data.TFRecordDataset(f))
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError):
+      damaged.append(f)
+  return damaged
+
+
 def tfrecord_files(pattern: str) -> list[str]:
   if not pattern:
     raise DataError("data.source='tfrecord' needs data.path=<glob of TFRecord shards>")
-  files = sorted(tf.io.gfile.glob(pattern))
+  files = sorted(f for f in tf.io.gfile.glob(pattern) if not f.endswith(INDEX_SUFFIX))
   if not files:
     raise DataError(f"no TFRecord files match data.path={pattern!r}")
   return files
@@ -361,15 +458,6 @@ def _record_id(name: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
   """A stable int64 id from a string key (file name / tfds id) and a position."""
   key = tf.strings.join([name, tf.strings.as_string(position)], ":")
   return tf.strings.to_hash_bucket_fast(key, 2**62)
-
-
-def tfrecord_dataset(files: Sequence[str]) -> tf.data.Dataset:
-  """Records ``{image_bytes, caption, label, id}`` of ``files``, in file order."""
-  def per_file(f):
-    base = tf.strings.regex_replace(f, r".*/", "")
-    return tf.data.TFRecordDataset(f).enumerate().map(
-        lambda i, r: {**parse_image_text(r), "id": _record_id(base, i)})
-  return tf.data.Dataset.from_tensor_slices(list(files)).flat_map(per_file)
 
 
 def tfrecord_source(pattern: str) -> IndexedSource:
@@ -456,7 +544,7 @@ class StreamSource:
   """This process's shard as a sequential dataset of records (not decoded).
 
   ``dataset`` yields ``{image_bytes, label, id[, caption]}`` in a fixed order; ``num_examples``
-  is its length.
+  is its length. TFRecord streams also carry their shard layout for seeking (``ShardedFiles``).
   """
   name: str
   dataset: tf.data.Dataset
@@ -464,6 +552,39 @@ class StreamSource:
   class_names: tuple[str, ...] | None = None
   train_templates: tuple[str, ...] = GENERIC_TEMPLATES
   eval_templates: tuple[str, ...] = GENERIC_TEMPLATES
+  shards: ShardedFiles | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedFiles:
+  """This process's part of a set of TFRecord files.
+
+  ``files`` are read whole (``stride == 1``) or, when there are fewer files than processes,
+  every ``stride``-th record from record ``start`` of each file. ``counts[i]`` is the number of
+  records this process reads from ``files[i]``.
+  """
+  files: tuple[str, ...]
+  counts: tuple[int, ...]
+  stride: int = 1
+  start: int = 0
+
+  def record_dataset(self, i) -> tf.data.Dataset:
+    """``(file index, record index in the file, serialized record)`` of file ``i`` (a scalar
+    tensor), in file order; nothing is parsed."""
+    i = tf.cast(i, tf.int64)
+    ds = tf.data.TFRecordDataset(tf.gather(tf.constant(self.files), i)).enumerate()
+    if self.stride > 1:
+      ds = ds.shard(self.stride, self.start)
+    return ds.map(lambda r, x: (i, r, x))
+
+
+def tfrecord_record(names: tf.Tensor, file_index, record_index, serialized
+                    ) -> dict[str, tf.Tensor]:
+  """Parses one serialized record into ``{image_bytes, caption, label, id}``; the id hashes
+  ``<name>:<record index>`` (``names``: the files' base names), stable across process
+  counts."""
+  return {**parse_image_text(serialized),
+          "id": _record_id(tf.gather(names, file_index), record_index)}
 
 
 def tfds_stream(name: str, split: str, data_dir: str | None, process_index: int,
@@ -479,6 +600,9 @@ def tfds_stream(name: str, split: str, data_dir: str | None, process_index: int,
   try:
     num = int(info.splits[sub].num_examples)
   except (KeyError, ValueError, TypeError):  # split metadata missing (e.g. mock data): count
+    logging.warning("tfds %s split %r has no example count in its metadata: counting this "
+                    "process's examples by reading them all, a full pass over the split at "
+                    "every start", name, sub)
     num = count_examples(ds)
 
   def to_record(ex):
@@ -495,13 +619,20 @@ def tfds_stream(name: str, split: str, data_dir: str | None, process_index: int,
 
 
 def tfrecord_stream(pattern: str, process_index: int, process_count: int) -> StreamSource:
-  """This process's TFRecord shards (whole files when there are enough, else every
-  ``process_count``-th record); its length is counted once by reading the records."""
+  """This process's TFRecord shards: whole files when there are at least as many files as
+  processes (file ``i`` goes to process ``i mod P``), else every ``P``-th record of each file.
+  Counts come from the files' index (``read_tfrecord_index``); no record is read here."""
   files = tfrecord_files(pattern)
+  counts = tfrecord_counts(files)
   if len(files) >= process_count:
-    ds = tfrecord_dataset(files[process_index::process_count])
+    shards = ShardedFiles(tuple(files[process_index::process_count]),
+                          tuple(counts[process_index::process_count]))
   else:
-    ds = tfrecord_dataset(files).shard(process_count, process_index)
-  num = count_examples(ds)
+    shards = ShardedFiles(tuple(files), tuple(
+        max(0, -(-(n - process_index) // process_count)) for n in counts),
+                          stride=process_count, start=process_index)
+  names = tf.constant([os.path.basename(f) for f in shards.files])
+  ds = tf.data.Dataset.range(len(shards.files)).flat_map(shards.record_dataset).map(
+      lambda i, r, x: tfrecord_record(names, i, r, x))
   return StreamSource(name=f"tfrecord:{pattern}[{process_index}/{process_count}]",
-                      dataset=ds, num_examples=num)
+                      dataset=ds, num_examples=sum(shards.counts), shards=shards)
