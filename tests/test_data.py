@@ -327,7 +327,7 @@ def test_tfds_stream_processes_read_disjoint_sub_splits(tiny_tfds):
   c = _config(source="tfds", name="stream_digits", data_dir=tiny_tfds, cache=False)
 
   def epoch_ids(p, n):  # one epoch: 16 examples in global batches of 8
-    it = P.train_iterator(c, mode="views", global_batch=8, seed=0, process_index=p,
+    it = pipeline.train_iterator(c, mode="views", global_batch=8, seed=0, process_index=p,
                           process_count=n)
     return np.concatenate([next(it)["index"] for _ in range(2)]).tolist()
   everything = epoch_ids(0, 1)
@@ -335,7 +335,7 @@ def test_tfds_stream_processes_read_disjoint_sub_splits(tiny_tfds):
   halves = [epoch_ids(p, 2) for p in range(2)]
   assert not set(halves[0]) & set(halves[1])
   assert sorted(halves[0] + halves[1]) == sorted(everything)
-  evals = [[i for b in P.eval_iterator(c, "train", 8, process_index=p, process_count=2)
+  evals = [[i for b in pipeline.eval_iterator(c, "train", 8, process_index=p, process_count=2)
             for i in b["index"][b["mask"]].tolist()] for p in range(2)]
   assert not set(evals[0]) & set(evals[1])
   assert sorted(evals[0] + evals[1]) == sorted(everything)
