@@ -45,6 +45,12 @@ def base_config() -> ml_collections.ConfigDict:
   # gradient in M micro-batches, holding one micro-batch's activations at a time. Exact without
   # BN; global_batch must be divisible by M x devices.
   c.grad_cache = ml_collections.ConfigDict(dict(micro_batches=1))
+  # Placement of the train state (contrastive_jax/sharding.py): "replicated" (every device holds
+  # it all) or "fsdp" (large leaves and their optimizer moments split over the "data" axis;
+  # leaves under min_size elements replicated). rules: ((regex on the state path, "fsdp" |
+  # "replicate" | (None, "data")), ...), first match wins, before the strategy's default.
+  c.sharding = ml_collections.ConfigDict(dict(strategy="replicated", rules=(),
+                                              min_size=2 ** 14))
   c.total_steps = ml_collections.config_dict.placeholder(int)
   c.total_epochs = ml_collections.config_dict.placeholder(float)
   c.log_every = 50

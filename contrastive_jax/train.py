@@ -7,9 +7,7 @@ The method plugs in through ``methods/base.py``'s surface; nothing here branches
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import time
 from typing import Any
 
@@ -22,7 +20,7 @@ from absl import logging
 from clu import metric_writers, metrics as clu_metrics, periodic_actions
 from etils import epath
 
-from contrastive_jax import checkpoint, distributed, grad_cache, methods, optim
+from contrastive_jax import checkpoint, distributed, grad_cache, methods, runs
 from contrastive_jax.data import pipeline
 from contrastive_jax import evaluate as evaluators
 from contrastive_jax.evaluate import plots
@@ -30,28 +28,15 @@ from contrastive_jax.methods import base as method_base
 from contrastive_jax.models import registry
 from contrastive_jax.train_state import TrainState
 
+# The run length lives with the run builder; ``train.total_steps`` stays for callers.
+total_steps = runs.total_steps
+
+
 class NonFiniteLossError(FloatingPointError):
   """The loss (or another logged metric) became NaN or infinite."""
 
 
 # ----------------------------------------------------------------------------- config
-
-
-def total_steps(config: ml_collections.ConfigDict, num_train_examples: int | None) -> int:
-  """``config.total_steps``, or ``config.total_epochs`` converted with the dataset size."""
-  steps, epochs = config.get("total_steps"), config.get("total_epochs")
-  if (steps is None) == (epochs is None):
-    raise ValueError("set exactly one of config.total_steps and config.total_epochs (the other "
-                     "to None)")
-  if steps is not None:
-    if steps <= 0:
-      raise ValueError(f"config.total_steps={steps} must be positive")
-    return int(steps)
-  if epochs <= 0:
-    raise ValueError(f"config.total_epochs={epochs} must be positive")
-  if not num_train_examples:
-    raise ValueError("config.total_epochs needs the dataset size; set config.total_steps")
-  return max(1, int(math.ceil(epochs * num_train_examples / config.global_batch)))
 
 
 class ConfigError(ValueError):
@@ -317,28 +302,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   is_chief = jax.process_index() == 0
 
   # --- Mesh and config checks (before anything compiles).
-  mesh = distributed.make_mesh(config.get("num_devices"))
+  mesh = runs.make_mesh(config)
   validate_config(config, mesh)
-  method = methods.build_method(config, mesh)
-  num_train = None
-  if config.get("total_epochs") is not None:
-    num_train = len(pipeline.indexed_source(config.data, config.data.train_split))
-  num_steps = total_steps(config, num_train)
+  # --- Method, optimizer, run length, abstract state and its shardings: the run builder.
+  run = runs.build_run(config, mesh)
+  method, num_steps, abstract = run.method, run.num_steps, run.abstract_state
 
   # --- Logging.
   writer = metric_writers.create_default_writer(
       str(workdir), just_logging=not is_chief, asynchronous=True)
   writer.write_hparams(_flatten_config(config))
-
-  # --- Optimizer and shape-first state init.
-  tx, lr_schedule = optim.build_optimizer(config.optim, global_batch=config.global_batch,
-                                          total_steps=num_steps)
-  rng = jax.random.key(config.seed)
-  init_fn = functools.partial(method.init_state, tx=tx)
-  abstract = jax.eval_shape(init_fn, rng)
-  state_sharding = jax.tree.map(lambda _: distributed.replicated(mesh), abstract)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_sharding)
 
   # --- Checkpoints: resume from the newest good one if there is one.
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
@@ -350,25 +323,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("resumed from checkpoint step %d (data position %s)", restored_step, data_state)
     start_step = int(data_state.get("step", restored_step))
   else:
-    state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+    state = run.init_state()
     start_step = 0
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-  logging.info("method %s, %d parameters, %d devices, %d processes, global batch %d, %d steps",
-              config.method, num_params, mesh.size, jax.process_count(), config.global_batch,
-              num_steps)
+  logging.info("method %s, %d parameters, %d devices, %d processes, global batch %d, %d steps, "
+               "sharding %s (%.1f MiB of state per device)", config.method, run.num_params,
+               mesh.size, jax.process_count(), config.global_batch, num_steps,
+               (config.get("sharding") or {}).get("strategy", "replicated"),
+               run.state_bytes_per_device / 2**20)
 
   # --- Input: this host's shard, resumed at the restored step.
   train_iter = pipeline.train_iterator(
       config.data, mode=method.input_mode, global_batch=config.global_batch, seed=config.seed,
       start_step=start_step)
 
-  # --- The step.
-  batch_sharding = distributed.data_sharding(mesh)
-  step_fn = jax.jit(make_train_step(method, tx, lr_schedule,
-                                    skip_nonfinite=config.get("skip_nonfinite", False)),
-                    donate_argnums=(0,),
-                    in_shardings=(state_sharding, batch_sharding),
-                    out_shardings=(state_sharding, distributed.replicated(mesh)))
+  # --- The step (jitted once with the run's shardings; the state is donated).
+  step_fn = run.train_step
 
   # --- Evaluation data (held in memory: the embedded and small datasets).
   eval_data = None

@@ -1,0 +1,146 @@
+"""The run builder: FSDP steps equal replicated ones; checkpoints move between strategies.
+
+On the 8 simulated devices of conftest.py, for SimCLR, MoCo v2 (queue and EMA), MoCo v3 (EMA)
+and CLIP, three jitted steps on the same synthetic batches under ``sharding.strategy="fsdp"``
+(``min_size=0``: every leaf with a dimension divisible by 8 split) give the parameters, EMA and
+queue of the replicated run to float32 tolerance, while each device's compiled arguments hold
+about 1/8 of the state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import pytest
+
+from configs import clip_mnist, mocov2_mnist, mocov3_mnist, simclr_mnist
+from contrastive_jax import checkpoint, distributed, runs, sharding
+
+CONFIGS = {"simclr": simclr_mnist, "mocov2": mocov2_mnist, "mocov3": mocov3_mnist,
+           "clip": clip_mnist}
+
+
+def tiny_config(name: str, strategy: str, **overrides):
+  c = CONFIGS[name].get_config("quick")
+  c.global_batch = 16
+  c.data.image_size = 16
+  c.total_steps = 10
+  if name == "mocov2":
+    c.moco.queue_size = 64
+  c.sharding.strategy = strategy
+  c.sharding.min_size = 0
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def synthetic_batches(run, num: int):
+  rs = np.random.RandomState(0)
+  out = []
+  for _ in range(num):
+    batch = {}
+    for k, spec in run.abstract_batch().items():
+      x = (rs.rand(*spec.shape).astype(np.float32) if spec.dtype == np.float32
+           else rs.randint(1, 200, spec.shape).astype(np.int32))
+      batch[k] = jax.device_put(x, run.batch_sharding)
+    out.append(batch)
+  return out
+
+
+def run_steps(config, num_steps: int = 3, mesh=None):
+  run = runs.build_run(config, mesh)
+  state = run.init_state()
+  losses = []
+  for batch in synthetic_batches(run, num_steps):
+    state, metrics = run.train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return run, state, losses
+
+
+def _sharded_fraction(tree) -> float:
+  leaves = jax.tree.leaves(tree)
+  sharded = sum(x.size for x in leaves if not x.sharding.is_fully_replicated)
+  return sharded / sum(x.size for x in leaves)
+
+
+@pytest.mark.parametrize("name", ["simclr", "mocov2", "mocov3", "clip"])
+def test_fsdp_steps_equal_replicated_steps(name):
+  rep_run, rep, rep_losses = run_steps(tiny_config(name, "replicated"))
+  fsdp_run, fsdp, fsdp_losses = run_steps(tiny_config(name, "fsdp"))
+  # The FSDP state really is split: most of the parameters (and EMA / queue) are sharded.
+  assert _sharded_fraction(fsdp.params) > 0.9
+  assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(rep))
+  if name in ("mocov2", "mocov3"):
+    assert _sharded_fraction(fsdp.ema_params) > 0.9
+  if name == "mocov2":
+    assert not fsdp.queue.sharding.is_fully_replicated
+  np.testing.assert_allclose(fsdp_losses, rep_losses, rtol=1e-5)
+  fields = ("params", "opt_state", "batch_stats", "ema_params", "ema_batch_stats", "queue",
+            "queue_ptr", "step")
+  for field in fields:
+    for a, b in zip(jax.tree.leaves(getattr(rep, field)), jax.tree.leaves(getattr(fsdp, field))):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6,
+                                 err_msg=f"{name}: {field}")
+  # The compiled FSDP step's per-device arguments: the sharded state's bytes, about 1/8.
+  mem = {}
+  for label, run in (("replicated", rep_run), ("fsdp", fsdp_run)):
+    compiled = run.train_step.lower(run.abstract_state, run.abstract_batch()).compile()
+    mem[label] = compiled.memory_analysis().argument_size_in_bytes
+  batch_bytes = sum(int(np.prod(s.shape)) * s.dtype.itemsize // 8
+                    for s in rep_run.abstract_batch().values())
+  ratio = (mem["fsdp"] - batch_bytes) / (mem["replicated"] - batch_bytes)
+  assert 0.125 <= ratio < 0.2, (name, mem, ratio)
+
+
+def test_fsdp_argument_memory_is_the_sharded_state():
+  """Per-device argument bytes of the compiled step = the state's shard bytes + the batch's."""
+  c = tiny_config("clip", "fsdp", **{"model.name": "vit",
+                                      "model.kwargs": dict(patch_size=4, width=128, depth=2,
+                                                           num_heads=4, pool="gap")})
+  c.text.kwargs = dict(width=128, depth=2, num_heads=4)
+  c.sharding.min_size = 2 ** 12
+  out = {}
+  for strategy in ("replicated", "fsdp"):
+    c.sharding.strategy = strategy
+    run = runs.build_run(c)
+    compiled = run.train_step.lower(run.abstract_state, run.abstract_batch()).compile()
+    batch = run.abstract_batch()
+    batch_bytes = sharding.bytes_per_device(batch, [s.sharding for s in batch.values()])
+    args = compiled.memory_analysis().argument_size_in_bytes
+    assert abs(args - (run.state_bytes_per_device + batch_bytes)) <= 64, (strategy, args)
+    out[strategy] = run.state_bytes_per_device
+  ratio = out["fsdp"] / out["replicated"]
+  print(f"CLIP ViT width 128: state per device fsdp/replicated = {ratio:.4f}")
+  assert 0.125 <= ratio < 0.14
+
+
+@pytest.mark.parametrize("direction", ["replicated->fsdp", "fsdp->replicated"])
+def test_checkpoint_moves_between_strategies_and_device_counts(tmp_path, direction):
+  """Saved by one strategy on 8 devices, restored into the other on 4: same next loss."""
+  src, dst = direction.split("->")
+  name = "mocov2"  # the state with every kind of leaf: EMA, queue, pointer, BN statistics
+  # shuffle_bn=False: per-device BN groups would differ between 8 and 4 devices.
+  run8, state8, _ = run_steps(tiny_config(name, src, **{"moco.shuffle_bn": False}),
+                              num_steps=2)
+  with checkpoint.Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(2, state8, data_state={"step": 2}, config=run8.config, force=True)
+  batch = synthetic_batches(run8, 3)[2]
+  _, metrics8 = run8.train_step(state8, batch)
+
+  mesh4 = distributed.make_mesh(4)
+  run4 = runs.build_run(tiny_config(name, dst, **{"moco.shuffle_bn": False}), mesh4)
+  with checkpoint.Checkpointer(tmp_path, async_save=False) as ckpt:
+    state4, _, _, step = ckpt.restore(run4.abstract_state)
+  assert step == 2
+  for leaf, want in zip(jax.tree.leaves(state4), jax.tree.leaves(run4.state_sharding)):
+    assert leaf.sharding == want
+  if dst == "fsdp":
+    assert _sharded_fraction(state4.params) > 0.9
+  batch4 = {k: jax.device_put(np.asarray(v), run4.batch_sharding) for k, v in batch.items()}
+  _, metrics4 = run4.train_step(state4, batch4)
+  # Same global batch, same state: the loss differs only by float32 reduction order.
+  np.testing.assert_allclose(float(metrics4["loss"]), float(metrics8["loss"]), rtol=1e-5)
