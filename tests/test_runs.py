@@ -27,6 +27,11 @@ def tiny_config(name: str, strategy: str, **overrides):
   c.total_steps = 10
   if name == "mocov2":
     c.moco.queue_size = 64
+  if c.optim.name == "adamw":
+    # Adam divides by sqrt(nu): a gradient that is exactly 0 in exact arithmetic (the key bias of
+    # attention; softmax ignores it) is float noise of either sign, scaled up to +-lr. eps=1e-3
+    # keeps such noise at its own size, so the comparison tests the sharding, not the noise.
+    c.optim.eps = 1e-3
   c.sharding.strategy = strategy
   c.sharding.min_size = 0
   for key, value in overrides.items():
@@ -54,11 +59,11 @@ def synthetic_batches(run, num: int):
 def run_steps(config, num_steps: int = 3, mesh=None):
   run = runs.build_run(config, mesh)
   state = run.init_state()
-  losses = []
+  history = []
   for batch in synthetic_batches(run, num_steps):
     state, metrics = run.train_step(state, batch)
-    losses.append(float(metrics["loss"]))
-  return run, state, losses
+    history.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+  return run, state, history
 
 
 def _sharded_fraction(tree) -> float:
@@ -69,8 +74,8 @@ def _sharded_fraction(tree) -> float:
 
 @pytest.mark.parametrize("name", ["simclr", "mocov2", "mocov3", "clip"])
 def test_fsdp_steps_equal_replicated_steps(name):
-  rep_run, rep, rep_losses = run_steps(tiny_config(name, "replicated"))
-  fsdp_run, fsdp, fsdp_losses = run_steps(tiny_config(name, "fsdp"))
+  rep_run, rep, rep_history = run_steps(tiny_config(name, "replicated"))
+  fsdp_run, fsdp, fsdp_history = run_steps(tiny_config(name, "fsdp"))
   # The FSDP state really is split: most of the parameters (and EMA / queue) are sharded.
   assert _sharded_fraction(fsdp.params) > 0.9
   assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(rep))
@@ -78,44 +83,25 @@ def test_fsdp_steps_equal_replicated_steps(name):
     assert _sharded_fraction(fsdp.ema_params) > 0.9
   if name == "mocov2":
     assert not fsdp.queue.sharding.is_fully_replicated
-  np.testing.assert_allclose(fsdp_losses, rep_losses, rtol=1e-5)
+  # Losses and gradient norms (Adam's update would hide a wrongly scaled gradient).
+  np.testing.assert_allclose(fsdp_history, rep_history, rtol=1e-5)
   fields = ("params", "opt_state", "batch_stats", "ema_params", "ema_batch_stats", "queue",
             "queue_ptr", "step")
   for field in fields:
     for a, b in zip(jax.tree.leaves(getattr(rep, field)), jax.tree.leaves(getattr(fsdp, field))):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6,
                                  err_msg=f"{name}: {field}")
-  # The compiled FSDP step's per-device arguments: the sharded state's bytes, about 1/8.
-  mem = {}
-  for label, run in (("replicated", rep_run), ("fsdp", fsdp_run)):
+  # The compiled step's per-device arguments are exactly the state's shards plus the batch's
+  # (XLA takes the sharded state as is), and the FSDP state is about 1/8 of the replicated one.
+  batch = rep_run.abstract_batch()
+  batch_bytes = sharding.bytes_per_device(batch, [s.sharding for s in batch.values()])
+  for run in (rep_run, fsdp_run):
     compiled = run.train_step.lower(run.abstract_state, run.abstract_batch()).compile()
-    mem[label] = compiled.memory_analysis().argument_size_in_bytes
-  batch_bytes = sum(int(np.prod(s.shape)) * s.dtype.itemsize // 8
-                    for s in rep_run.abstract_batch().values())
-  ratio = (mem["fsdp"] - batch_bytes) / (mem["replicated"] - batch_bytes)
-  assert 0.125 <= ratio < 0.2, (name, mem, ratio)
-
-
-def test_fsdp_argument_memory_is_the_sharded_state():
-  """Per-device argument bytes of the compiled step = the state's shard bytes + the batch's."""
-  c = tiny_config("clip", "fsdp", **{"model.name": "vit",
-                                      "model.kwargs": dict(patch_size=4, width=128, depth=2,
-                                                           num_heads=4, pool="gap")})
-  c.text.kwargs = dict(width=128, depth=2, num_heads=4)
-  c.sharding.min_size = 2 ** 12
-  out = {}
-  for strategy in ("replicated", "fsdp"):
-    c.sharding.strategy = strategy
-    run = runs.build_run(c)
-    compiled = run.train_step.lower(run.abstract_state, run.abstract_batch()).compile()
-    batch = run.abstract_batch()
-    batch_bytes = sharding.bytes_per_device(batch, [s.sharding for s in batch.values()])
     args = compiled.memory_analysis().argument_size_in_bytes
-    assert abs(args - (run.state_bytes_per_device + batch_bytes)) <= 64, (strategy, args)
-    out[strategy] = run.state_bytes_per_device
-  ratio = out["fsdp"] / out["replicated"]
-  print(f"CLIP ViT width 128: state per device fsdp/replicated = {ratio:.4f}")
-  assert 0.125 <= ratio < 0.14
+    assert abs(args - (run.state_bytes_per_device + batch_bytes)) <= 64, (name, args)
+  ratio = fsdp_run.state_bytes_per_device / rep_run.state_bytes_per_device
+  print(f"{name}: state bytes per device fsdp/replicated = {ratio:.4f}")
+  assert 1 / 8 <= ratio < 0.14, ratio
 
 
 @pytest.mark.parametrize("direction", ["replicated->fsdp", "fsdp->replicated"])
