@@ -28,7 +28,7 @@ def tiny_config(name: str, strategy: str, **overrides):
   if name == "mocov2":
     c.moco.queue_size = 64
   if c.optim.name == "adamw":
-    # Adam divides by sqrt(nu): a gradient that is exactly 0 in exact arithmetic (the key bias of
+    # (CLIP) Adam divides by sqrt(nu): a gradient that is exactly 0 in exact arithmetic (the key bias of
     # attention; softmax ignores it) is float noise of either sign, scaled up to +-lr. eps=1e-3
     # keeps such noise at its own size, so the comparison tests the sharding, not the noise.
     c.optim.eps = 1e-3
