@@ -130,3 +130,9 @@ def test_checkpoint_moves_between_strategies_and_device_counts(tmp_path, directi
   _, metrics4 = run4.train_step(state4, batch4)
   # Same global batch, same state: the loss differs only by float32 reduction order.
   np.testing.assert_allclose(float(metrics4["loss"]), float(metrics8["loss"]), rtol=1e-5)
+
+
+def test_bad_sharding_config_fails_before_tracing():
+  c = tiny_config("simclr", "zero3")
+  with pytest.raises(ValueError, match="config.sharding.strategy='zero3'"):
+    runs.build_run(c)
