@@ -1,4 +1,4 @@
-"""Per-device memory of the CLIP train step, replicated vs FSDP, on simulated devices (compile only).
+"""Per-device memory of the CLIP train step, replicated vs FSDP, on simulated devices.
 
 For each CLIP size (ViT-B/16, L/14, g/14, bigG/14 with open_clip's text towers) and each
 ``config.sharding.strategy``, the script builds the run with ``runs.build_run`` (bf16 compute,
@@ -64,7 +64,8 @@ def measure(preset: str, per_device_batch: int, strategy: str, mu_dtype: str | N
   mem = compiled.memory_analysis()
   args, temp = mem.argument_size_in_bytes, mem.temp_size_in_bytes
   out = mem.output_size_in_bytes - mem.alias_size_in_bytes  # donated state reuses its buffers
-  return dict(model=preset, strategy=strategy, params=run.num_params, state=run.state_bytes_per_device,
+  return dict(model=preset, strategy=strategy, params=run.num_params,
+              state=run.state_bytes_per_device,
               args=args, temp=temp, out=out, total=args + temp + out, compile_s=compile_s,
               devices=mesh.size, image=config.data.image_size, jax=jax.__version__)
 
@@ -95,8 +96,9 @@ def main() -> None:
     sys.exit(f"{jax.device_count()} devices visible, {args.devices} asked: run in a fresh process")
 
   gib = lambda b: f"{b / 2**30:,.2f}"  # noqa: E731
-  print(f"{args.devices} simulated CPU devices, jax {jax.__version__}; CLIP, image 224, context 77, "
-        f"{args.per_device_batch} pairs per device (global {args.per_device_batch * args.devices}), "
+  global_batch = args.per_device_batch * args.devices
+  print(f"{args.devices} simulated CPU devices, jax {jax.__version__}; CLIP, image 224, "
+        f"context 77, {args.per_device_batch} pairs per device (global {global_batch}), "
         f"bf16 compute, float32 params, remat, AdamW (mu {args.mu_dtype or 'float32'}); "
         "compile only; GiB per device\n")
   print("| model | params | strategy | state | arguments | temporaries | outputs | total "

@@ -5,9 +5,10 @@ processes. The device order comes from ``jax.experimental.mesh_utils.create_devi
 TPU torus it puts physical neighbours next to each other, so the ring of ``ppermute`` steps
 (``ring_losses.py``) and the all-gathers/reduce-scatters of FSDP travel over direct links; on CPU
 and GPU it is the ``jax.devices()`` order (GPU: sorted by id). The input pipeline and the
-evaluators take the order from the mesh, so it is the one canonical order. Axes are ``Auto`` so that the model runs in the global view under
-``jit`` (BatchNorm statistics over the sharded batch are then global: sync BN) while the
-contrastive losses run per shard under ``jax.shard_map``.
+evaluators take the order from the mesh, so it is the one canonical order. Axes are ``Auto`` so
+that the model runs in the global view under ``jit`` (BatchNorm statistics over the sharded
+batch are then global: sync BN) while the contrastive losses run per shard under
+``jax.shard_map``.
 """
 
 from __future__ import annotations

@@ -194,7 +194,8 @@ def build_optimizer(optim_config: Any, *, global_batch: int,
       ``schedule`` ("cosine" | "constant"), ``end_lr_fraction`` (0), ``weight_decay`` (0),
       ``momentum`` (0.9), ``nesterov`` (False), ``lars_eta`` (1e-3), ``b1`` (0.9),
       ``b2`` (0.999), ``eps`` (1e-8), ``grad_clip_norm`` (None), ``frozen_patterns`` (()),
-      ``no_decay_patterns`` (()), ``mu_dtype`` (None: float32; or "bfloat16"). Missing or None fields take these defaults.
+      ``no_decay_patterns`` (()), ``mu_dtype`` (None: float32; or "bfloat16"). Missing or
+      None fields take these defaults.
     global_batch: the global batch size (for lr scaling).
     total_steps: optimizer steps of the whole run.
 

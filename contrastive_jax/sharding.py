@@ -1,4 +1,4 @@
-"""Where each leaf of the train state lives on the mesh: replicated, or split over ``"data"`` (FSDP).
+"""Where each leaf of the train state lives on the mesh: replicated, or split on "data" (FSDP).
 
 Two strategies, chosen by ``config.sharding.strategy``:
 

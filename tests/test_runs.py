@@ -28,9 +28,9 @@ def tiny_config(name: str, strategy: str, **overrides):
   if name == "mocov2":
     c.moco.queue_size = 64
   if c.optim.name == "adamw":
-    # (CLIP) Adam divides by sqrt(nu): a gradient that is exactly 0 in exact arithmetic (the key bias of
-    # attention; softmax ignores it) is float noise of either sign, scaled up to +-lr. eps=1e-3
-    # keeps such noise at its own size, so the comparison tests the sharding, not the noise.
+    # (CLIP) Adam divides by sqrt(nu): a gradient that is exactly 0 in exact arithmetic (the
+    # key bias of attention; softmax ignores it) is float noise of either sign, scaled to +-lr.
+    # eps=1e-3 keeps such noise at its own size: the comparison tests sharding, not noise.
     c.optim.eps = 1e-3
   c.sharding.strategy = strategy
   c.sharding.min_size = 0
@@ -136,3 +136,18 @@ def test_bad_sharding_config_fails_before_tracing():
   c = tiny_config("simclr", "zero3")
   with pytest.raises(ValueError, match="config.sharding.strategy='zero3'"):
     runs.build_run(c)
+
+
+def test_clip_presets_have_open_clips_parameter_counts():
+  """The towers the memory benchmark compiles: open_clip's ViT-L/14, g/14 and bigG/14 sizes."""
+  from contrastive_jax.models import registry
+  want = {"clip_vit_l14": 427_616_513, "clip_vit_g14": 1_366_678_273,
+          "clip_vit_bigg14": 2_539_567_105}
+  for name, count in want.items():
+    model = registry.build_clip_preset(name)
+    shapes = jax.eval_shape(lambda m=model: m.init(
+        jax.random.key(0), jax.numpy.zeros((1, 224, 224, 3)),
+        jax.numpy.zeros((1, 77), jax.numpy.int32)))
+    got = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+    assert got == count, (name, got)
+    # open_clip's published sizes: 427.62M, 1366.68M, 2539.57M.

@@ -97,8 +97,8 @@ def test_explicit_spec_that_does_not_fit_names_the_leaf(mesh):
 
 
 def test_bytes_per_device_counts_shards(mesh):
-  state = {"a": jax.ShapeDtypeStruct((64, 8), jnp.float32), "b": jax.ShapeDtypeStruct((3,),
-                                                                                       jnp.bfloat16)}
+  state = {"a": jax.ShapeDtypeStruct((64, 8), jnp.float32),
+           "b": jax.ShapeDtypeStruct((3,), jnp.bfloat16)}
   shardings = sharding.state_shardings(state, {"strategy": "fsdp", "min_size": 0}, mesh)
   assert sharding.bytes_per_device(state, shardings) == 64 * 8 * 4 // 8 + 3 * 2
 

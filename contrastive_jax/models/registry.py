@@ -60,7 +60,7 @@ CLIP_PRESETS: dict[str, dict[str, Any]] = {
     "clip_vit_b16": dict(image_model="vit_b16", image_kwargs=_CLIP_IMAGE,
                          text_kwargs=_CLIP_TEXT, embed_dim=512),
     # Parameter counts (image + text + projections + scale): L/14 427.6M, g/14 1.367B,
-    # bigG/14 2.540B, matching open_clip's 428M / 1.37B / 2.54B (tests/test_models.py).
+    # bigG/14 2.540B, matching open_clip's 428M / 1.37B / 2.54B (tests/test_runs.py).
     "clip_vit_l14": dict(image_model="vit_l14", image_kwargs=_CLIP_IMAGE,
                          text_kwargs=dict(_CLIP_TEXT, width=768, num_heads=12), embed_dim=768),
     "clip_vit_g14": dict(image_model="vit_g14", image_kwargs=_OPENCLIP_IMAGE,
