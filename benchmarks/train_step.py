@@ -1,7 +1,8 @@
 """Throughput of the full jitted train step against this machine's dense matmul rate.
 
-For each model the script builds the method from its config (``configs/*.py``), initialises
-the state, compiles ``train.make_train_step`` (the trainer's own step: forward, contrastive loss,
+For each model the script builds the run from its config (``configs/*.py``) with the trainer's
+run builder (``runs.build_run``: same state, shardings and jitted step as ``train.py``; the
+``--sharding`` strategy), initialises the state, compiles the step (forward, contrastive loss,
 backward, optimizer update) on synthetic batches of the right shapes, and reports:
 
 * compile time (``lower().compile()``) and per-device temporary memory (``memory_analysis``);
@@ -28,7 +29,6 @@ so the GradCache table (whose micro-batch loops are scans) shows memory only.
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import sys
 import time
@@ -42,10 +42,11 @@ MODELS = {
 }
 
 
-def build(name: str, batch: int, dtype: str, remat: bool, micro: int = 1):
-  """``(config, method, tx, schedule, mesh)`` for the model ``name`` at this batch and dtype."""
+def build(name: str, batch: int, dtype: str, remat: bool, micro: int = 1,
+          strategy: str = "replicated"):
+  """``runs.Run`` of the model ``name`` at this batch, dtype and sharding strategy."""
   import importlib
-  from contrastive_jax import configs, distributed, methods, optim
+  from contrastive_jax import configs, runs
 
   module, overrides, _ = MODELS[name]
   config = importlib.import_module(f"contrastive_jax.configs.{module}").get_config(None)
@@ -54,10 +55,8 @@ def build(name: str, batch: int, dtype: str, remat: bool, micro: int = 1):
   config.dtype = dtype
   config.remat = remat
   config.grad_cache.micro_batches = micro
-  mesh = distributed.make_mesh(None)
-  method = methods.build_method(config, mesh)
-  tx, schedule = optim.build_optimizer(config.optim, global_batch=batch, total_steps=1_000_000)
-  return config, method, tx, schedule, mesh
+  config.sharding.strategy = strategy
+  return runs.build_run(config, runs.make_mesh(config), num_steps=1_000_000)
 
 
 def synthetic_batch(config, method, abstract: bool = False):
@@ -105,17 +104,15 @@ def matmul_ceiling(dtype: str, n: int, repeats: int = 5) -> float:
   return 2.0 * n ** 3 / best
 
 
-def measure(name: str, batch: int, dtype: str, remat: bool, steps: int) -> dict:
+def measure(name: str, batch: int, dtype: str, remat: bool, steps: int,
+            strategy: str = "replicated") -> dict:
   import jax
-  from contrastive_jax import distributed, train
 
-  config, method, tx, schedule, mesh = build(name, batch, dtype, remat)
-  repl, data = distributed.replicated(mesh), distributed.data_sharding(mesh)
-  init = functools.partial(method.init_state, tx=tx)
-  state = jax.jit(init, out_shardings=repl)(jax.random.key(0))
-  batch_arrays = jax.device_put(synthetic_batch(config, method), data)
-  step = jax.jit(train.make_train_step(method, tx, schedule), donate_argnums=(0,),
-                 in_shardings=(repl, data), out_shardings=(repl, repl))
+  run = build(name, batch, dtype, remat, strategy=strategy)
+  config, method, mesh = run.config, run.method, run.mesh
+  state = run.init_state(0)
+  batch_arrays = jax.device_put(synthetic_batch(config, method), run.batch_sharding)
+  step = run.train_step
   t = time.perf_counter()
   compiled = step.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - t
@@ -139,18 +136,13 @@ def measure(name: str, batch: int, dtype: str, remat: bool, steps: int) -> dict:
 
 def grad_cache_table(name: str, batch: int, dtype: str, micros: list[int]) -> None:
   """Compile-only: temporary memory and FLOPs of the step for each micro-batch count."""
-  import jax
-  from contrastive_jax import train
-
   print(f"\nGradCache: {name}, global batch {batch}, {dtype}, compile only (per device)\n")
   print("| micro-batches M | rows per micro-batch | temp memory | vs M=1 |")
   print("|---:|---:|---:|---:|")
   base = None
   for m in micros:
-    config, method, tx, schedule, _ = build(name, batch, dtype, False, micro=m)
-    state = jax.eval_shape(functools.partial(method.init_state, tx=tx), jax.random.key(0))
-    compiled = jax.jit(train.make_train_step(method, tx, schedule)).lower(
-        state, synthetic_batch(config, method, abstract=True)).compile()
+    run = build(name, batch, dtype, False, micro=m)
+    compiled = run.train_step.lower(run.abstract_state, run.abstract_batch()).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     base = base or temp
     print(f"| {m} | {batch // m} | {temp / 2**20:,.1f} MiB | {temp / base:.2f}x |")
@@ -170,6 +162,8 @@ def main() -> None:
                       help="per-model global batch overrides, e.g. resnet50_simclr=16,"
                            "vit_b16_clip=8 (default: the CPU-sized batches in MODELS)")
   parser.add_argument("--remat", action="store_true", help="config.remat=True for every model")
+  parser.add_argument("--sharding", default="replicated", choices=("replicated", "fsdp"),
+                      help="config.sharding.strategy for every model")
   parser.add_argument("--matmul-size", type=int, default=2048)
   parser.add_argument("--grad-cache-model", default="resnet18_cifar_simclr",
                       help="model of the GradCache memory table ('' skips it)")
@@ -204,7 +198,7 @@ def main() -> None:
           "| examples/s | images/s | achieved GFLOP/s | ceiling GFLOP/s | utilisation |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in names:
-      r = measure(name, batches[name], args.dtype, args.remat, args.steps)
+      r = measure(name, batches[name], args.dtype, args.remat, args.steps, args.sharding)
       # Re-measured next to each model: on a shared machine the load drifts during a run.
       row_ceiling = matmul_ceiling(args.dtype, args.matmul_size)
       util = r["flops_s"] / (row_ceiling * r["devices"])

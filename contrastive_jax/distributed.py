@@ -1,10 +1,14 @@
 """Mesh and multi-host helpers shared by the losses' tests, the trainer and the evaluators.
 
 The whole codebase uses one 1-D mesh with a single axis, ``"data"``, over all devices of all
-processes, in ``jax.devices()`` order (the canonical order that the input pipeline and the
-evaluators also follow). Axes are ``Auto`` so that the model runs in the global view under
-``jit`` (BatchNorm statistics over the sharded batch are then global: sync BN) while the
-contrastive losses run per shard under ``jax.shard_map``.
+processes. The device order comes from ``jax.experimental.mesh_utils.create_device_mesh``: on a
+TPU torus it puts physical neighbours next to each other, so the ring of ``ppermute`` steps
+(``ring_losses.py``) and the all-gathers/reduce-scatters of FSDP travel over direct links; on CPU
+and GPU it is the ``jax.devices()`` order (GPU: sorted by id). The input pipeline and the
+evaluators take the order from the mesh, so it is the one canonical order. Axes are ``Auto`` so
+that the model runs in the global view under ``jit`` (BatchNorm statistics over the sharded
+batch are then global: sync BN) while the contrastive losses run per shard under
+``jax.shard_map``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -35,7 +41,29 @@ def make_mesh(num_devices: int | None = None, devices: Sequence[jax.Device] | No
           f"mesh of {num_devices} devices requested but {len(all_devices)} are visible; "
           "set num_devices to at most jax.device_count()")
     devices = all_devices[:num_devices]
-  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+  return Mesh(device_order(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def device_order(devices: Sequence[jax.Device]) -> np.ndarray:
+  """``devices`` as a 1-D array in ring order for the physical topology.
+
+  Multi-slice TPU runs (devices with several ``slice_index`` values) get the hybrid mesh, slices
+  outermost, so only one hop of the ring crosses the data-centre network per slice. A device
+  subset that ``mesh_utils`` cannot lay out (e.g. 3 chips of a 2x2 torus) keeps the given order.
+  """
+  devices = list(devices)
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  try:
+    if len(slices) > 1:
+      per_slice = len(devices) // len(slices)
+      order = mesh_utils.create_hybrid_device_mesh((per_slice,), (len(slices),), devices)
+    else:
+      order = mesh_utils.create_device_mesh((len(devices),), devices)
+  except (ValueError, NotImplementedError, AssertionError) as error:
+    logging.warning("mesh_utils could not lay out %d devices (%s); using the given order",
+                    len(devices), error)
+    return np.asarray(devices)
+  return np.asarray(order).reshape(-1)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -33,6 +33,13 @@ MoCo v3's frozen random patch projection) get zero updates through ``optax.multi
 with ``optax.set_to_zero``; they have no optimizer state and are excluded from gradient
 clipping. A pattern that matches no parameter raises a ValueError at ``tx.init``.
 
+Moment precision: ``optim_config.mu_dtype`` ("bfloat16", or None for the parameters' float32)
+stores the first moment in that dtype: AdamW's ``mu`` (``optax.adamw(mu_dtype=...)``; the second
+moment ``nu`` stays float32, where bf16's 8-bit mantissa would distort ``1 / sqrt(nu)``) and the
+momentum buffer of SGD and LARS (``optax.trace(accumulator_dtype=...)``). Updates are computed
+in float32 and only the stored buffer is rounded; parameters stay float32. It saves 2 bytes per
+parameter (AdamW: 12 -> 10 bytes of parameters + moments; SGD/LARS: 8 -> 6).
+
 Learning rate: peak ``= base_lr * global_batch / 256`` ("linear"), ``base_lr * sqrt(global_batch)``
 ("sqrt", SimCLR's 0.075 * sqrt(B)) or ``base_lr`` ("none"); linear warmup from 0 at step 0 to
 the peak at ``warmup_steps``, then cosine (Loshchilov & Hutter 2017, no restarts) to
@@ -62,6 +69,7 @@ NO_DECAY_LEAF_NAMES = ("embedding",)
 NAMES = ("lars", "sgd", "adamw")
 SCALINGS = ("linear", "sqrt", "none")
 SCHEDULES = ("cosine", "constant")
+MU_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _key_name(entry: Any) -> str:
@@ -179,8 +187,8 @@ def build_optimizer(optim_config: Any, *, global_batch: int,
       ``schedule`` ("cosine" | "constant"), ``end_lr_fraction`` (0), ``weight_decay`` (0),
       ``momentum`` (0.9), ``nesterov`` (False), ``lars_eta`` (1e-3), ``b1`` (0.9),
       ``b2`` (0.999), ``eps`` (1e-8), ``grad_clip_norm`` (None), ``frozen_patterns`` (()),
-      ``no_decay_patterns`` (()): ``configs.common.optim_config`` declares them all with
-      these defaults.
+      ``no_decay_patterns`` (()), ``mu_dtype`` (None: float32; or "bfloat16"):
+      ``configs.common.optim_config`` declares them all with these defaults.
     global_batch: the global batch size (for lr scaling).
     total_steps: optimizer steps of the whole run.
 
@@ -197,23 +205,31 @@ def build_optimizer(optim_config: Any, *, global_batch: int,
   momentum = float(optim_config.momentum)
   nesterov = bool(optim_config.nesterov)
   extra = tuple(optim_config.no_decay_patterns)
+  mu_name = optim_config.mu_dtype
+  if mu_name is not None and mu_name not in MU_DTYPES:
+    raise ValueError(f"optim.mu_dtype={mu_name!r} is not one of {sorted(MU_DTYPES)} (or None)")
+  mu_dtype = None if mu_name is None else MU_DTYPES[mu_name]
 
   def mask(params):
     return weight_decay_mask(params, extra)
 
   if name == "lars":
-    tx = optax.lars(schedule, weight_decay=weight_decay, weight_decay_mask=mask,
-                    trust_coefficient=float(optim_config.lars_eta),
-                    trust_ratio_mask=mask, momentum=momentum, nesterov=nesterov)
+    # optax.lars's own chain (see the module docstring), spelled out for the trace's dtype.
+    tx = optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=mask),
+        optax.masked(optax.scale_by_trust_ratio(
+            trust_coefficient=float(optim_config.lars_eta), eps=0.0), mask),
+        optax.scale_by_learning_rate(schedule),
+        optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype))
   elif name == "sgd":
     tx = optax.chain(
         optax.add_decayed_weights(weight_decay, mask=mask),
-        optax.trace(decay=momentum, nesterov=nesterov),
+        optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype),
         optax.scale_by_learning_rate(schedule))
   else:
     tx = optax.adamw(schedule, b1=float(optim_config.b1), b2=float(optim_config.b2),
                      eps=float(optim_config.eps),
-                     weight_decay=weight_decay, mask=mask)
+                     weight_decay=weight_decay, mask=mask, mu_dtype=mu_dtype)
 
   clip = optim_config.grad_clip_norm
   if clip is not None:

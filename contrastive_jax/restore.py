@@ -11,18 +11,16 @@ file that trained it:
 JSON has no tuples, so ``config_from_json`` turns every list back into a tuple (model widths,
 crop ranges, few-label shots): flax module fields and ``AugmentConfig`` expect hashable tuples.
 
-The state is restored the way ``train.train_and_evaluate`` resumes (shape-first, big_vision
-style): ``jax.eval_shape(method.init_state)`` gives the abstract ``TrainState``, every leaf gets
-the replicated sharding of a mesh over all devices, and orbax reads the arrays straight into
-those shardings, whatever the device count that wrote the checkpoint.
+The state is restored the way ``train.train_and_evaluate`` resumes: ``runs.build_run`` gives
+the abstract ``TrainState`` with the shardings of ``config.sharding`` (replicated or FSDP) on a
+mesh over all devices, and orbax reads the arrays straight into those shardings, whatever the
+device count and strategy that wrote the checkpoint.
 
-Layer: like ``train.py`` (it uses the trainer's step count to rebuild the optimizer state's
-shapes); nothing below it imports this module.
+Layer: above the run builder (``runs.py``); it does not import the trainer.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, NamedTuple
 
@@ -30,11 +28,10 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from contrastive_jax import checkpoint, distributed, methods, optim, train
+from contrastive_jax import checkpoint, distributed, runs
 # The config helpers live with the configs; re-exported for the tools that restore runs.
 from contrastive_jax.configs import (  # noqa: F401
     apply_overrides, config_from_json, load_config, parse_value, set_value)
-from contrastive_jax.data import pipeline
 from contrastive_jax.errors import RunDirectoryError
 
 
@@ -50,32 +47,12 @@ class RestoredRun(NamedTuple):
 # ----------------------------------------------------------------------------- state
 
 
-def abstract_state(method: Any, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-  """``(init_fn, abstract TrainState with replicated shardings)`` as the trainer builds them.
-
-  The optimizer is rebuilt from ``config.optim`` with the run's step count, so the optimizer
-  state has the checkpoint's structure.
-  """
-  num_train = None
-  if config.get("total_epochs") is not None:
-    num_train = len(pipeline.indexed_source(config.data, config.data.train_split))
-  num_steps = train.total_steps(config, num_train)
-  tx, _ = optim.build_optimizer(config.optim, global_batch=config.global_batch,
-                                total_steps=num_steps)
-  init_fn = functools.partial(method.init_state, tx=tx)
-  shapes = jax.eval_shape(init_fn, jax.random.key(config.seed))
-  sharding = distributed.replicated(mesh)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                          shapes)
-  return init_fn, abstract
-
-
 def initial_state(method: Any, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """The step-0 ``TrainState`` of a run (same seed, same init as the trainer): the random-init
-  baseline that every evaluation should be compared with."""
-  init_fn, abstract = abstract_state(method, config, mesh)
-  shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  return jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))
+  baseline that every evaluation should be compared with. ``method`` must be the one
+  ``methods.build_method(config, mesh)`` builds (the run builder rebuilds it)."""
+  del method  # the run builder rebuilds the same method from config and mesh
+  return runs.build_run(config, mesh).init_state()
 
 
 def saved_config(workdir: str | os.PathLike, step: int | None = None
@@ -101,7 +78,8 @@ def saved_config(workdir: str | os.PathLike, step: int | None = None
 
 
 def restore_run(workdir: str | os.PathLike, step: int | None = None,
-                config: ml_collections.ConfigDict | None = None) -> RestoredRun:
+                config: ml_collections.ConfigDict | None = None,
+                mesh: jax.sharding.Mesh | None = None) -> RestoredRun:
   """Rebuilds method and TrainState from ``workdir``'s checkpoint.
 
   Args:
@@ -109,29 +87,30 @@ def restore_run(workdir: str | os.PathLike, step: int | None = None,
     step: a specific checkpoint step; ``None`` restores the newest good one (damaged newer
       steps are moved aside by ``Checkpointer.restore_latest_good``, as a resumed run does).
     config: use this config instead of the one saved with the checkpoint (it must describe the
-      same model and optimizer, or the restore fails with the checkpoint's shapes).
+      same model and optimizer, or the restore fails with the checkpoint's shapes; its
+      ``sharding`` may differ: a replicated run's checkpoint restores into FSDP and back).
+    mesh: the mesh to restore onto; default all devices.
 
   Returns:
-    ``RestoredRun(config, method, state, mesh, step)``; ``mesh`` spans all devices and every
-    state leaf is replicated on it.
+    ``RestoredRun(config, method, state, mesh, step)``; every state leaf is placed on ``mesh``
+    as ``config.sharding`` says (replicated when the config has no ``sharding``).
   """
   if config is None:
     # The newest step's config; with restore_latest_good an older step may end up restored,
     # and its config is the same run's (a resumed run keeps its model and optimizer).
     config, _ = saved_config(workdir, step)
-  mesh = distributed.make_mesh(None)
-  method = methods.build_method(config, mesh)
-  _, abstract = abstract_state(method, config, mesh)
+  mesh = distributed.make_mesh(None) if mesh is None else mesh
+  run = runs.build_run(config, mesh)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=None, async_save=False)
   try:
     if step is None:
-      restored = ckpt.restore_latest_good(abstract)
+      restored = ckpt.restore_latest_good(run.abstract_state)
       if restored is None:
         raise RunDirectoryError(f"no checkpoint in {workdir}; train first (or pass another "
                                 "--workdir)")
     else:
-      restored = ckpt.restore(abstract, step)
+      restored = ckpt.restore(run.abstract_state, step)
   finally:
     ckpt.close()
   state, _, _, restored_step = restored
-  return RestoredRun(config, method, state, mesh, restored_step)
+  return RestoredRun(config, run.method, state, mesh, restored_step)

@@ -8,9 +8,7 @@ The method plugs in through ``methods/base.py``'s surface; nothing here branches
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import time
 from typing import Any
 
@@ -18,38 +16,23 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import metric_writers, metrics as clu_metrics, periodic_actions
 from etils import epath
 
-from contrastive_jax import checkpoint, distributed, grad_cache, methods, optim, ring_losses
+from contrastive_jax import checkpoint, distributed, grad_cache, methods, optim, ring_losses, runs
 from contrastive_jax.errors import ConfigError, NonFiniteLossError
 from contrastive_jax.data import pipeline
 from contrastive_jax import evaluate as evaluators
 from contrastive_jax.evaluate import plots
 from contrastive_jax.methods import base as method_base
 from contrastive_jax.models import registry
-from contrastive_jax.train_state import TrainState
+
+# The run length lives with the run builder; ``train.total_steps`` stays for callers.
+total_steps = runs.total_steps
+
 
 # ----------------------------------------------------------------------------- config
-
-
-def total_steps(config: ml_collections.ConfigDict, num_train_examples: int | None) -> int:
-  """``config.total_steps``, or ``config.total_epochs`` converted with the dataset size."""
-  steps, epochs = config.total_steps, config.total_epochs
-  if (steps is None) == (epochs is None):
-    raise ConfigError("set exactly one of config.total_steps and config.total_epochs, the "
-                      "other to None (e.g. --config.total_steps=None --config.total_epochs=100)")
-  if steps is not None:
-    if steps <= 0:
-      raise ConfigError(f"config.total_steps={steps} must be positive")
-    return int(steps)
-  if epochs <= 0:
-    raise ConfigError(f"config.total_epochs={epochs} must be positive")
-  if not num_train_examples:
-    raise ConfigError("config.total_epochs needs the dataset size; set config.total_steps")
-  return max(1, int(math.ceil(epochs * num_train_examples / config.global_batch)))
 
 
 def _require(ok: bool, message: str) -> None:
@@ -163,39 +146,8 @@ def check_workdir(workdir: epath.Path) -> None:
 # ----------------------------------------------------------------------------- step
 
 
-def make_train_step(method: method_base.Method, tx: optax.GradientTransformation, lr_schedule,
-                    skip_nonfinite: bool = False):
-  """``step(state, batch) -> (state, metrics)``, pure; jitted by the caller. The method
-  differentiates its own loss (``Method.value_and_grad``: autodiff or GradCache).
-
-  With ``skip_nonfinite``, a step whose loss, gradients or updated parameters are not finite
-  leaves every field but ``step`` unchanged (the data and the schedules still advance), reports
-  its metrics as 0 and counts itself in ``metrics["nonfinite_skipped"]``.
-  """
-
-  def step(state: TrainState, batch: dict[str, jax.Array]):
-    rng = jax.random.fold_in(state.rng, state.step)
-    (loss, (metrics, updates)), grads = method.value_and_grad(state.params, state, batch, rng)
-    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, param_updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    new_state = method.post_update(new_state, updates)
-    grad_norm = optax.global_norm(grads)
-    param_norm = optax.global_norm(params)
-    metrics = dict(metrics, loss=loss, learning_rate=lr_schedule(state.step),
-                   grad_norm=grad_norm, param_norm=param_norm)
-    if skip_nonfinite:
-      # Finite gradients can still overflow the parameters (a huge learning rate): skip then too.
-      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
-      keep = state.replace(step=new_state.step, rng=None)
-      merged = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
-                            new_state.replace(rng=None), keep)
-      new_state = merged.replace(rng=new_state.rng)  # the key never changes within a step
-      metrics = {k: jnp.where(ok, v, jnp.zeros_like(v)) for k, v in metrics.items()}
-      metrics["nonfinite_skipped"] = 1.0 - ok.astype(jnp.float32)
-    return new_state, metrics
-
-  return step
+# The step lives with the run builder; ``train.make_train_step`` stays for callers.
+make_train_step = runs.make_train_step
 
 
 def metrics_collection(names):
@@ -344,28 +296,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   is_chief = jax.process_index() == 0
 
   # --- Mesh and config checks (before anything compiles).
-  mesh = distributed.make_mesh(config.num_devices)
+  mesh = runs.make_mesh(config)
   validate_config(config, mesh)
-  method = methods.build_method(config, mesh)
-  num_train = None
-  if config.total_epochs is not None:
-    num_train = len(pipeline.indexed_source(config.data, config.data.train_split))
-  num_steps = total_steps(config, num_train)
+  # --- Method, optimizer, run length, abstract state and its shardings: the run builder.
+  run = runs.build_run(config, mesh)
+  method, num_steps, abstract = run.method, run.num_steps, run.abstract_state
 
   # --- Logging.
   writer = metric_writers.create_default_writer(
       str(workdir), just_logging=not is_chief, asynchronous=True)
   writer.write_hparams(_flatten_config(config))
-
-  # --- Optimizer and shape-first state init.
-  tx, lr_schedule = optim.build_optimizer(config.optim, global_batch=config.global_batch,
-                                          total_steps=num_steps)
-  rng = jax.random.key(config.seed)
-  init_fn = functools.partial(method.init_state, tx=tx)
-  abstract = jax.eval_shape(init_fn, rng)
-  state_sharding = jax.tree.map(lambda _: distributed.replicated(mesh), abstract)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_sharding)
 
   # --- Checkpoints: resume from the newest good one if there is one.
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
@@ -377,25 +317,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     logging.info("resumed from checkpoint step %d (data position %s)", restored_step, data_state)
     start_step = int(data_state.get("step", restored_step))
   else:
-    state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+    state = run.init_state()
     start_step = 0
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-  logging.info("method %s, %d parameters, %d devices, %d processes, global batch %d, %d steps",
-              config.method, num_params, mesh.size, jax.process_count(), config.global_batch,
-              num_steps)
+  logging.info("method %s, %d parameters, %d devices, %d processes, global batch %d, %d steps, "
+               "sharding %s (%.1f MiB of state per device)", config.method, run.num_params,
+               mesh.size, jax.process_count(), config.global_batch, num_steps,
+               config.sharding.strategy,
+               run.state_bytes_per_device / 2**20)
 
   # --- Input: this host's shard, resumed at the restored step.
   train_iter = pipeline.train_iterator(
       config.data, mode=method.input_mode, global_batch=config.global_batch, seed=config.seed,
       start_step=start_step)
 
-  # --- The step.
-  batch_sharding = distributed.data_sharding(mesh)
-  step_fn = jax.jit(make_train_step(method, tx, lr_schedule,
-                                    skip_nonfinite=config.skip_nonfinite),
-                    donate_argnums=(0,),
-                    in_shardings=(state_sharding, batch_sharding),
-                    out_shardings=(state_sharding, distributed.replicated(mesh)))
+  # --- The step (jitted once with the run's shardings; the state is donated).
+  step_fn = run.train_step
 
   # --- Evaluation data (held in memory: the embedded and small datasets).
   eval_data = None

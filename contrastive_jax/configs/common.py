@@ -57,6 +57,12 @@ def base_config() -> ml_collections.ConfigDict:
   # gradient in M micro-batches, holding one micro-batch's activations at a time. Exact without
   # BN; global_batch must be divisible by M x devices.
   c.grad_cache = ml_collections.ConfigDict(dict(micro_batches=1))
+  # Placement of the train state (contrastive_jax/sharding.py): "replicated" (every device holds
+  # it all) or "fsdp" (large leaves and their optimizer moments split over the "data" axis;
+  # leaves under min_size elements replicated). rules: ((regex on the state path, "fsdp" |
+  # "replicate" | (None, "data")), ...), first match wins, before the strategy's default.
+  c.sharding = ml_collections.ConfigDict(dict(strategy="replicated", rules=(),
+                                              min_size=2 ** 14))
   c.total_steps = placeholder(int)
   c.total_epochs = placeholder(float)
   c.log_every = 50
@@ -130,13 +136,15 @@ def optim_config(name: str, *, base_lr: float, **overrides):
   base_lr x B / 256, "sqrt": base_lr x sqrt(B), "none"), warmup_steps or warmup_fraction (0 in
   one of them means unset), schedule ("cosine" | "constant"), end_lr_fraction, weight_decay,
   momentum and nesterov (LARS, SGD), lars_eta, b1, b2, eps (AdamW), grad_clip_norm (None: no
-  clipping), frozen_patterns (parameter-path substrings held fixed) and no_decay_patterns
-  (substrings added to the no-weight-decay rule).
+  clipping), frozen_patterns (parameter-path substrings held fixed), no_decay_patterns
+  (substrings added to the no-weight-decay rule) and mu_dtype (None: float32 moments;
+  "bfloat16": AdamW's first moment / the SGD-LARS momentum in bf16).
   """
   d = dict(name=name, base_lr=base_lr, lr_scaling="linear", warmup_steps=0,
            warmup_fraction=0.0, schedule="cosine", end_lr_fraction=0.0, weight_decay=0.0,
            momentum=0.9, nesterov=False, lars_eta=1e-3, b1=0.9, b2=0.999, eps=1e-8,
-           grad_clip_norm=placeholder(float), frozen_patterns=(), no_decay_patterns=())
+           grad_clip_norm=placeholder(float), frozen_patterns=(), no_decay_patterns=(),
+           mu_dtype=placeholder(str))
   unknown = set(overrides) - set(d)
   if unknown:
     raise ValueError(f"unknown optim config keys {sorted(unknown)}; known: {sorted(d)}")

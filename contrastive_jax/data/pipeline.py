@@ -40,7 +40,7 @@ from contrastive_jax.data import augment as aug_lib
 from contrastive_jax.data import sources as src_lib
 from contrastive_jax.data import streaming
 from contrastive_jax.data import tokenizer as tok_lib
-from contrastive_jax.errors import ConfigError
+from contrastive_jax.errors import ConfigError, DataError
 
 SOURCES = ("mnist", "tfds", "folder", "csv", "tfrecord")
 MODES = ("views", "image_text")
@@ -95,6 +95,28 @@ def indexed_source(data_config, split: str) -> src_lib.IndexedSource:
     return src_lib.tfrecord_source(_split_path(c.path, split))
   return src_lib.tfds_source(c.name, split, c.data_dir or None, c.image_key,
                              c.label_key, c.caption_key or None)
+
+
+def split_size(data_config, split: str) -> int:
+  """The number of examples in ``split``, without reading the data where the size is recorded.
+
+  tfds: the split's metadata (``builder.info.splits``); streaming TFRecords: the shard index
+  (``sources.tfrecord_counts``, which counts, with a warning, only shards that have no index);
+  the in-memory sources (the embedded digits, folders, CSV files, cached splits) are loaded,
+  as training will load them anyway.
+  """
+  c = data_config
+  _check_source(c)
+  if c.source == "tfds":
+    builder, how = src_lib._tfds_builder(c.name, c.data_dir or None)  # pylint: disable=protected-access
+    try:
+      return int(builder.info.splits[split].num_examples)
+    except (KeyError, ValueError) as e:
+      raise DataError(f"tfds dataset {c.name!r} has no split {split!r} with a recorded size "
+                      f"({e}); {how}") from e
+  if _is_streaming(c):
+    return sum(src_lib.tfrecord_counts(src_lib.tfrecord_files(_split_path(c.path, split))))
+  return len(indexed_source(c, split))
 
 
 def make_tokenizer(data_config):

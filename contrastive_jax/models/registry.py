@@ -28,6 +28,12 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
     "vit_s16": dict(patch_size=16, width=384, depth=12, num_heads=6, mlp_dim=1536),
     "vit_b16": dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072),
     "vit_b32": dict(patch_size=32, width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "vit_l14": dict(patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096),
+    # ViT-g/14 and ViT-bigG/14 as in open_clip's model configs (Cherti et al. 2023,
+    # "Reproducible scaling laws for contrastive language-image learning"; the shapes of Zhai et
+    # al. 2022, "Scaling Vision Transformers", with open_clip's head widths 88 and 104).
+    "vit_g14": dict(patch_size=14, width=1408, depth=40, num_heads=16, mlp_dim=6144),
+    "vit_bigg14": dict(patch_size=14, width=1664, depth=48, num_heads=16, mlp_dim=8192),
 }
 
 _BUILDERS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
@@ -45,11 +51,24 @@ MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 _CLIP_IMAGE = dict(ln_pre=True, patch_bias=False, ln_eps=1e-5, activation="quick_gelu")
 _CLIP_TEXT = dict(vocab_size=49_408, context_length=77, width=512, depth=12, num_heads=8,
                   ln_eps=1e-5, activation="quick_gelu")
+# open_clip's ViT-g-14 and ViT-bigG-14 use GELU (not QuickGELU); the other choices as OpenAI's.
+_OPENCLIP_IMAGE = dict(_CLIP_IMAGE, activation="gelu")
+_OPENCLIP_TEXT = dict(_CLIP_TEXT, activation="gelu")
 CLIP_PRESETS: dict[str, dict[str, Any]] = {
     "clip_vit_b32": dict(image_model="vit_b32", image_kwargs=_CLIP_IMAGE,
                          text_kwargs=_CLIP_TEXT, embed_dim=512),
     "clip_vit_b16": dict(image_model="vit_b16", image_kwargs=_CLIP_IMAGE,
                          text_kwargs=_CLIP_TEXT, embed_dim=512),
+    # Parameter counts (image + text + projections + scale): L/14 427.6M, g/14 1.367B,
+    # bigG/14 2.540B, matching open_clip's 428M / 1.37B / 2.54B (tests/test_runs.py).
+    "clip_vit_l14": dict(image_model="vit_l14", image_kwargs=_CLIP_IMAGE,
+                         text_kwargs=dict(_CLIP_TEXT, width=768, num_heads=12), embed_dim=768),
+    "clip_vit_g14": dict(image_model="vit_g14", image_kwargs=_OPENCLIP_IMAGE,
+                         text_kwargs=dict(_OPENCLIP_TEXT, width=1024, depth=24, num_heads=16),
+                         embed_dim=1024),
+    "clip_vit_bigg14": dict(image_model="vit_bigg14", image_kwargs=_OPENCLIP_IMAGE,
+                            text_kwargs=dict(_OPENCLIP_TEXT, width=1280, depth=32,
+                                             num_heads=20), embed_dim=1280),
 }
 
 

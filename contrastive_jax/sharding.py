@@ -1,0 +1,173 @@
+"""Where each leaf of the train state lives on the mesh: replicated, or split on "data" (FSDP).
+
+Two strategies, chosen by ``config.sharding.strategy``:
+
+* ``"replicated"``: every leaf on every device (plain data parallelism). Memory per device is
+  the whole state: parameters, optimizer moments, EMA encoder, MoCo queue.
+* ``"fsdp"``: fully sharded data parallelism, the parameter/optimizer-state partitioning of
+  ZeRO stage 3 (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training
+  Trillion Parameter Models", Sec. 5.1-5.3) as big_vision's ``fsdp`` rule expresses it for
+  XLA: each large leaf is split along one of its dimensions over the ``"data"`` axis, the same
+  axis that splits the batch. Under ``jit`` XLA's SPMD partitioner inserts the all-gather of a
+  parameter before its use and turns its gradient's all-reduce into a reduce-scatter, so the
+  step's code does not change; the contrastive losses keep their ``shard_map`` over
+  ``"data"`` unchanged (their inputs are activations, sharded on the batch as before).
+
+Which dimension: the largest one divisible by the axis size (ties: the last, e.g. a Dense
+kernel's output features). A leaf is replicated when it has fewer than ``min_size`` elements
+(biases, norm gains, scalars: gathering them costs a collective each and saves nothing) or no
+dimension divides. The rule is a function of the leaf's path and shape only, so a parameter, its
+optimizer moments (same shape, any dtype) and its EMA copy always get the same placement.
+
+Rules (``config.sharding.rules``) override the strategy for matching leaves: a sequence of
+``(regex, action)`` pairs, the first whose regex ``re.search``-es the leaf's path wins (as in
+big_vision's ``sharding_rules``). Paths are the ``TrainState`` field then the tree keys, joined
+by "/": ``params/image_encoder/block3/mlp/fc1/kernel``, ``opt_state/0/mu/image_encoder/...``,
+``ema_params/encoder/...``, ``queue``. An unanchored pattern such as ``"mlp/fc1/kernel"`` thus
+applies to a parameter, its moments and its EMA alike. Actions: ``"fsdp"`` (the rule above,
+with ``min_size``), ``"replicate"``, or an explicit partition spec as a tuple of mesh-axis names
+or ``None`` per dimension, e.g. ``(None, "data")``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from contrastive_jax.distributed import DATA_AXIS
+
+STRATEGIES = ("replicated", "fsdp")
+ACTIONS = ("fsdp", "replicate")
+# 16Ki elements (64 KiB in float32): below this a leaf is replicated under "fsdp". In a ViT-B
+# that leaves only biases and LayerNorm gains (<0.1% of the parameters) whole on each device.
+DEFAULT_MIN_SIZE = 2 ** 14
+
+
+def _get(config: Any, key: str, default: Any) -> Any:
+  if config is None:
+    return default
+  value = config.get(key, None) if hasattr(config, "get") else getattr(config, key, None)
+  return default if value is None else value
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """A ``jax.tree_util`` key path as ``"params/encoder/Dense_0/kernel"``."""
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+
+
+def fsdp_spec(shape: Sequence[int], axis_size: int, axis_name: str = DATA_AXIS) -> P:
+  """Splits the largest dimension of ``shape`` divisible by ``axis_size`` (ties: the last);
+  ``P()`` (replicated) when none is."""
+  best = None
+  for dim, size in enumerate(shape):
+    if size % axis_size == 0 and size >= axis_size and (best is None or size >= shape[best]):
+      best = dim
+  if best is None:
+    return P()
+  return P(*([None] * best), axis_name)
+
+
+def _check_action(action: Any, where: str, mesh: Mesh) -> Any:
+  if isinstance(action, str):
+    if action not in ACTIONS:
+      raise ValueError(f"{where}: action {action!r} is unknown; use 'fsdp', 'replicate' or a "
+                       f"tuple of mesh axis names / None per dimension, e.g. (None, 'data')")
+    return action
+  if isinstance(action, P):
+    action = tuple(action)
+  if not isinstance(action, (tuple, list)):
+    raise ValueError(f"{where}: action {action!r} must be 'fsdp', 'replicate' or a tuple such "
+                     "as (None, 'data')")
+  for entry in action:
+    names = entry if isinstance(entry, (tuple, list)) else (entry,)
+    for name in names:
+      if name is not None and name not in mesh.axis_names:
+        raise ValueError(f"{where}: mesh axis {name!r} does not exist; the mesh has axes "
+                         f"{mesh.axis_names}")
+  return P(*[tuple(e) if isinstance(e, list) else e for e in action])
+
+
+def resolve_rules(sharding_config: Any, mesh: Mesh) -> tuple[list[tuple[re.Pattern, Any]], int]:
+  """``(rules, min_size)`` from ``config.sharding``; the strategy's catch-all rule comes last.
+
+  Raises a ``ValueError`` naming the key and the fix for an unknown strategy, a bad regex or
+  action, before anything is traced.
+  """
+  strategy = _get(sharding_config, "strategy", "replicated")
+  if strategy not in STRATEGIES:
+    raise ValueError(f"config.sharding.strategy={strategy!r} is unknown; use one of "
+                     f"{STRATEGIES}")
+  min_size = _get(sharding_config, "min_size", DEFAULT_MIN_SIZE)
+  if not isinstance(min_size, (int, np.integer)) or min_size < 0:
+    raise ValueError(f"config.sharding.min_size={min_size!r} must be an integer >= 0 "
+                     f"(elements; default {DEFAULT_MIN_SIZE})")
+  rules = []
+  for i, rule in enumerate(_get(sharding_config, "rules", ()) or ()):
+    where = f"config.sharding.rules[{i}]={rule!r}"
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(f"{where} must be a (regex, action) pair, e.g. ('queue', 'replicate')")
+    try:
+      pattern = re.compile(rule[0])
+    except re.error as e:
+      raise ValueError(f"{where}: invalid regex ({e})") from None
+    rules.append((pattern, _check_action(rule[1], where, mesh)))
+  rules.append((re.compile(""), "fsdp" if strategy == "fsdp" else "replicate"))
+  return rules, int(min_size)
+
+
+def leaf_spec(path: str, shape: Sequence[int], rules: Sequence[tuple[re.Pattern, Any]],
+              mesh: Mesh, min_size: int, axis_name: str = DATA_AXIS) -> P:
+  """The ``PartitionSpec`` of one leaf: the first rule whose regex matches ``path``."""
+  for pattern, action in rules:
+    if pattern.search(path):
+      break
+  if action == "replicate" or not shape:
+    return P()
+  if action == "fsdp":
+    if int(np.prod(shape)) < min_size:
+      return P()
+    return fsdp_spec(shape, mesh.shape[axis_name], axis_name)
+  spec = tuple(action)
+  if len(spec) > len(shape):
+    raise ValueError(f"sharding rule {pattern.pattern!r} -> {action} has {len(spec)} entries but "
+                     f"{path} has shape {tuple(shape)}; narrow the regex or shorten the spec")
+  for dim, entry in enumerate(spec):
+    names = entry if isinstance(entry, tuple) else (() if entry is None else (entry,))
+    split = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+    if shape[dim] % split:
+      raise ValueError(f"sharding rule {pattern.pattern!r} -> {action}: dimension {dim} of "
+                       f"{path} (shape {tuple(shape)}) is not divisible by {split} devices")
+  return action
+
+
+def state_specs(abstract_state: Any, sharding_config: Any, mesh: Mesh) -> Any:
+  """A tree of ``PartitionSpec`` like ``abstract_state`` (arrays or ``ShapeDtypeStruct``)."""
+  rules, min_size = resolve_rules(sharding_config, mesh)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: leaf_spec(path_str(path), tuple(np.shape(leaf)), rules, mesh, min_size),
+      abstract_state)
+
+
+def state_shardings(abstract_state: Any, sharding_config: Any, mesh: Mesh) -> Any:
+  """A tree of ``NamedSharding`` like ``abstract_state``."""
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                      state_specs(abstract_state, sharding_config, mesh),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def bytes_per_device(abstract_state: Any, shardings: Any) -> int:
+  """Bytes of ``abstract_state`` held by one device under ``shardings`` (largest shard)."""
+  total = 0
+  for leaf, sharding in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings)):
+    shard = sharding.shard_shape(tuple(leaf.shape))
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      itemsize = 8  # a threefry key: two uint32 words
+    else:
+      itemsize = np.dtype(leaf.dtype).itemsize
+    total += int(np.prod(shard)) * itemsize
+  return total

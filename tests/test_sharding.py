@@ -1,0 +1,148 @@
+"""Placement rules (sharding.py), the ring-ordered mesh, and low-precision optimizer moments."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
+
+from contrastive_jax import distributed, optim, sharding
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return distributed.make_mesh(8)
+
+
+def test_fsdp_spec_splits_the_largest_divisible_dimension():
+  assert sharding.fsdp_spec((768, 3072), 8) == P(None, "data")
+  assert sharding.fsdp_spec((3072, 768), 8) == P("data")
+  assert sharding.fsdp_spec((1024, 1024), 8) == P(None, "data")  # tie: the last dimension
+  assert sharding.fsdp_spec((14, 14, 3, 1024), 8) == P(None, None, None, "data")
+  assert sharding.fsdp_spec((49408, 12), 8) == P("data")
+  assert sharding.fsdp_spec((77, 12), 8) == P()                  # nothing divides: replicated
+  assert sharding.fsdp_spec((4,), 8) == P()                      # smaller than the axis
+  assert sharding.fsdp_spec((), 8) == P()
+
+
+def _state(tx):
+  params = {"enc": {"fc1": {"kernel": jnp.zeros((64, 256)), "bias": jnp.zeros((256,))},
+                    "fc2": {"kernel": jnp.zeros((256, 64))}},
+            "logit_scale": jnp.zeros(())}
+  return {"params": params, "opt_state": tx.init(params), "ema_params": params,
+          "queue": jnp.zeros((1024, 16)), "step": jnp.zeros((), jnp.int32)}
+
+
+def _by_path(tree):
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, P))
+  return {sharding.path_str(p): v for p, v in leaves}
+
+
+def test_fsdp_strategy_moments_and_ema_follow_their_parameter(mesh):
+  tx, _ = optim.build_optimizer({"name": "adamw", "base_lr": 1e-3, "weight_decay": 0.1},
+                                global_batch=8, total_steps=10)
+  specs = _by_path(sharding.state_specs(_state(tx), {"strategy": "fsdp", "min_size": 1000},
+                                        mesh))
+  assert specs["params/enc/fc1/kernel"] == P(None, "data")
+  assert specs["params/enc/fc2/kernel"] == P("data")
+  assert specs["params/enc/fc1/bias"] == P()         # 256 elements < min_size
+  assert specs["params/logit_scale"] == P()
+  assert specs["queue"] == P("data")
+  assert specs["step"] == P()
+  for prefix in ("opt_state/0/mu/", "opt_state/0/nu/", "ema_params/"):
+    for name in ("enc/fc1/kernel", "enc/fc2/kernel", "enc/fc1/bias"):
+      assert specs[prefix + name] == specs["params/" + name], prefix + name
+  assert specs["opt_state/0/count"] == P()
+
+
+def test_replicated_strategy_and_rules_first_match_wins(mesh):
+  tx = optax.sgd(0.1, momentum=0.9)
+  state = _state(tx)
+  specs = _by_path(sharding.state_specs(state, {"strategy": "replicated"}, mesh))
+  assert set(specs.values()) == {P()}
+  cfg = {"strategy": "fsdp", "min_size": 0,
+         "rules": (("fc2", "replicate"), ("fc1/kernel", ("data", None)), ("fc", "fsdp"),
+                   ("^queue$", "replicate"))}
+  specs = _by_path(sharding.state_specs(state, cfg, mesh))
+  assert specs["params/enc/fc2/kernel"] == P()
+  assert specs["opt_state/0/trace/enc/fc2/kernel"] == P()   # unanchored: the moment too
+  assert specs["params/enc/fc1/kernel"] == P("data", None)
+  assert specs["ema_params/enc/fc1/kernel"] == P("data", None)
+  assert specs["params/enc/fc1/bias"] == P("data")          # min_size 0: split as well
+  assert specs["queue"] == P()
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"strategy": "zero3"}, "strategy"),
+    ({"strategy": "fsdp", "min_size": -1}, "min_size"),
+    ({"strategy": "fsdp", "rules": (("fc(", "fsdp"),)}, "invalid regex"),
+    ({"strategy": "fsdp", "rules": (("fc", "shard"),)}, "unknown"),
+    ({"strategy": "fsdp", "rules": (("fc", (None, "model")),)}, "mesh axis 'model'"),
+    ({"strategy": "fsdp", "rules": ("fc",)}, "pair"),
+])
+def test_bad_sharding_config_is_rejected_with_the_key(mesh, cfg, match):
+  with pytest.raises(ValueError, match=match):
+    sharding.resolve_rules(cfg, mesh)
+
+
+def test_explicit_spec_that_does_not_fit_names_the_leaf(mesh):
+  state = {"params": {"w": jnp.zeros((6, 16))}}
+  with pytest.raises(ValueError, match="params/w.*not divisible"):
+    sharding.state_specs(state, {"rules": (("w", ("data", None)),)}, mesh)
+  with pytest.raises(ValueError, match="3 entries"):
+    sharding.state_specs(state, {"rules": (("w", (None, None, "data")),)}, mesh)
+
+
+def test_bytes_per_device_counts_shards(mesh):
+  state = {"a": jax.ShapeDtypeStruct((64, 8), jnp.float32),
+           "b": jax.ShapeDtypeStruct((3,), jnp.bfloat16)}
+  shardings = sharding.state_shardings(state, {"strategy": "fsdp", "min_size": 0}, mesh)
+  assert sharding.bytes_per_device(state, shardings) == 64 * 8 * 4 // 8 + 3 * 2
+
+
+def test_mesh_is_one_data_axis_in_mesh_utils_order():
+  from jax.experimental import mesh_utils
+  mesh = distributed.make_mesh(8)
+  assert mesh.axis_names == ("data",) and mesh.axis_types == (AxisType.Auto,)
+  want = mesh_utils.create_device_mesh((8,), jax.devices()[:8])
+  assert [d.id for d in mesh.devices.flat] == [d.id for d in want.flat]
+  assert distributed.make_mesh(4).devices.shape == (4,)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lars"])
+def test_mu_dtype_stores_the_first_moment_in_bf16_params_stay_f32(name):
+  cfg = {"name": name, "base_lr": 0.1, "weight_decay": 1e-4, "mu_dtype": "bfloat16"}
+  tx, _ = optim.build_optimizer(cfg, global_batch=256, total_steps=10)
+  ref_tx, _ = optim.build_optimizer(dict(cfg, mu_dtype=None), global_batch=256, total_steps=10)
+  params = {"w": jnp.linspace(-1.0, 1.0, 64, dtype=jnp.float32).reshape(8, 8),
+            "b": jnp.ones((8,), jnp.float32)}
+  grads = jax.tree.map(lambda p: jnp.cos(3.0 * p) * 0.1, params)
+  state, ref_state = tx.init(params), ref_tx.init(params)
+  p, ref_p = params, params
+  for _ in range(3):
+    updates, state = tx.update(grads, state, p)
+    p = optax.apply_updates(p, updates)
+    ref_updates, ref_state = ref_tx.update(grads, ref_state, ref_p)
+    ref_p = optax.apply_updates(ref_p, ref_updates)
+  first = "mu" if name == "adamw" else "trace"
+  moments = [x for path, x in jax.tree_util.tree_leaves_with_path(state)
+             if first in sharding.path_str(path).split("/")]
+  assert moments and all(m.dtype == jnp.bfloat16 for m in moments)
+  if name == "adamw":
+    nu = [x for path, x in jax.tree_util.tree_leaves_with_path(state)
+          if "nu" in sharding.path_str(path).split("/")]
+    assert nu and all(v.dtype == jnp.float32 for v in nu)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(ref_state) if x.ndim)
+  # bf16 storage rounds the moment (8-bit mantissa), nothing else: parameters stay close.
+  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref_p)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-2, atol=2e-3)
+
+
+def test_unknown_mu_dtype_is_rejected():
+  with pytest.raises(ValueError, match="mu_dtype"):
+    optim.build_optimizer({"name": "adamw", "base_lr": 1e-3, "mu_dtype": "float16"},
+                          global_batch=8, total_steps=10)
