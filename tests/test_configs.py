@@ -57,7 +57,8 @@ def _new_value(key, value, kind):
     new = 0.25 if value is None else value * 2 + 0.5
     return new, repr(new)
   if kind is str:
-    return value + "_x", value + "_x"
+    new = (value or "") + "_x"
+    return new, new
   if kind is tuple:
     if value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
       new = tuple(v + 1 for v in value)

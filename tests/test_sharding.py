@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 from contrastive_jax import distributed, optim, sharding
+from contrastive_jax.configs import common
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,9 @@ def _by_path(tree):
 
 
 def test_fsdp_strategy_moments_and_ema_follow_their_parameter(mesh):
-  tx, _ = optim.build_optimizer({"name": "adamw", "base_lr": 1e-3, "weight_decay": 0.1},
-                                global_batch=8, total_steps=10)
+  tx, _ = optim.build_optimizer(
+      common.optim_config("adamw", base_lr=1e-3, weight_decay=0.1), global_batch=8,
+      total_steps=10)
   specs = _by_path(sharding.state_specs(_state(tx), {"strategy": "fsdp", "min_size": 1000},
                                         mesh))
   assert specs["params/enc/fc1/kernel"] == P(None, "data")
@@ -114,9 +116,10 @@ def test_mesh_is_one_data_axis_in_mesh_utils_order():
 
 @pytest.mark.parametrize("name", ["adamw", "sgd", "lars"])
 def test_mu_dtype_stores_the_first_moment_in_bf16_params_stay_f32(name):
-  cfg = {"name": name, "base_lr": 0.1, "weight_decay": 1e-4, "mu_dtype": "bfloat16"}
+  cfg = common.optim_config(name, base_lr=0.1, weight_decay=1e-4, mu_dtype="bfloat16")
   tx, _ = optim.build_optimizer(cfg, global_batch=256, total_steps=10)
-  ref_tx, _ = optim.build_optimizer(dict(cfg, mu_dtype=None), global_batch=256, total_steps=10)
+  ref = common.optim_config(name, base_lr=0.1, weight_decay=1e-4)
+  ref_tx, _ = optim.build_optimizer(ref, global_batch=256, total_steps=10)
   params = {"w": jnp.linspace(-1.0, 1.0, 64, dtype=jnp.float32).reshape(8, 8),
             "b": jnp.ones((8,), jnp.float32)}
   grads = jax.tree.map(lambda p: jnp.cos(3.0 * p) * 0.1, params)
@@ -144,5 +147,5 @@ def test_mu_dtype_stores_the_first_moment_in_bf16_params_stay_f32(name):
 
 def test_unknown_mu_dtype_is_rejected():
   with pytest.raises(ValueError, match="mu_dtype"):
-    optim.build_optimizer({"name": "adamw", "base_lr": 1e-3, "mu_dtype": "float16"},
+    optim.build_optimizer(common.optim_config("adamw", base_lr=1e-3, mu_dtype="float16"),
                           global_batch=8, total_steps=10)
