@@ -110,7 +110,6 @@ def make_train_step(method: methods.base.Method, tx: optax.GradientTransformatio
   return step
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Run:
   """A run's fixed parts. ``abstract_state`` leaves are ``ShapeDtypeStruct`` with ``.sharding``
