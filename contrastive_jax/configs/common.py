@@ -87,14 +87,15 @@ def data_config(source: str, *, recipe: str, image_size: int, **overrides):
   splits, data_dir (tfds, local or gs://), path (folder / CSV / TFRecord glob, ``{split}`` is
   replaced), image_size, recipe and ``augment`` overrides (data/augment.py), shuffle_buffer,
   skip_corrupt (skip and count undecodable images instead of failing), the text settings
-  (context_length, tokenizer "bytes" | "sentencepiece", spm_model) and cache (hold a
+  (context_length, tokenizer "bytes" | "sentencepiece" | "clip_bpe", spm_model, bpe_vocab: the
+  CLIP BPE vocabulary file, empty = the one an installed open_clip ships) and cache (hold a
   tfds/TFRecord split in memory for exact random access).
   """
   # String keys default to "" (not None), so that --config.data.<key>=... can override them.
   d = dict(source=source, name="mnist_embedded" if source == "mnist" else "",
            train_split="train", eval_split="test", data_dir="", path="",
            image_size=image_size, recipe=recipe, augment={}, shuffle_buffer=10_000,
-           skip_corrupt=False, context_length=77, tokenizer="bytes", spm_model="",
+           skip_corrupt=False, context_length=77, tokenizer="bytes", spm_model="", bpe_vocab="",
            cache=source in ("mnist", "folder", "csv"), image_key="image", label_key="label",
            caption_key="", csv_image_key="filepath", csv_caption_key="caption",
            csv_delimiter=",", split_seed=0, num_parallel_calls=-1, prefetch=2)

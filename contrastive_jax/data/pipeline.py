@@ -91,7 +91,7 @@ def indexed_source(data_config, split: str) -> src_lib.IndexedSource:
 
 def make_tokenizer(data_config):
   return tok_lib.make_tokenizer(data_config.tokenizer, int(data_config.context_length),
-                                data_config.spm_model or None)
+                                data_config.spm_model or None, data_config.bpe_vocab or None)
 
 
 # ----------------------------------------------------------------------------- ids
