@@ -24,6 +24,7 @@ from clu import metric_writers, metrics as clu_metrics, periodic_actions
 from etils import epath
 
 from contrastive_jax import checkpoint, distributed, grad_cache, methods, optim, ring_losses
+from contrastive_jax.convert import init as init_from
 from contrastive_jax.errors import ConfigError, NonFiniteLossError
 from contrastive_jax.data import pipeline
 from contrastive_jax import evaluate as evaluators
@@ -378,6 +379,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     start_step = int(data_state.get("step", restored_step))
   else:
     state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+    if config.init_from.path:  # pretrained weights (convert/init.py), once, at step 0
+      state = jax.device_put(init_from.apply_init_from(config, method, tx, state, rng),
+                             state_sharding)
     start_step = 0
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
   logging.info("method %s, %d parameters, %d devices, %d processes, global batch %d, %d steps",

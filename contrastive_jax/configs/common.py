@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=placeholder(int),
                                                 async_save=True, preemption_check_every=10))
   c.checkpoint.max_to_keep = 3
+  # Pretrained weights at step 0 (convert/init.py): a converted file or a run's workdir; which
+  # variables (path substrings, empty = all) and a path prefix to place them.
+  c.init_from = ml_collections.ConfigDict(dict(path="", patterns=(), prefix=""))
   c.eval = ml_collections.ConfigDict(dict(
       enabled=True, every_steps=0, batch_size=512, knn_k=200, knn_temperature=0.07,
       few_shots=(10,), raw_pixel_baseline=False,
@@ -110,9 +113,11 @@ def clip_config(loss: str, *, embed_dim: int, **overrides):
   """``config.clip`` of the CLIP/SigLIP method: ``loss`` ("clip" | "siglip"), ``embed_dim``,
   ``max_logit_scale`` (the learned scale is clipped at 100, CLIP Sec. 2.5) and
   ``logit_scale_init`` / ``logit_bias_init`` (None: the loss's own initial values, 1/0.07 for
-  CLIP; scale 10 and bias -10 for SigLIP, Zhai et al. 2023 Sec. 3)."""
+  CLIP; scale 10 and bias -10 for SigLIP, Zhai et al. 2023 Sec. 3) and ``lock_image`` (LiT,
+  Zhai et al. 2022: the image tower and its projection get no gradient and run in inference
+  mode; also list them in ``optim.frozen_patterns``)."""
   c = ml_collections.ConfigDict(dict(
-      loss=loss, embed_dim=embed_dim, max_logit_scale=100.0,
+      loss=loss, embed_dim=embed_dim, max_logit_scale=100.0, lock_image=False,
       logit_scale_init=placeholder(float), logit_bias_init=placeholder(float)))
   c.update(overrides)
   return c

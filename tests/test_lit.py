@@ -1,0 +1,51 @@
+"""LiT from a converted file through ``config.init_from``: the locked image tower and projection
+are bit-identical after training, have no optimizer state, and the text tower trains."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("regex")
+pytest.importorskip("ftfy")
+from contrastive_jax.data import clip_bpe  # noqa: E402
+
+if not clip_bpe.default_vocab_path():
+  pytest.skip("needs the CLIP BPE vocabulary (an installed open_clip)", allow_module_level=True)
+
+from contrastive_jax import distributed, methods, train  # noqa: E402
+from contrastive_jax.configs import lit_vit_b32  # noqa: E402
+from contrastive_jax.convert import core, init as init_lib  # noqa: E402
+
+
+def test_lit_locks_the_pretrained_image_tower(tmp_path):
+  c = lit_vit_b32.get_config("quick")
+  c.checkpoint.async_save = False
+  c.data.shuffle_buffer = 64
+  # A "pretrained" CLIP of the same architecture (another seed), saved as a converted file.
+  method = methods.build_method(c, distributed.make_mesh(c.num_devices))
+  variables = method.model.init(jax.random.key(123), *method.example_inputs(), train=False)
+  pretrained = {k: np.asarray(v) for k, v in core.flatten(dict(variables)).items()}
+  c.init_from.path = str(tmp_path / "pretrained.safetensors")
+  core.save_converted(c.init_from.path, {"kind": "clip"}, pretrained)
+
+  train.train_and_evaluate(c, str(tmp_path / "run"))
+  final = init_lib._read_source(str(tmp_path / "run"))  # newest checkpoint: step 3
+  locked = [k for k in pretrained if any(p in k for p in lit_vit_b32.LOCKED)]
+  assert locked
+  for k in locked:
+    np.testing.assert_array_equal(final[k], pretrained[k], err_msg=k)
+  text = [k for k in pretrained if "text_encoder" in k and k.endswith("kernel")]
+  assert any(not np.array_equal(final[k], pretrained[k]) for k in text)  # random init + steps
+
+  import orbax.checkpoint as ocp
+  state = ocp.StandardCheckpointer().restore(tmp_path / "run" / "checkpoints" / "3" / "state")
+  opt_paths = list(core.flatten(state["opt_state"]) if isinstance(state["opt_state"], dict)
+                   else [])
+  assert opt_paths and not any("image_encoder" in p or "image_proj" in p for p in opt_paths)
+
+
+def test_init_from_names_bad_tensors(tmp_path):
+  with pytest.raises(ValueError, match="select nothing"):
+    init_lib.select({"params/a/kernel": np.zeros(2)}, ("image_encoder",), "")
