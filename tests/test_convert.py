@@ -212,3 +212,29 @@ def test_converted_file_and_torch_pickle(tmp_path):
   from safetensors.numpy import load_file
   theirs = load_file(str(tmp_path / "ours.safetensors"))
   np.testing.assert_array_equal(theirs["params/logit_scale"], flat["params/logit_scale"])
+
+
+def test_cli_import_export_and_jax_export(tmp_path):
+  """The CLI round trip on a safetensors file written by the peer's own ``safetensors``, and the
+  serialized jax.export towers equal the open_clip embeddings."""
+  from safetensors.torch import save_file
+  from contrastive_jax.convert import __main__ as cli, export
+  model = _small_openclip(16, 128, False, 32)
+  save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "peer.safetensors")
+  ours, back = str(tmp_path / "ours.safetensors"), str(tmp_path / "back.safetensors")
+  assert cli.main(["import", "--format", "open_clip", "--activation", "gelu", "--input",
+                   str(tmp_path / "peer.safetensors"), "--output", ours]) == 0
+  assert cli.main(["export", "--format", "open_clip", "--input", ours, "--output", back]) == 0
+  from safetensors.numpy import load_file
+  sd, again = _sd(model), load_file(back)
+  assert set(again) == set(sd)
+  for k in sd:
+    np.testing.assert_array_equal(again[k], sd[k], err_msg=k)
+  images, tokens = _images(3, 32), _texts(3)
+  peer_img, peer_txt = _peer_clip(model, images, tokens)
+  for tower, x, want in (("image", images, peer_img), ("text", tokens.astype(np.int32), peer_txt)):
+    path = str(tmp_path / f"{tower}.jaxexport")
+    assert cli.main(["jax-export", "--input", ours, "--tower", tower, "--output", path]) == 0
+    got = np.asarray(export.load_tower(path).call(x))
+    assert np.max(np.abs(got - want)) < ATOL_EMB
+  assert cli.main(["import", "--format", "open_clip", "--input", ours, "--output", back]) == 2

@@ -128,7 +128,7 @@ def export_state_dict(fmt: str, spec: dict, flat: dict[str, Any]) -> dict[str, n
     raise ValueError(f"export to {fmt}: variables {missing} are missing and {extra} have no "
                      f"place in the {fmt} layout")
   _check_ours(spec, flat, f"export to {fmt}")
-  return {r.peer: np.ascontiguousarray(mappings.to_peer(flat[r.ours], r.kind)) for r in rules}
+  return {r.peer: np.array(mappings.to_peer(flat[r.ours], r.kind), order="C") for r in rules}
 
 
 def save_converted(path: str, spec: dict, flat: dict[str, Any], fmt: str = "") -> None:

@@ -59,7 +59,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
   header: dict = {}
   chunks, offset = [], 0
   for name in sorted(tensors):
-    arr = np.ascontiguousarray(np.asarray(tensors[name]))
+    arr = np.asarray(tensors[name])  # (ascontiguousarray would make a scalar [1]); tobytes is C order
     if arr.dtype not in _NAMES:
       raise ValueError(f"tensor {name!r} has dtype {arr.dtype}; safetensors here takes "
                        f"{sorted(str(d) for d in _NAMES)}")
