@@ -12,6 +12,12 @@ arrays) and numerically on 2-layer models of the same family.
 
 from __future__ import annotations
 
+import sys
+
+# torch's optional triton (GPU kernels, useless here) segfaults on import once TensorFlow is
+# loaded (both bundle LLVM); earlier test modules load TF, so keep torch from importing it.
+sys.modules.setdefault("triton", None)
+
 import numpy as np
 import pytest
 
@@ -238,3 +244,33 @@ def test_cli_import_export_and_jax_export(tmp_path):
     got = np.asarray(export.load_tower(path).call(x))
     assert np.max(np.abs(got - want)) < ATOL_EMB
   assert cli.main(["import", "--format", "open_clip", "--input", ours, "--output", back]) == 2
+
+
+def test_zero_shot_logits_equal_open_clip():
+  """Our zero-shot evaluator (prompt-ensembled class embeddings, CLIP BPE tokens) on converted
+  weights gives open_clip's zero-shot logits (its own tokenizer and encoders, same recipe)."""
+  pytest.importorskip("ftfy")
+  from contrastive_jax.data import clip_bpe
+  from contrastive_jax.evaluate import zero_shot
+  model = _small_openclip(16, 128, True, 32)
+  spec, flat = convert.import_state_dict("open_clip", _sd(model), activation="quick_gelu")
+  ours = core.build_from_spec(spec)
+  variables = core.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+  names, templates = ["cat", "dog", "traffic light"], ["a photo of a {}.", "a drawing of the {}!"]
+  tok = clip_bpe.ClipBPETokenizer(clip_bpe.default_vocab_path())
+  text_fn = jax.jit(lambda t: ours.apply(variables, t, method=CLIP.encode_text))
+  class_emb = zero_shot.class_text_embeddings(text_fn, tok.encode, names, templates)
+  images = _images(4, 32)
+  img = np.asarray(ours.apply(variables, images, method=CLIP.encode_image))
+  logits = np.exp(float(flat["params/logit_scale"])) * img @ class_emb.T
+
+  peer_tok = open_clip.get_tokenizer("ViT-B-32")
+  with torch.no_grad():
+    rows = []
+    for n in names:
+      e = model.encode_text(peer_tok([t.format(n) for t in templates]), normalize=True)
+      e = e.mean(0)
+      rows.append(e / e.norm())
+    peer_img = model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2)), normalize=True)
+    peer = (model.logit_scale.exp() * peer_img @ torch.stack(rows).T).numpy()
+  assert np.max(np.abs(logits - peer)) < 1e-3  # logits ~ scale 14.3 x cosine

@@ -39,9 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     c.model = ml_collections.ConfigDict(dict(name="vit_b32", kwargs=clip_image))
     text = dict(width=512, depth=12, num_heads=8)
-  # eot_id=None: CLIP's argmax pooling (EOT is the largest BPE id).
+  # Pool at the first <end_of_text> (49407, the largest BPE id: the same as CLIP's argmax rule).
   c.text = ml_collections.ConfigDict(dict(kwargs=dict(
-      vocab_size=49_408, context_length=77, ln_eps=1e-5, activation="quick_gelu", eot_id=None,
+      vocab_size=49_408, context_length=77, ln_eps=1e-5, activation="quick_gelu", eot_id=49_407,
       **text)))
   c.clip = common.clip_config("clip", embed_dim=16 if a.quick else 512, lock_image=True)
   c.init_from.path = a.init
