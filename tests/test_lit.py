@@ -49,3 +49,26 @@ def test_lit_locks_the_pretrained_image_tower(tmp_path):
 def test_init_from_names_bad_tensors(tmp_path):
   with pytest.raises(ValueError, match="select nothing"):
     init_lib.select({"params/a/kernel": np.zeros(2)}, ("image_encoder",), "")
+
+
+@pytest.mark.parametrize("lock", [True, False])
+def test_locked_image_tower_gets_no_gradient(lock):
+  """With ``clip.lock_image`` every image-tower and projection gradient is exactly zero (so no
+  compute is wasted on them by the optimizer either); unlocked, they are not."""
+  import jax.numpy as jnp
+  import optax
+  c = lit_vit_b32.get_config("quick")
+  c.clip.lock_image = lock
+  method = methods.build_method(c, distributed.make_mesh(1))
+  state = method.init_state(jax.random.key(0), optax.sgd(0.1))
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.normal(size=(8, 28, 28, 3)), jnp.float32),
+           "tokens": jnp.asarray(rng.integers(1, 49_000, size=(8, 77)), jnp.int32)}
+  grads = jax.jit(jax.grad(lambda p: method.loss_fn(p, state, batch, jax.random.key(1))[0]))(
+      state.params)
+  flat = core.flatten(dict(grads))
+  image = [k for k in flat if any(p in k for p in lit_vit_b32.LOCKED)]
+  text = [k for k in flat if "text_encoder" in k]
+  assert image and text
+  assert all(bool(jnp.all(flat[k] == 0)) for k in image) == lock
+  assert all(bool(jnp.any(flat[k] != 0)) for k in text if k.endswith("kernel"))
