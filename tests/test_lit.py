@@ -72,3 +72,11 @@ def test_locked_image_tower_gets_no_gradient(lock):
   assert image and text
   assert all(bool(jnp.all(flat[k] == 0)) for k in image) == lock
   assert all(bool(jnp.any(flat[k] != 0)) for k in text if k.endswith("kernel"))
+
+
+def test_init_from_prefix_places_an_encoder_in_a_tower():
+  """A converted image encoder (timm/torchvision paths) goes into a CLIP image tower."""
+  src = {"params/patch_embed/kernel": np.ones(2), "batch_stats/stem/bn/mean": np.zeros(2)}
+  out = init_lib.select(src, (), "image_encoder/")
+  assert set(out) == {"params/image_encoder/patch_embed/kernel",
+                      "batch_stats/image_encoder/stem/bn/mean"}
