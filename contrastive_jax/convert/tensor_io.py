@@ -82,6 +82,8 @@ def read_tensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   and a ``module.`` prefix from DistributedDataParallel is removed.
   """
   p = str(path)
+  if not epath.Path(p).exists():
+    raise ValueError(f"weight file {p!r} does not exist")
   if p.endswith(".safetensors"):
     return read_safetensors(p)
   if p.endswith(".npz"):
