@@ -21,6 +21,7 @@ from clu import metric_writers, metrics as clu_metrics, periodic_actions
 from etils import epath
 
 from contrastive_jax import checkpoint, distributed, grad_cache, methods, optim, ring_losses, runs
+from contrastive_jax.convert import init as init_from
 from contrastive_jax.errors import ConfigError, NonFiniteLossError
 from contrastive_jax.data import pipeline
 from contrastive_jax import evaluate as evaluators
@@ -318,6 +319,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     start_step = int(data_state.get("step", restored_step))
   else:
     state = run.init_state()
+    if config.init_from.path:  # pretrained weights (convert/init.py), once, at step 0
+      state = jax.device_put(
+          init_from.apply_init_from(config, method, run.tx, state, jax.random.key(config.seed)),
+          run.state_sharding)
     start_step = 0
   logging.info("method %s, %d parameters, %d devices, %d processes, global batch %d, %d steps, "
                "sharding %s (%.1f MiB of state per device)", config.method, run.num_params,

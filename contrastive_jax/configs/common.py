@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=placeholder(int),
                                                 async_save=True, preemption_check_every=10))
   c.checkpoint.max_to_keep = 3
+  # Pretrained weights at step 0 (convert/init.py): a converted file or a run's workdir; which
+  # variables (path substrings, empty = all) and a path prefix to place them.
+  c.init_from = ml_collections.ConfigDict(dict(path="", patterns=(), prefix=""))
   c.eval = ml_collections.ConfigDict(dict(
       enabled=True, every_steps=0, batch_size=512, knn_k=200, knn_temperature=0.07,
       few_shots=(10,), raw_pixel_baseline=False,
@@ -97,7 +100,8 @@ def data_config(source: str, *, recipe: str, image_size: int, **overrides):
   the JPEG crop window of the training views: "auto" = streaming sources only), skip_corrupt
   (skip and count undecodable images instead of failing), corrupt_reserve (streaming
   TFRecord: fraction of each shuffle window kept spare for corrupt records), the text settings
-  (context_length, tokenizer "bytes" | "sentencepiece", spm_model) and cache (hold a
+  (context_length, tokenizer "bytes" | "sentencepiece" | "clip_bpe", spm_model, bpe_vocab: the
+  CLIP BPE vocabulary file, empty = the one an installed open_clip ships) and cache (hold a
   tfds/TFRecord split in memory for exact random access).
   """
   # String keys default to "" (not None), so that --config.data.<key>=... can override them.
@@ -106,7 +110,7 @@ def data_config(source: str, *, recipe: str, image_size: int, **overrides):
            image_size=image_size, recipe=recipe, augment={}, shuffle_buffer=10_000,
            cycle_length=16, mix_paths=(), mix_weights=(), crop_decode="auto", skip_corrupt=False,
            corrupt_reserve=0.01, context_length=77,
-           tokenizer="bytes", spm_model="",
+           tokenizer="bytes", spm_model="", bpe_vocab="",
            cache=source in ("mnist", "folder", "csv"), image_key="image", label_key="label",
            caption_key="", csv_image_key="filepath", csv_caption_key="caption",
            csv_delimiter=",", split_seed=0, num_parallel_calls=-1, prefetch=2)
@@ -121,9 +125,11 @@ def clip_config(loss: str, *, embed_dim: int, **overrides):
   """``config.clip`` of the CLIP/SigLIP method: ``loss`` ("clip" | "siglip"), ``embed_dim``,
   ``max_logit_scale`` (the learned scale is clipped at 100, CLIP Sec. 2.5) and
   ``logit_scale_init`` / ``logit_bias_init`` (None: the loss's own initial values, 1/0.07 for
-  CLIP; scale 10 and bias -10 for SigLIP, Zhai et al. 2023 Sec. 3)."""
+  CLIP; scale 10 and bias -10 for SigLIP, Zhai et al. 2023 Sec. 3) and ``lock_image`` (LiT,
+  Zhai et al. 2022: the image tower and its projection get no gradient and run in inference
+  mode; also list them in ``optim.frozen_patterns``)."""
   c = ml_collections.ConfigDict(dict(
-      loss=loss, embed_dim=embed_dim, max_logit_scale=100.0,
+      loss=loss, embed_dim=embed_dim, max_logit_scale=100.0, lock_image=False,
       logit_scale_init=placeholder(float), logit_bias_init=placeholder(float)))
   c.update(overrides)
   return c

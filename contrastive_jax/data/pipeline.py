@@ -121,7 +121,7 @@ def split_size(data_config, split: str) -> int:
 
 def make_tokenizer(data_config):
   return tok_lib.make_tokenizer(data_config.tokenizer, int(data_config.context_length),
-                                data_config.spm_model or None)
+                                data_config.spm_model or None, data_config.bpe_vocab or None)
 
 
 # ----------------------------------------------------------------------------- ids

@@ -156,10 +156,15 @@ class SentencePieceTokenizer:
 
 
 def make_tokenizer(kind: str = "bytes", context_length: int = 77,
-                   spm_model: str | None = None):
-  """Tokenizer from the data config's ``tokenizer``/``context_length``/``spm_model``."""
+                   spm_model: str | None = None, bpe_vocab: str | None = None):
+  """Tokenizer from the data config's ``tokenizer``/``context_length``/``spm_model``/
+  ``bpe_vocab`` (``clip_bpe``: OpenAI CLIP's BPE, ``data/clip_bpe.py``)."""
   if kind == "bytes":
     return ByteTokenizer(context_length)
   if kind == "sentencepiece":
     return SentencePieceTokenizer(spm_model, context_length)
-  raise ValueError(f"data.tokenizer={kind!r} is unknown; use 'bytes' or 'sentencepiece'")
+  if kind == "clip_bpe":
+    from contrastive_jax.data import clip_bpe  # pylint: disable=g-import-not-at-top
+    return clip_bpe.ClipBPETokenizer(bpe_vocab or "", context_length)
+  raise ValueError(f"data.tokenizer={kind!r} is unknown; use 'bytes', 'sentencepiece' or "
+                   "'clip_bpe'")

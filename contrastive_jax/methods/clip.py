@@ -99,7 +99,7 @@ class CLIP(base.Method):
     text_kwargs.setdefault("context_length", int(data.context_length))
     text_kwargs.setdefault("eot_id", tok_lib.EOT_ID)  # our EOT is not the largest id
     clip_cfg = self.config.clip
-    extra = {k: clip_cfg[k] for k in ("logit_scale_init", "logit_bias_init")
+    extra = {k: clip_cfg[k] for k in ("logit_scale_init", "logit_bias_init", "lock_image")
              if clip_cfg[k] is not None}
     return models.build_clip(
         self.config.model.name, image_kwargs=dict(self.config.model.kwargs or {}),

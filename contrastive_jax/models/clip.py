@@ -39,6 +39,8 @@ class CLIP(nn.Module):
     embed_dim: E, the joint embedding size.
     siglip: SigLIP initialisation and a learned ``logit_bias``.
     logit_scale_init / logit_bias_init: override the defaults above.
+    lock_image: LiT (Zhai et al. 2022, "LiT: Zero-Shot Transfer with Locked-image text
+      Tuning"): the image tower and projection run in inference mode under ``stop_gradient``.
     dtype, param_dtype: of the projections (the towers carry their own).
   """
   image_encoder: nn.Module
@@ -47,6 +49,7 @@ class CLIP(nn.Module):
   siglip: bool = False
   logit_scale_init: float | None = None
   logit_bias_init: float | None = None
+  lock_image: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -69,6 +72,9 @@ class CLIP(nn.Module):
 
   def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
     """``[B, H, W, 3] float -> [B, E] float32``, L2-normalised."""
+    if self.lock_image:  # LiT: inference mode (BN statistics fixed, no dropout), no gradient
+      z = self.image_proj(self.image_encoder(images, False))
+      return l2_normalize(jax.lax.stop_gradient(z))
     return l2_normalize(self.image_proj(self.image_encoder(images, train)))
 
   def encode_text(self, tokens: jax.Array, train: bool = False) -> jax.Array:

@@ -1,0 +1,112 @@
+"""Reading and writing tensor files without torch: safetensors, ``.npz`` and (torch only) pickles.
+
+safetensors (https://huggingface.co/docs/safetensors, "Format"): an 8-byte little-endian header
+length ``n``, ``n`` bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]},
+"__metadata__": {str: str}}``, then the raw little-endian bytes of every tensor. The format is
+simple enough to read with numpy alone, so importing a checkpoint never needs torch or the
+``safetensors`` package; bfloat16 comes from ``ml_dtypes`` (a jax dependency).
+
+``.bin`` / ``.pt`` / ``.pth`` files are torch pickles; they are read only when torch happens to be
+installed, and with ``torch.load(weights_only=True)``: a full unpickle of a file from the
+internet can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+
+import ml_dtypes
+import numpy as np
+from etils import epath
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """``(tensors, metadata)`` of a safetensors file, tensors as numpy arrays."""
+  data = epath.Path(path).read_bytes()
+  if len(data) < 8:
+    raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+  (n,) = struct.unpack("<Q", data[:8])
+  try:
+    header = json.loads(data[8:8 + n])
+  except ValueError as e:
+    raise ValueError(f"{path}: not a safetensors file (header is not JSON)") from e
+  meta = header.pop("__metadata__", None) or {}
+  body = memoryview(data)[8 + n:]
+  out = {}
+  for name, info in header.items():
+    if info["dtype"] not in _DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which this reader "
+                       f"does not handle (known: {sorted(_DTYPES)})")
+    begin, end = info["data_offsets"]
+    arr = np.frombuffer(body[begin:end], dtype=np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<"))
+    out[name] = arr.reshape(info["shape"]).astype(_DTYPES[info["dtype"]])
+  return out, dict(meta)
+
+
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> None:
+  """Writes ``tensors`` (name -> array) and string ``metadata`` as a safetensors file."""
+  header: dict = {}
+  chunks, offset = [], 0
+  for name in sorted(tensors):
+    arr = np.asarray(tensors[name])  # (ascontiguousarray would make a scalar [1]); tobytes is C order
+    if arr.dtype not in _NAMES:
+      raise ValueError(f"tensor {name!r} has dtype {arr.dtype}; safetensors here takes "
+                       f"{sorted(str(d) for d in _NAMES)}")
+    raw = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+    header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
+                    "data_offsets": [offset, offset + len(raw)]}
+    chunks.append(raw)
+    offset += len(raw)
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # the spec aligns the data on 8 bytes
+  epath.Path(path).write_bytes(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
+
+
+def read_tensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """``(tensors, metadata)`` of a ``.safetensors``, ``.npz`` or (torch installed) ``.bin/.pt``.
+
+  A torch file holding ``{"state_dict": ...}`` (open_clip's training checkpoints) is unwrapped,
+  and a ``module.`` prefix from DistributedDataParallel is removed.
+  """
+  p = str(path)
+  if not epath.Path(p).exists():
+    raise ValueError(f"weight file {p!r} does not exist")
+  if p.endswith(".safetensors"):
+    return read_safetensors(p)
+  if p.endswith(".npz"):
+    with np.load(epath.Path(p).open("rb"), allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}, {}
+  if p.endswith(TORCH_SUFFIXES):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(f"{p} is a torch pickle; install torch to read it, or convert it to "
+                        ".safetensors first (safetensors.torch.save_file)") from e
+    obj = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj:
+      obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+      raise ValueError(f"{p} holds a {type(obj).__name__}, not a state dict")
+    out = {}
+    for k, v in obj.items():
+      k = k[len("module."):] if k.startswith("module.") else k
+      if v.dtype == torch.bfloat16:
+        out[k] = v.float().numpy().astype(ml_dtypes.bfloat16)
+      else:
+        out[k] = v.numpy()
+    return out, {}
+  raise ValueError(f"{p}: unknown weight file type; use .safetensors, .npz or "
+                   f"{'/'.join(TORCH_SUFFIXES)} (the last with torch installed)")
