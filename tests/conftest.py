@@ -1,6 +1,7 @@
 """Test set-up: 8 simulated CPU devices, set before jax is imported anywhere."""
 
 import os
+import sys
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -21,6 +22,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+# torch's optional triton (GPU kernels, useless on CPU) segfaults on import once TensorFlow is
+# loaded (both bundle LLVM); the parity tests import torch after other tests load TF.
+sys.modules.setdefault("triton", None)
 
 import jax  # noqa: E402
 

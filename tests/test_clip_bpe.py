@@ -3,12 +3,6 @@ the vocabulary file open_clip ships; skipped when open_clip (and ftfy/regex) are
 
 from __future__ import annotations
 
-import sys
-
-# torch's optional triton (GPU kernels, useless here) segfaults on import once TensorFlow is
-# loaded (both bundle LLVM); earlier test modules load TF, so keep torch from importing it.
-sys.modules.setdefault("triton", None)
-
 import numpy as np
 import pytest
 

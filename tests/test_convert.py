@@ -12,12 +12,6 @@ arrays) and numerically on 2-layer models of the same family.
 
 from __future__ import annotations
 
-import sys
-
-# torch's optional triton (GPU kernels, useless here) segfaults on import once TensorFlow is
-# loaded (both bundle LLVM); earlier test modules load TF, so keep torch from importing it.
-sys.modules.setdefault("triton", None)
-
 import numpy as np
 import pytest
 
