@@ -83,6 +83,10 @@ def base_config() -> ml_collections.ConfigDict:
       enabled=True, every_steps=0, batch_size=512, knn_k=200, knn_temperature=0.07,
       few_shots=(10,), raw_pixel_baseline=False,
       embedding_plot="pca"))  # PNG of the test features at the end: "pca", "tsne" or ""
+  # Named evaluators (evaluate/runner.py): {name: {type, data (config.data overrides),
+  # every_steps, final, prefix, settings}}. Empty: kNN (every eval.every_steps), linear and
+  # few-label probes, and for image-text methods zero-shot and retrieval, on config.data.
+  c.evals = ml_collections.ConfigDict()
   return c
 
 
