@@ -507,7 +507,8 @@ def _tfds_as_dataset(name, split, data_dir, **kw) -> tuple[tf.data.Dataset, Any]
 
 
 def _class_names(info, label_key: str) -> tuple[str, ...] | None:
-  feat = info.features.get(label_key) if hasattr(info.features, "get") else None
+  # tfds FeaturesDict has no .get(): look the label feature up by key.
+  feat = info.features[label_key] if label_key in info.features else None
   names = getattr(feat, "names", None)
   return tuple(names) if names else None
 

@@ -1,0 +1,126 @@
+"""Config-declared evaluators (evaluate/runner.py), CLIP's ImageNet prompts, 1 vs 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from contrastive_jax.configs import simclr_mnist
+from contrastive_jax.errors import ConfigError
+from contrastive_jax.evaluate import class_names, runner, zero_shot
+
+import test_multihost
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------- ImageNet prompts
+
+
+def test_imagenet_names_templates_and_tfds_label_order():
+  names, templates, wnids = (class_names.imagenet_class_names(), class_names.imagenet_templates(),
+                             class_names.imagenet_wnids())
+  assert len(names) == 1000 and len(templates) == 80 and len(set(templates)) == 80
+  assert all(t.count("{}") == 1 for t in templates)
+  # The released list names two synset pairs alike; every other name is distinct.
+  dup = sorted({n for n in names if names.count(n) > 1})
+  assert dup == ["missile", "sunglasses"] and len(set(names)) == 998
+  assert [wnids[i] for i, n in enumerate(names) if n in dup] == [
+      "n03773504", "n04008634", "n04355933", "n04356056"]
+  # Label order = tfds imagenet2012's labels.txt (the ClassLabel the ImageNet variants share).
+  labels_txt = os.path.join(os.path.dirname(tfds.__file__), "datasets", "imagenet2012",
+                            "labels.txt")
+  with open(labels_txt) as f:
+    assert wnids == f.read().split()
+  assert (names[0], wnids[0]) == ("tench", "n01440764")
+  assert (names[999], wnids[999]) == ("toilet paper", "n15075141")
+  sub_names, label_map = class_names.wnid_subset(["n15075141", "n01440764"])
+  assert sub_names == ["toilet paper", "tench"]
+  assert label_map[999] == 0 and label_map[0] == 1 and (label_map >= 0).sum() == 2
+
+
+def test_imagenet_zero_shot_prompts():
+  spec = {"classes": "imagenet", "templates": "clip"}
+  names, prompts = runner.zero_shot_prompts(None, spec)
+  assert len(names) == 1000 and len(prompts) == 1000 and len(prompts[0]) == 80
+  assert prompts[0][0] == class_names.imagenet_templates()[0].format("tench")
+  with pytest.raises(ConfigError, match="no '\\{\\}'"):
+    runner.zero_shot_prompts(None, {"classes": "imagenet", "templates": ("a photo",)})
+
+
+def test_class_embedding_is_normalised_mean_of_normalised_templates():
+  rng = np.random.default_rng(0)
+  emb = rng.normal(size=(3, 4, 5)) * rng.uniform(0.1, 10.0, size=(3, 4, 1))  # unequal norms
+  ref = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+  ref = ref.mean(axis=1)
+  ref /= np.linalg.norm(ref, axis=-1, keepdims=True)
+  np.testing.assert_allclose(zero_shot.ensemble_class_embeddings(emb.astype(np.float32)), ref,
+                             rtol=1e-5, atol=1e-6)
+  # Not the mean of raw embeddings (a long template would dominate).
+  raw = emb.mean(axis=1)
+  raw /= np.linalg.norm(raw, axis=-1, keepdims=True)
+  assert not np.allclose(raw, ref, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+def test_default_specs_keep_the_embedded_metric_names():
+  c = simclr_mnist.get_config("quick")
+  c.eval.every_steps = 7
+  specs = runner.specs_of(c, "views")
+  assert {n: s["type"] for n, s in specs.items()} == {
+      "knn": "knn", "linear": "linear_probe", "few": "few_label"}
+  assert specs["knn"]["every_steps"] == 7 and specs["linear"]["every_steps"] == 0
+  assert specs["knn"]["k"] == c.eval.knn_k and specs["few"]["shots"] == tuple(c.eval.few_shots)
+  text = runner.specs_of(c, "image_text")
+  assert text["zero_shot"]["type"] == "zero_shot" and text["retrieval"]["ks"] == (1, 5)
+
+
+@pytest.mark.parametrize("evals, match", [
+    ({"x": {"type": "nope"}}, "type='nope' is unknown"),
+    ({"x": {"type": "knn", "shots": (1,)}}, "unknown key"),
+    ({"x": {"type": "knn", "data": {"eval_splt": "test"}}}, "config.data does not"),
+    ({"x": {"type": "knn", "every_steps": -1}}, "every_steps"),
+])
+def test_bad_specs_name_the_key(evals, match):
+  c = simclr_mnist.get_config("quick")
+  c.evals = evals
+  with pytest.raises(ConfigError, match=match):
+    runner.specs_of(c, "views")
+
+
+def test_evaluator_data_overrides_config_data():
+  c = simclr_mnist.get_config("quick")
+  c.evals = {"v2": {"type": "knn", "data": {"eval_split": "train", "image_size": 32}}}
+  spec = runner.specs_of(c, "views")["v2"]
+  data = runner.data_config(c, spec)
+  assert data.eval_split == "train" and data.image_size == 32
+  assert data.source == c.data.source and c.data.eval_split == "test"  # the run's untouched
+
+
+# ----------------------------------------------------------------------------- 1 vs 2 processes
+
+
+def test_two_processes_give_the_numbers_of_one(tmp_path):
+  """Each process reads and encodes only its shard; gathered features, summed hit counts:
+  every evaluator's numbers equal a single process's over the same 4 devices."""
+  port = test_multihost.free_port()
+  worker = os.path.join(HERE, "multihost_eval_worker.py")
+  out1, out2 = tmp_path / "one.json", tmp_path / "two.json"
+  test_multihost.run_processes(
+      lambda i: [sys.executable, worker, "0", "1", "4", "0", str(out1)], 1)
+  test_multihost.run_processes(
+      lambda i: [sys.executable, worker, str(i), "2", "2", str(port), str(out2)], 2)
+  one, two = json.loads(out1.read_text()), json.loads(out2.read_text())
+  assert (one["processes"], two["processes"], one["devices"], two["devices"]) == (1, 2, 4, 4)
+  assert set(one["results"]) == set(two["results"])
+  assert {"knn/top1", "linear/top1", "zero_shot/top1", "zs_custom/top5",
+          "retrieval/text_to_image/R@5"} <= set(one["results"])
+  for k, v in one["results"].items():
+    np.testing.assert_allclose(two["results"][k], v, rtol=0, atol=1e-6, err_msg=k)
