@@ -10,13 +10,15 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(sys.argv[3])}"
-os.environ["JAX_PLATFORMS"] = "cpu"
+if __name__ == "__main__":  # imported by a test for ``evaluator_config``: leave jax alone
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(sys.argv[3])}"
+  os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.config.update("jax_threefry_partitionable", True)
+if __name__ == "__main__":
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.config.update("jax_threefry_partitionable", True)
 
 import tensorflow_datasets as tfds  # noqa: E402
 

@@ -124,3 +124,68 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
           "retrieval/text_to_image/R@5"} <= set(one["results"])
   for k, v in one["results"].items():
     np.testing.assert_allclose(two["results"][k], v, rtol=0, atol=1e-6, err_msg=k)
+
+
+# ----------------------------------------------------------------------------- COCO retrieval
+
+
+def _recall_float64(img, txt, text_to_image, k):
+  """R@K both ways from the definition: an image's best own caption, a caption's own image."""
+  img = img.astype(np.float64) / np.linalg.norm(img, axis=1, keepdims=True)
+  txt = txt.astype(np.float64) / np.linalg.norm(txt, axis=1, keepdims=True)
+  sims = img @ txt.T  # [N_img, N_txt]
+  i2t = []
+  for i in range(len(img)):
+    order = np.argsort(-sims[i], kind="stable")
+    i2t.append(np.flatnonzero(text_to_image[order] == i)[0] < k)
+  t2i = [np.argsort(-sims[:, t], kind="stable")[:k].tolist().count(text_to_image[t]) > 0
+         for t in range(len(txt))]
+  return float(np.mean(i2t)), float(np.mean(t2i))
+
+
+def _mock_coco_captions(num_images):
+  """``_as_dataset`` of tfds ``coco_captions`` (encoded images, as under SkipDecoding): image
+  ``i`` of a varying size with 5 + i % 3 captions (COCO has 5 to 7); tfds' own random mock
+  gives the two fields of its caption sequence different lengths."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(3)
+  examples = []
+  for i in range(num_images):
+    image = rng.integers(0, 255, size=(20 + i % 4, 24, 3), dtype=np.uint8)
+    captions = [f"photo {i} caption {j} {'x' * int(rng.integers(0, 9))}"
+                for j in range(5 + i % 3)]
+    examples.append((tf.io.encode_png(image).numpy(), captions, f"coco_captions-test.{i}"))
+
+  def as_dataset(self, split, decoders=None, read_config=None, **kwargs):
+    del self, split, decoders, read_config, kwargs
+    return tf.data.Dataset.from_generator(
+        lambda: ({"image": png, "captions": {"text": caps}, "tfds_id": tid}
+                 for png, caps, tid in examples),
+        output_signature={"image": tf.TensorSpec([], tf.string),
+                          "captions": {"text": tf.TensorSpec([None], tf.string)},
+                          "tfds_id": tf.TensorSpec([], tf.string)})
+  return as_dataset
+
+
+def test_coco_retrieval_five_captions_per_image_on_mock_coco_captions():
+  import multihost_eval_worker  # the worker's tiny CLIP config  pylint: disable=import-outside-toplevel
+  from contrastive_jax import runs  # pylint: disable=import-outside-toplevel
+  c = multihost_eval_worker.evaluator_config()
+  data = dict(source="tfds", name="coco_captions", eval_split="test", cache=False,
+              caption_key="captions/text", captions_per_image=5)
+  c.evals = {"coco": dict(type="retrieval", data=data, ks=(1, 5, 10), batch_size=8)}
+  with tfds.testing.mock_data(as_dataset_fn=_mock_coco_captions(12)):
+    run = runs.build_run(c)
+    state = run.init_state()
+    evaluators = runner.Runner(c, run.method, run.mesh)
+    res = evaluators.run(state, ["coco"])
+    spec = evaluators.specs["coco"]
+    local = runner.encode_split(evaluators.encoders, state, run.mesh, runner.data_config(c, spec),
+                                "test", 8, [("img", "image_embedding", "image"),
+                                            ("txt", "text_embedding", "tokens")])
+  assert local["tokens"].shape[:2] == (12, 5) and local["txt"].shape[:2] == (12, 5)
+  txt = local["txt"].reshape(60, -1)
+  for k in (1, 5, 10):
+    i2t, t2i = _recall_float64(local["img"], txt, np.repeat(np.arange(12), 5), k)
+    assert res[f"coco/image_to_text/R@{k}"] == pytest.approx(i2t, abs=1e-9)
+    assert res[f"coco/text_to_image/R@{k}"] == pytest.approx(t2i, abs=1e-9)

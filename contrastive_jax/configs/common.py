@@ -101,7 +101,9 @@ def data_config(source: str, *, recipe: str, image_size: int, **overrides):
   the JPEG crop window of the training views: "auto" = streaming sources only), skip_corrupt
   (skip and count undecodable images instead of failing), corrupt_reserve (streaming
   TFRecord: fraction of each shuffle window kept spare for corrupt records), the text settings
-  (context_length, tokenizer "bytes" | "sentencepiece", spm_model) and cache (hold a
+  (context_length, tokenizer "bytes" | "sentencepiece", spm_model, captions_per_image: 0 for one
+  caption string per example, K for a list of captions of which evaluation keeps the first K,
+  e.g. 5 for COCO with caption_key="captions/text") and cache (hold a
   tfds/TFRecord split in memory for exact random access).
   """
   # String keys default to "" (not None), so that --config.data.<key>=... can override them.
@@ -109,7 +111,7 @@ def data_config(source: str, *, recipe: str, image_size: int, **overrides):
            train_split="train", eval_split="test", data_dir="", path="",
            image_size=image_size, recipe=recipe, augment={}, shuffle_buffer=10_000,
            cycle_length=16, mix_paths=(), mix_weights=(), crop_decode="auto", skip_corrupt=False,
-           corrupt_reserve=0.01, context_length=77,
+           corrupt_reserve=0.01, context_length=77, captions_per_image=0,
            tokenizer="bytes", spm_model="",
            cache=source in ("mnist", "folder", "csv"), image_key="image", label_key="label",
            caption_key="", csv_image_key="filepath", csv_caption_key="caption",

@@ -207,7 +207,7 @@ class Encoders:
     self.image_features = lambda state, x: method.encode(state, x).astype(jnp.float32)
     if hasattr(method, "encode_text"):
       self.image_embedding = lambda state, x: method.encode_image(state, x).astype(jnp.float32)
-      self.text_embedding = lambda state, t: method.encode_text(state, t).astype(jnp.float32)
+      self.text_embedding = functools.partial(_encode_captions, method)
 
   @functools.cached_property
   def jitted(self):
@@ -219,6 +219,15 @@ class Encoders:
       self.jitted[key] = jax.jit(getattr(self, name),
                                  out_shardings=distributed.data_sharding(mesh))
     return self.jitted[key]
+
+
+def _encode_captions(method, state, tokens: jax.Array) -> jax.Array:
+  """``[B, L] -> [B, E]``, or ``[B, K, L] -> [B, K, E]`` (K captions per image), float32."""
+  if tokens.ndim == 3:
+    b, k, length = tokens.shape
+    emb = method.encode_text(state, tokens.reshape(b * k, length))
+    return emb.reshape(b, k, -1).astype(jnp.float32)
+  return method.encode_text(state, tokens).astype(jnp.float32)
 
 
 def encode_split(encoders: Encoders, state, mesh: Mesh, data_cfg, split: str, batch_size: int,
