@@ -189,3 +189,10 @@ def test_coco_retrieval_five_captions_per_image_on_mock_coco_captions():
     i2t, t2i = _recall_float64(local["img"], txt, np.repeat(np.arange(12), 5), k)
     assert res[f"coco/image_to_text/R@{k}"] == pytest.approx(i2t, abs=1e-9)
     assert res[f"coco/text_to_image/R@{k}"] == pytest.approx(t2i, abs=1e-9)
+
+
+def test_imagenet_wnid_subset_prompts():
+  wnids = ("n01443537", "n01440764")  # goldfish, tench
+  names, prompts = runner.zero_shot_prompts(None, {"classes": "imagenet", "templates": "clip",
+                                                   "wnids": wnids})
+  assert names == ["goldfish", "tench"] and len(prompts[1]) == 80 and "tench" in prompts[1][0]

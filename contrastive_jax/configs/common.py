@@ -157,3 +157,33 @@ def optim_config(name: str, *, base_lr: float, **overrides):
   c = ml_collections.ConfigDict(d)
   c.update(overrides)  # through the placeholders, so that they keep their types
   return c
+
+
+def image_text_evals(tfds_dir: str, *, every_steps: int, subset: int = 10_000):
+  """``config.evals`` of the full-scale CLIP/SigLIP configs: the numbers papers report.
+
+  * ``imagenet_subset``: ImageNet zero-shot top-1/5 (tfds ``imagenet2012`` validation, CLIP's
+    1,000 class names and 80 templates) on the first ``subset`` validation images every
+    ``every_steps`` steps (0: never in the loop), and ``imagenet`` on all 50,000 at the end;
+  * ``imagenet_v2`` / ``imagenet_sketch``: the same protocol on tfds ``imagenet_v2`` and
+    ``imagenet_sketch`` (both in the 1,000-class label space) at the end;
+  * ``coco``: COCO 5k test (Karpathy split, tfds ``coco_captions``), first five captions per
+    image, R@1/5/10 both directions, every ``every_steps`` steps and at the end.
+
+  ``tfds_dir``: where the prepared tfds datasets live (``gs://...`` on a pod).
+  """
+  tfds = dict(source="tfds", data_dir=tfds_dir, cache=False, path="", skip_corrupt=False)
+  zero_shot = dict(type="zero_shot", classes="imagenet", templates="clip")
+  return ml_collections.ConfigDict({
+      "imagenet_subset": dict(zero_shot, data=dict(tfds, name="imagenet2012",
+                                                   eval_split=f"validation[:{subset}]"),
+                              every_steps=every_steps, final=False),
+      "imagenet": dict(zero_shot, data=dict(tfds, name="imagenet2012", eval_split="validation")),
+      "imagenet_v2": dict(zero_shot, data=dict(tfds, name="imagenet_v2", eval_split="test")),
+      "imagenet_sketch": dict(zero_shot, data=dict(tfds, name="imagenet_sketch",
+                                                   eval_split="test")),
+      "coco": dict(type="retrieval", ks=(1, 5, 10), every_steps=every_steps,
+                   data=dict(tfds, name="coco_captions", eval_split="test",
+                             caption_key="captions/text", captions_per_image=5)),
+  })
+

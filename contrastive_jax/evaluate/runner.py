@@ -85,7 +85,7 @@ _SETTINGS = {
     "knn": dict(k=None, temperature=None),
     "linear_probe": dict(l2_grid=DEFAULT_L2_GRID, val_fraction=0.2, shard_rows=False),
     "few_label": dict(shots=None, draws=5, shard_rows=False),
-    "zero_shot": dict(classes="source", templates="source"),
+    "zero_shot": dict(classes="source", templates="source", wnids=()),
     "retrieval": dict(ks=(1, 5, 10)),
 }
 
@@ -407,12 +407,19 @@ class Runner:
                                spec["batch_size"])
     local = encode_split(self.encoders, state, self.mesh, data, data.eval_split,
                          spec["batch_size"], [("emb", "image_embedding", "image")])
+    labels = local["label"]
+    if spec["wnids"]:  # a class subset (ImageNet-R/-A): labels into the subset's indices
+      _, label_map = class_names_lib.wnid_subset(tuple(spec["wnids"]))
+      labels = label_map[labels]
+      if (labels < 0).any():
+        raise ValueError(f"{int((labels < 0).sum())} images of {data.name}/{data.eval_split} "
+                         "have labels outside the zero-shot wnids subset")
     ks = (1, 5) if len(names) > 5 else (1,)
     hits = np.zeros((len(ks),), np.int64)
-    if len(local["label"]):
-      h = zero_shot_lib.zero_shot_hits(local["emb"], classes, local["label"], ks=ks)
+    if len(labels):
+      h = zero_shot_lib.zero_shot_hits(local["emb"], classes, labels, ks=ks)
       hits = h.sum(axis=0).astype(np.int64)
-    total = _sum_over_processes(np.concatenate([hits, [len(local["label"])]]))
+    total = _sum_over_processes(np.concatenate([hits, [len(labels)]]))
     return {f"top{k}": total[i] / total[-1] for i, k in enumerate(ks)}, None
 
   def _retrieval(self, state, spec, cache):
@@ -441,8 +448,12 @@ def zero_shot_prompts(data_cfg, spec) -> tuple[list[str], list[list[str]]]:
 
   ``classes="source"``: the dataset's class names with its held-out caption templates
   (``templates="source"``); ``classes="imagenet"``: the 1,000 names of CLIP's ImageNet
-  evaluation in tfds ``imagenet2012`` label order, with ``templates="clip"`` (the 80 templates)
-  or a tuple of format strings such as ``("a photo of a {}.",)``.
+  evaluation in tfds ``imagenet2012`` label order (also the label space of tfds
+  ``imagenet_v2``, ``imagenet_sketch``, ``imagenet_r`` and ``imagenet_a``), with
+  ``templates="clip"`` (the 80 templates) or a tuple of format strings such as
+  ``("a photo of a {}.",)``. ``wnids``: score only these classes (ImageNet-R and -A cover 200
+  classes each; their lists are in the datasets' READMEs, not in tfds), labels mapped into the
+  subset.
   """
   classes, templates = spec["classes"], spec["templates"]
   if classes == "source":
@@ -452,6 +463,8 @@ def zero_shot_prompts(data_cfg, spec) -> tuple[list[str], list[list[str]]]:
     names = pipeline.class_prompts(data_cfg, templates="eval")["class_names"]
   elif classes == "imagenet":
     names = class_names_lib.imagenet_class_names()
+    if spec.get("wnids"):
+      names = class_names_lib.wnid_subset(tuple(spec["wnids"]))[0]
   else:
     raise ConfigError(f"zero-shot classes={classes!r} is unknown; use 'source' or 'imagenet'")
   if templates == "clip":
