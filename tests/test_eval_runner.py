@@ -113,10 +113,10 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
   port = test_multihost.free_port()
   worker = os.path.join(HERE, "multihost_eval_worker.py")
   out1, out2 = tmp_path / "one.json", tmp_path / "two.json"
+  # All three at once: processes 0 and 1 of the 2-process run, and the 1-process run.
   test_multihost.run_processes(
-      lambda i: [sys.executable, worker, "0", "1", "4", "0", str(out1)], 1)
-  test_multihost.run_processes(
-      lambda i: [sys.executable, worker, str(i), "2", "2", str(port), str(out2)], 2)
+      lambda i: [sys.executable, worker, str(i), "2", "2", str(port), str(out2)] if i < 2 else
+      [sys.executable, worker, "0", "1", "4", "0", str(out1)], 3)
   one, two = json.loads(out1.read_text()), json.loads(out2.read_text())
   assert (one["processes"], two["processes"], one["devices"], two["devices"]) == (1, 2, 4, 4)
   assert set(one["results"]) == set(two["results"])
@@ -196,3 +196,59 @@ def test_imagenet_wnid_subset_prompts():
   names, prompts = runner.zero_shot_prompts(None, {"classes": "imagenet", "templates": "clip",
                                                    "wnids": wnids})
   assert names == ["goldfish", "tench"] and len(prompts[1]) == 80 and "tench" in prompts[1][0]
+
+
+# ----------------------------------------------------------------------------- the CLIP configs
+
+
+def _mock_tfds(num_images):
+  """``_as_dataset`` for the image-text configs' evaluators: tfds ImageNet variants (encoded
+  images, labels in the 1,000 classes) and ``coco_captions`` (see ``_mock_coco_captions``)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  coco = _mock_coco_captions(num_images)
+  rng = np.random.default_rng(4)
+  examples = [(tf.io.encode_png(rng.integers(0, 255, size=(18, 22, 3), dtype=np.uint8)).numpy(),
+               int(rng.integers(0, 1000)), f"imagenet-validation.{i}") for i in range(num_images)]
+
+  def as_dataset(self, split, decoders=None, read_config=None, **kwargs):
+    if self.name == "coco_captions":
+      return coco(self, split, decoders, read_config, **kwargs)
+    return tf.data.Dataset.from_generator(
+        lambda: ({"image": png, "label": label, "tfds_id": tid} for png, label, tid in examples),
+        output_signature={"image": tf.TensorSpec([], tf.string),
+                          "label": tf.TensorSpec([], tf.int64),
+                          "tfds_id": tf.TensorSpec([], tf.string)})
+  return as_dataset
+
+
+@pytest.mark.slow  # a trainer run plus the CLI: about a minute on 2 busy cores
+def test_clip_config_evaluators_in_the_loop_and_from_the_command_line(tmp_path):
+  """The full-scale CLIP config's declaration (ImageNet zero-shot with CLIP's class names, the
+  variants, COCO retrieval) on mock tfds data: in the loop (a results JSON per evaluation), at
+  the end, and from ``python -m contrastive_jax.evaluate`` with the same numbers."""
+  import multihost_eval_worker  # pylint: disable=import-outside-toplevel
+  from contrastive_jax import configs, train  # pylint: disable=import-outside-toplevel
+  from contrastive_jax.configs import common  # pylint: disable=import-outside-toplevel
+  from contrastive_jax.evaluate import __main__ as evaluator  # pylint: disable=import-outside-toplevel
+  c = multihost_eval_worker.evaluator_config()
+  c.data.source, c.data.name = "mnist", "mnist_embedded"  # train on the embedded digits
+  evals = common.image_text_evals("", every_steps=1, subset=8).to_dict()
+  for spec in evals.values():
+    if spec["type"] == "zero_shot":
+      spec["templates"] = ("a photo of a {}.",)  # 1,000 prompts, not 80,000, on a CPU test
+  c.evals = evals
+  c.eval.batch_size, c.eval.embedding_plot = 8, ""
+  configs.apply_overrides(c, {"total_steps": 2, "checkpoint.async_save": False})
+  with tfds.testing.mock_data(as_dataset_fn=_mock_tfds(12)):
+    summary = train.train_and_evaluate(c, str(tmp_path)).summary
+    in_loop = json.loads((tmp_path / "eval" / "step_1.json").read_text())
+    assert set(in_loop["evaluators"]) == {"coco", "imagenet_subset"}
+    assert {"imagenet_subset/top1", "imagenet_subset/top5", "coco/text_to_image/R@10"} <= set(
+        in_loop["results"])
+    ev = summary["eval"]
+    assert {"imagenet/top1", "imagenet_v2/top5", "imagenet_sketch/top1",
+            "coco/image_to_text/R@10"} <= set(ev) and "imagenet_subset/top1" not in ev
+    assert json.loads((tmp_path / "eval" / "step_2.json").read_text())["results"] == ev
+    assert evaluator.main(["--workdir", str(tmp_path), "--eval=imagenet,coco"]) == 0
+  cli = json.loads((tmp_path / "eval_imagenet+coco.json").read_text())["results"]
+  assert cli and all(cli[k] == ev[k] for k in cli), (cli, ev)

@@ -399,12 +399,16 @@ class Runner:
     return res, None
 
   def _zero_shot(self, state, spec, cache):
-    del cache
     data = data_config(self.config, spec)
     names, prompts = zero_shot_prompts(data, spec)
     tokenizer = pipeline.make_tokenizer(data)
-    classes = class_embeddings(self.encoders, state, self.mesh, tokenizer, prompts,
-                               spec["batch_size"])
+    # ImageNet and its variants share one set of class embeddings per evaluation.
+    key = ("classes", json.dumps(prompts), data.tokenizer, data.spm_model,
+           int(data.context_length), spec["batch_size"])
+    if key not in cache:
+      cache[key] = class_embeddings(self.encoders, state, self.mesh, tokenizer, prompts,
+                                    spec["batch_size"])
+    classes = cache[key]
     local = encode_split(self.encoders, state, self.mesh, data, data.eval_split,
                          spec["batch_size"], [("emb", "image_embedding", "image")])
     labels = local["label"]
