@@ -2,6 +2,8 @@
 
 Read top to bottom: config checks, logging, mesh, method and optimizer, shape-first state init
 with shardings, checkpoint restore, input, the jitted step, evaluators, the loop, the summary.
+Evaluation is not here: the loop asks ``evaluate/runner.py``'s ``Runner`` (the evaluators the
+config declares) which evaluators are due and runs them.
 The method plugs in through ``methods/base.py``'s surface; nothing here branches on its name.
 """
 
@@ -24,8 +26,8 @@ from contrastive_jax import checkpoint, distributed, grad_cache, methods, optim,
 from contrastive_jax.convert import init as init_from
 from contrastive_jax.errors import ConfigError, NonFiniteLossError
 from contrastive_jax.data import pipeline
-from contrastive_jax import evaluate as evaluators
 from contrastive_jax.evaluate import plots
+from contrastive_jax.evaluate import runner as eval_runner
 from contrastive_jax.methods import base as method_base
 from contrastive_jax.models import registry
 
@@ -102,12 +104,15 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
              f"size {patch} (and at least one patch); change config.data.image_size or the "
              "patch size")
   if config.eval.enabled:
-    try:
-      distributed.check_batch_divisible(int(config.eval.batch_size), mesh,
-                                        "config.eval.batch_size")
-    except ValueError as error:
-      raise ConfigError(str(error)) from None
     _require(int(config.eval.knn_k) > 0, f"config.eval.knn_k={config.eval.knn_k} must be >= 1")
+    specs = eval_runner.specs_of(config, methods.METHODS[config.method].input_mode)
+    for name, spec in specs.items():
+      try:
+        distributed.check_batch_divisible(spec["batch_size"], mesh,
+                                          f"config.evals.{name}.batch_size (default "
+                                          "config.eval.batch_size)")
+      except ValueError as error:
+        raise ConfigError(str(error)) from None
   try:
     micro = grad_cache.micro_batches(config)
     total_steps(config, 1)  # exactly one of total_steps / total_epochs, positive
@@ -168,98 +173,6 @@ def check_finite(step: int, scalars: dict[str, float], since: int | None = None)
         "lower the learning rate, raise the temperature or clip the gradient norm "
         "(--config.optim.grad_clip_norm=1.0), then restart: the run resumes from the last "
         "good checkpoint.")
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def make_encode_fn(method):
-  """``(state, images [b,H,W,3]) -> [b, F] float32``; built once per run so it compiles once."""
-  def encode(state, images):
-    return method.encode(state, images).astype(jnp.float32)
-  return encode
-
-
-FEATURE_EVALS = ("knn", "linear_probe", "few_label")
-PERIODIC_EVALS = ("knn",)
-FINAL_EVALS = ("knn", "linear_probe", "few_label", "extra")
-
-
-def load_eval_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The train and eval splits in memory with eval preprocessing (small datasets only)."""
-  data = {"train": pipeline.eval_arrays(config.data, config.data.train_split),
-          "test": pipeline.eval_arrays(config.data, config.data.eval_split)}
-  data["num_classes"] = 1 + int(max(data["train"]["label"].max(), data["test"]["label"].max()))
-  return data
-
-
-def evaluate(method, state, eval_data, mesh, config, *, evals=FINAL_EVALS, encode_fn=None,
-             return_test_features: bool = False):
-  """The evaluators named in ``evals`` on frozen features of ``state``: ``{name: value}``.
-
-  ``knn`` (weighted kNN monitor), ``linear_probe`` (all labels), ``few_label``
-  (``config.eval.few_shots`` labels per class), ``extra`` (the method's own, e.g. CLIP's
-  zero-shot and retrieval). Also used by ``python -m contrastive_jax.evaluate`` on checkpoints.
-  """
-  cfg = config.eval
-  out: dict[str, float] = {}
-  test_f = None
-  if set(evals) & set(FEATURE_EVALS):
-    encode_fn = encode_fn or make_encode_fn(method)
-    features = lambda images: evaluators.extract_features(
-        encode_fn, images, mesh=mesh, batch_size=cfg.batch_size, variables=state)
-    train_f = features(eval_data["train"]["image"])
-    test_f = features(eval_data["test"]["image"])
-    train_y, test_y = eval_data["train"]["label"], eval_data["test"]["label"]
-    num_classes = int(eval_data["num_classes"])
-    if "knn" in evals:
-      res = evaluators.knn_accuracy(train_f, train_y, test_f, test_y, num_classes=num_classes,
-                                    k=cfg.knn_k, temperature=cfg.knn_temperature)
-      out.update({f"knn/{k}": v for k, v in res.items() if np.isscalar(v)})
-    if "linear_probe" in evals:
-      res = evaluators.linear_probe(train_f, train_y, test_f, test_y,
-                                    num_classes=num_classes, seed=config.seed)
-      out.update({f"linear/{k}": v for k, v in res.items() if np.isscalar(v)})
-    if "few_label" in evals:
-      res = evaluators.few_label_probe(train_f, train_y, test_f, test_y,
-                                       num_classes=num_classes, shots=tuple(cfg.few_shots),
-                                       seed=config.seed)
-      out.update(_flatten("few", res))
-  if "extra" in evals:
-    out.update(method_base.extra_evaluations(method, state, mesh, config))
-  out = {k: float(v) for k, v in out.items()}
-  return (out, test_f) if return_test_features else out
-
-
-def raw_pixel_baseline(eval_data, config) -> dict[str, float]:
-  """The same probes on flattened raw pixels: what the encoder has to beat."""
-  def flat(x):
-    x = np.asarray(x, np.float32)
-    if x.ndim == 4 and all(np.array_equal(x[..., 0], x[..., c]) for c in range(1, x.shape[-1])):
-      x = x[..., :1]  # grayscale replicated to 3 channels: the same pixels, a third the cost
-    return x.reshape(len(x), -1)
-
-  train_x, test_x = flat(eval_data["train"]["image"]), flat(eval_data["test"]["image"])
-  train_y, test_y = eval_data["train"]["label"], eval_data["test"]["label"]
-  num_classes = int(eval_data["num_classes"])
-  out = {}
-  res = evaluators.linear_probe(train_x, train_y, test_x, test_y, num_classes=num_classes,
-                                  seed=config.seed)
-  out.update({f"linear/{k}": v for k, v in res.items() if np.isscalar(v)})
-  res = evaluators.few_label_probe(train_x, train_y, test_x, test_y, num_classes=num_classes,
-                                     shots=tuple(config.eval.few_shots), seed=config.seed)
-  out.update(_flatten("few", res))
-  return out
-
-
-def _flatten(prefix: str, tree: Any) -> dict[str, float]:
-  out = {}
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      out.update(_flatten(f"{prefix}/{k}", v))
-  elif np.isscalar(tree) and not isinstance(tree, str):
-    out[prefix] = float(tree)
-  return out
 
 
 # ----------------------------------------------------------------------------- main loop
@@ -338,12 +251,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   # --- The step (jitted once with the run's shardings; the state is donated).
   step_fn = run.train_step
 
-  # --- Evaluation data (held in memory: the embedded and small datasets).
-  eval_data = None
-  if config.eval.enabled:
-    eval_data = load_eval_data(config)
-
-  encode_fn = make_encode_fn(method)
+  # --- Evaluators: declared in the config (config.evals), streamed per host (evaluate/runner.py).
+  evaluators = eval_runner.Runner(config, method, mesh) if config.eval.enabled else None
 
   # --- Periodic actions.
   hooks = []
@@ -393,11 +302,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
         logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}"
                                                     for k, v in sorted(last_scalars.items())))
 
-      if eval_data is not None and config.eval.every_steps and not at_end \
-          and step % config.eval.every_steps == 0:
-        res = evaluate(method, state, eval_data, mesh, config, evals=PERIODIC_EVALS,
-                       encode_fn=encode_fn)
+      due = evaluators.due(step) if evaluators is not None and not at_end else []
+      if due:
+        res = evaluators.run(state, due)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
+        eval_runner.write_results(workdir, step, res, due)
 
       stop = (checkpoint.reached_preemption(step, preempted, every=check_every)
               or step == config.stop_at_step)
@@ -420,18 +329,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
                              "train_seconds_this_run": round(train_time, 1),
                              "final_train": last_scalars, "train_history": history,
                              "nonfinite_skipped": int(round(float(skipped)))}
-  if eval_data is not None:
-    summary["eval"], test_f = evaluate(method, state, eval_data, mesh, config,
-                                       evals=FINAL_EVALS, encode_fn=encode_fn,
-                                       return_test_features=True)
+  if evaluators is not None:
+    final = evaluators.final()
+    summary["eval"], test_f = evaluators.run(state, final, keep_features=True)
+    eval_runner.write_results(workdir, num_steps, summary["eval"], final)
     plot = config.eval.embedding_plot
-    if plot and is_chief:
-      plots.save_embedding_plot(test_f, eval_data["test"]["label"],
+    if plot and is_chief and test_f is not None:
+      plots.save_embedding_plot(test_f["feat"], test_f["label"],
                                 str(workdir / "embeddings.png"), method=plot,
                                 title=f"{config.method}: test features after {num_steps} steps")
     writer.write_scalars(num_steps, {f"eval/{k}": v for k, v in summary["eval"].items()})
     if config.eval.raw_pixel_baseline:
-      summary["raw_pixels"] = raw_pixel_baseline(eval_data, config)
+      summary["raw_pixels"] = eval_runner.raw_pixel_baseline(config)
   ckpt.close()
   if is_chief:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

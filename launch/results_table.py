@@ -12,11 +12,12 @@ compares, per method:
 * **trained**: the run's final evaluation (``summary.json``): kNN top-1, linear-probe top-1,
   the few-label probe (mean ± std over its draws, 10 labels per class by default) and, for
   CLIP/SigLIP, zero-shot top-1 and image-to-text retrieval R@1 (the method's
-  ``extra_evaluations``, run on the restored final checkpoint when the summary lacks them);
+  zero-shot and retrieval evaluators, run on the restored final checkpoint when the summary
+  lacks them);
 * **random init**: the same method's step-0 state (same seed and init as the run) through the
   same evaluators: what the architecture alone gives, the baseline pretraining must beat;
 * **raw pixels**: the flattened eval images through the same kNN and probes, equal to
-  ``train.raw_pixel_baseline`` (whose numbers are used when the run computed them).
+  ``evaluate.runner.raw_pixel_baseline`` (whose numbers are used when the run computed them).
 
 plus the wall-clock time of the training run(s), and a second table of the published ImageNet
 numbers the full-scale configs target, marked as not reproduced here. Baseline numbers are
@@ -66,9 +67,13 @@ class PixelEncoder:
     return images.reshape(images.shape[0], -1)
 
 
+def _has_text(method) -> bool:
+  return getattr(method, "input_mode", "views") == "image_text"
+
+
 def _evaluations(method, config) -> tuple[str, ...]:
   evals = ("knn", "linear_probe", "few_label")
-  return evals + ("extra",) if method.has_extra_evaluations else evals
+  return evals + ("extra",) if _has_text(method) else evals
 
 
 def baselines(run_dir: str, log=print) -> dict[str, Any]:
@@ -84,10 +89,9 @@ def baselines(run_dir: str, log=print) -> dict[str, Any]:
 
   run = restore.restore_run(run_dir)
   config, method, mesh = run.config, run.method, run.mesh
-  data = evaluator.load_eval_data(config)
   summary = sweep.load_summary(run_dir) or {}
   out: dict[str, Any] = {"trained_extra": {}}
-  if method.has_extra_evaluations and not any(
+  if _has_text(method) and not any(
       k.startswith(("zero_shot/", "retrieval/")) for k in summary.get("eval", {})):
     log("  method evaluations (zero-shot, retrieval) of the trained state")
     out["trained_extra"] = evaluator.run_evaluations(method, run.state, mesh, config, ("extra",))
@@ -95,13 +99,13 @@ def baselines(run_dir: str, log=print) -> dict[str, Any]:
   log("  random-init encoder (step 0)")
   init = restore.initial_state(method, config, mesh)
   out["random_init"] = evaluator.run_evaluations(method, init, mesh, config,
-                                                 _evaluations(method, config), eval_data=data)
+                                                 _evaluations(method, config))
   del init
   log("  raw pixels")
   # The trainer's own raw-pixel probes when it ran them (the same calls): then only kNN here.
   trainer_pixels = summary.get("raw_pixels", {})
   evals = ("knn",) if trainer_pixels else ("knn", "linear_probe", "few_label")
-  pixels = evaluator.run_evaluations(PixelEncoder(), {}, mesh, config, evals, eval_data=data)
+  pixels = evaluator.run_evaluations(PixelEncoder(), {}, mesh, config, evals)
   pixels.update(trainer_pixels)
   out["raw_pixels"] = pixels
   if jax.process_index() == 0:

@@ -22,6 +22,8 @@ import pytest
 from contrastive_jax.configs import clip_mnist, mocov2_mnist, mocov3_mnist
 from contrastive_jax import checkpoint, configs, distributed, methods, optim, train
 from contrastive_jax.data import pipeline
+from contrastive_jax.errors import ConfigError
+from contrastive_jax.evaluate import runner as eval_runner
 from contrastive_jax.methods import base, moco
 from contrastive_jax.train_state import TrainState
 
@@ -401,7 +403,8 @@ def clip_trained(tmp_path_factory):
 
 def test_clip_zero_shot_beats_chance(clip_trained):
   config, method, state, _ = clip_trained
-  res = base.extra_evaluations(method, state, distributed.make_mesh(1), config)
+  res = eval_runner.Runner(config, method, distributed.make_mesh(1)).run(
+      state, ["zero_shot", "retrieval"])
   # 10 classes: chance is 0.1. Held-out caption templates only; this run reaches about 0.7.
   assert res["zero_shot/top1"] > 0.5, res
   # Captions are one held-out template per class: identical captions are one text, so
@@ -410,9 +413,14 @@ def test_clip_zero_shot_beats_chance(clip_trained):
   # queries, too coarse for a margin here.
   assert 0.25 < res["retrieval/image_to_text/R@1"] <= 1.0, res
   assert 0.0 <= res["retrieval/text_to_image/R@1"] <= 1.0, res
-  # A method without evaluations of its own (the base class's default) gives none.
-  other = methods.build_method(tiny(mocov3_mnist), distributed.make_mesh(1))
-  assert base.extra_evaluations(other, state, None, config) == {}
+  # A method without a text tower gets no text evaluators by default, and declaring one fails.
+  other_config = tiny(mocov3_mnist)
+  other = methods.build_method(other_config, distributed.make_mesh(1))
+  runner = eval_runner.Runner(other_config, other, distributed.make_mesh(1))
+  assert not runner.select(["extra"])
+  other_config.evals = {"zs": {"type": "zero_shot"}}
+  with pytest.raises(ConfigError, match="text tower"):
+    eval_runner.Runner(other_config, other, distributed.make_mesh(1))
 
 
 def test_clip_encoders_shapes(clip_trained):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -45,6 +46,9 @@ def test_smoke_one_step_with_evaluation(tmp_path):
   assert 0.0 <= summary["eval"]["knn/top1"] <= 1.0
   assert "linear/top1" in summary["eval"]
   assert (tmp_path / "summary.json").exists()
+  # One results JSON per evaluation (evaluate/runner.write_results), here the final one.
+  final = json.loads((tmp_path / "eval" / "step_2.json").read_text())
+  assert final["results"] == summary["eval"] and final["evaluators"] == ["knn", "linear", "few"]
   assert list((tmp_path / "checkpoints").iterdir())
 
 

@@ -8,8 +8,10 @@ conv and QuickGELU; text tower 12 x 512, 8 heads, context 77.
 
 Data: image-text TFRecords (``data.path``, ``{split}`` is replaced by the split; records with
 ``image`` (encoded bytes) and ``caption``). Tokenizer: a SentencePiece model (``data.spm_model``)
-whose size, plus our 3 special ids, is ``text.kwargs.vocab_size``. The trainer's in-memory
-evaluators do not scale to this: evaluation is off (zero-shot on ImageNet is a separate job).
+whose size, plus our 3 special ids, is ``text.kwargs.vocab_size``. Evaluation in the loop and
+at the end (``common.image_text_evals``): ImageNet zero-shot with CLIP's class names and 80
+templates, ImageNet-v2/-Sketch, COCO 5k retrieval, from tfds datasets in ``tfds_dir``; the same
+evaluators run from ``python -m contrastive_jax.evaluate --workdir=...``.
 ``:quick`` keeps the recipe but shrinks sizes to a laptop smoke test.
 """
 
@@ -25,7 +27,8 @@ from contrastive_jax.configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, quick=False, batch=32_768, examples_seen=32 * 400_000_000,
                        path="gs://YOUR_BUCKET/image_text/{split}-*.tfrecord",
-                       spm_model="gs://YOUR_BUCKET/spm/32k.model", spm_vocab=32_000)
+                       spm_model="gs://YOUR_BUCKET/spm/32k.model", spm_vocab=32_000,
+                       tfds_dir="gs://YOUR_BUCKET/tensorflow_datasets")
   c = common.base_config()
   c.method = "clip"
   c.global_batch = 16 if a.quick else a.batch
@@ -57,5 +60,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"
   c.remat = not a.quick
   c.checkpoint.every_steps = 2 if a.quick else 2000
-  c.eval.enabled = False
+  # ImageNet zero-shot (10k-image subset every 5000 steps, all 50k at the end; also
+  # ImageNet-v2 and -Sketch at the end) and COCO 5k retrieval (every 5000 steps and at the
+  # end), read from tfds in a.tfds_dir; cost in README (Evaluation). Off in :quick (no ImageNet).
+  c.evals = common.image_text_evals(a.tfds_dir, every_steps=5000)
+  c.eval.enabled = not a.quick
+  c.eval.batch_size = 1024
+  c.eval.embedding_plot = ""
   return c

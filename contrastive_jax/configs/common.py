@@ -86,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
       enabled=True, every_steps=0, batch_size=512, knn_k=200, knn_temperature=0.07,
       few_shots=(10,), raw_pixel_baseline=False,
       embedding_plot="pca"))  # PNG of the test features at the end: "pca", "tsne" or ""
+  # Named evaluators (evaluate/runner.py): {name: {type, data (config.data overrides),
+  # every_steps, final, prefix, settings}}. Empty: kNN (every eval.every_steps), linear and
+  # few-label probes, and for image-text methods zero-shot and retrieval, on config.data.
+  c.evals = ml_collections.ConfigDict()
   return c
 
 
@@ -101,7 +105,9 @@ def data_config(source: str, *, recipe: str, image_size: int, **overrides):
   (skip and count undecodable images instead of failing), corrupt_reserve (streaming
   TFRecord: fraction of each shuffle window kept spare for corrupt records), the text settings
   (context_length, tokenizer "bytes" | "sentencepiece" | "clip_bpe", spm_model, bpe_vocab: the
-  CLIP BPE vocabulary file, empty = the one an installed open_clip ships) and cache (hold a
+  CLIP BPE vocabulary file, empty = the one an installed open_clip ships, captions_per_image: 0
+  for one caption string per example, K for a list of captions of which evaluation keeps the
+  first K, e.g. 5 for COCO with caption_key="captions/text") and cache (hold a
   tfds/TFRecord split in memory for exact random access).
   """
   # String keys default to "" (not None), so that --config.data.<key>=... can override them.
@@ -109,7 +115,7 @@ def data_config(source: str, *, recipe: str, image_size: int, **overrides):
            train_split="train", eval_split="test", data_dir="", path="",
            image_size=image_size, recipe=recipe, augment={}, shuffle_buffer=10_000,
            cycle_length=16, mix_paths=(), mix_weights=(), crop_decode="auto", skip_corrupt=False,
-           corrupt_reserve=0.01, context_length=77,
+           corrupt_reserve=0.01, context_length=77, captions_per_image=0,
            tokenizer="bytes", spm_model="", bpe_vocab="",
            cache=source in ("mnist", "folder", "csv"), image_key="image", label_key="label",
            caption_key="", csv_image_key="filepath", csv_caption_key="caption",
@@ -157,3 +163,33 @@ def optim_config(name: str, *, base_lr: float, **overrides):
   c = ml_collections.ConfigDict(d)
   c.update(overrides)  # through the placeholders, so that they keep their types
   return c
+
+
+def image_text_evals(tfds_dir: str, *, every_steps: int, subset: int = 10_000):
+  """``config.evals`` of the full-scale CLIP/SigLIP configs: the numbers papers report.
+
+  * ``imagenet_subset``: ImageNet zero-shot top-1/5 (tfds ``imagenet2012`` validation, CLIP's
+    1,000 class names and 80 templates) on the first ``subset`` validation images every
+    ``every_steps`` steps (0: never in the loop), and ``imagenet`` on all 50,000 at the end;
+  * ``imagenet_v2`` / ``imagenet_sketch``: the same protocol on tfds ``imagenet_v2`` and
+    ``imagenet_sketch`` (both in the 1,000-class label space) at the end;
+  * ``coco``: COCO 5k test (Karpathy split, tfds ``coco_captions``), first five captions per
+    image, R@1/5/10 both directions, every ``every_steps`` steps and at the end.
+
+  ``tfds_dir``: where the prepared tfds datasets live (``gs://...`` on a pod).
+  """
+  tfds = dict(source="tfds", data_dir=tfds_dir, cache=False, path="", skip_corrupt=False)
+  zero_shot = dict(type="zero_shot", classes="imagenet", templates="clip")
+  return ml_collections.ConfigDict({
+      "imagenet_subset": dict(zero_shot, data=dict(tfds, name="imagenet2012",
+                                                   eval_split=f"validation[:{subset}]"),
+                              every_steps=every_steps, final=False),
+      "imagenet": dict(zero_shot, data=dict(tfds, name="imagenet2012", eval_split="validation")),
+      "imagenet_v2": dict(zero_shot, data=dict(tfds, name="imagenet_v2", eval_split="test")),
+      "imagenet_sketch": dict(zero_shot, data=dict(tfds, name="imagenet_sketch",
+                                                   eval_split="test")),
+      "coco": dict(type="retrieval", ks=(1, 5, 10), every_steps=every_steps,
+                   data=dict(tfds, name="coco_captions", eval_split="test",
+                             caption_key="captions/text", captions_per_image=5)),
+  })
+

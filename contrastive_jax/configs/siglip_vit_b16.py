@@ -8,7 +8,9 @@ context 64 and a 32k SentencePiece vocabulary. Check these numbers against the p
 before a long run.
 
 Data: image-text TFRecords (``data.path``) and a SentencePiece model (``data.spm_model``;
-``text.kwargs.vocab_size`` = its size + 3). Evaluation off at this scale.
+``text.kwargs.vocab_size`` = its size + 3). Evaluation: ImageNet zero-shot (CLIP's names and 80
+templates), ImageNet-v2/-Sketch and COCO 5k retrieval from tfds in ``tfds_dir``
+(``common.image_text_evals``), in the loop and at the end.
 ``:quick`` keeps the recipe but shrinks sizes to a laptop smoke test.
 """
 
@@ -24,7 +26,8 @@ from contrastive_jax.configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, quick=False, batch=32_768, examples_seen=9_000_000_000,
                        path="gs://YOUR_BUCKET/image_text/{split}-*.tfrecord",
-                       spm_model="gs://YOUR_BUCKET/spm/32k.model", spm_vocab=32_000)
+                       spm_model="gs://YOUR_BUCKET/spm/32k.model", spm_vocab=32_000,
+                       tfds_dir="gs://YOUR_BUCKET/tensorflow_datasets")
   c = common.base_config()
   c.method = "clip"
   c.global_batch = 16 if a.quick else a.batch
@@ -54,5 +57,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"
   c.remat = not a.quick
   c.checkpoint.every_steps = 2 if a.quick else 2000
-  c.eval.enabled = False
+  # ImageNet zero-shot (10k-image subset every 5000 steps, all 50k at the end; also
+  # ImageNet-v2 and -Sketch at the end) and COCO 5k retrieval (every 5000 steps and at the
+  # end), read from tfds in a.tfds_dir; cost in README (Evaluation). Off in :quick (no ImageNet).
+  c.evals = common.image_text_evals(a.tfds_dir, every_steps=5000)
+  c.eval.enabled = not a.quick
+  c.eval.batch_size = 1024
+  c.eval.embedding_plot = ""
   return c

@@ -395,17 +395,32 @@ def _shard_rows(n: int, process_index, process_count) -> np.ndarray:
   return np.array_split(np.arange(n), num_p)[p]
 
 
-def _eval_example_fn(source, cfg: aug_lib.AugmentConfig, tokenizer):
+def _eval_example_fn(source, cfg: aug_lib.AugmentConfig, tokenizer, captions_per_image: int = 0):
   """``record -> {image, label, index[, tokens]}`` with eval preprocessing; without a caption
-  column the caption is the first held-out template of the class name (retrieval text)."""
+  column the caption is the first held-out template of the class name (retrieval text).
+
+  ``captions_per_image = K > 0``: the caption column holds a list of captions per image (tfds
+  ``coco_captions``' ``captions/text``); the first K are kept, ``tokens [K, L]`` (the COCO and
+  Flickr30k retrieval protocol uses five per image). An image with fewer than K fails.
+  """
   table = (tf.constant(src_lib.format_captions(source.eval_templates[:1], source.class_names))
            if source.class_names else None)
+  k = int(captions_per_image or 0)
 
   @tf.autograph.experimental.do_not_convert
   def fn(rec):
     out = {"image": aug_lib.eval_preprocess(src_lib.decode_record(rec), cfg),
            "label": tf.cast(rec["label"], tf.int32), "index": rec["id"]}
-    if tokenizer is not None:
+    if tokenizer is not None and k:
+      caps = tf.reshape(rec["caption"], [-1])
+      check = tf.debugging.assert_greater_equal(
+          tf.size(caps), k, message=f"an image has fewer than data.captions_per_image={k} "
+          "captions")
+      with tf.control_dependencies([check]):
+        caps = caps[:k]
+      tokens = tf.map_fn(tokenizer.tf_encode, caps, fn_output_signature=tf.int32)
+      out["tokens"] = tf.ensure_shape(tokens, [k, tokenizer.context_length])
+    elif tokenizer is not None:
       cap = rec["caption"] if "caption" in rec else table[0, tf.maximum(
           tf.cast(rec["label"], tf.int32), 0)]
       out["tokens"] = tokenizer.tf_encode(cap)
@@ -485,7 +500,8 @@ def eval_iterator(data_config, split: str, batch_size: int, *,
     else:
       source = src_lib.tfrecord_stream(_split_path(c.path, split), p, num_p)
       total = source.num_examples * num_p
-    ds = source.dataset.map(_eval_example_fn(source, cfg, tokenizer),
+    ds = source.dataset.map(_eval_example_fn(source, cfg, tokenizer,
+                                             c.get("captions_per_image", 0)),
                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     num_batches = math.ceil(math.ceil(total / num_p) / b)
   else:

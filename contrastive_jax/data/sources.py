@@ -507,7 +507,8 @@ def _tfds_as_dataset(name, split, data_dir, **kw) -> tuple[tf.data.Dataset, Any]
 
 
 def _class_names(info, label_key: str) -> tuple[str, ...] | None:
-  feat = info.features.get(label_key) if hasattr(info.features, "get") else None
+  # tfds FeaturesDict has no .get(): look the label feature up by key.
+  feat = info.features[label_key] if label_key in info.features else None
   names = getattr(feat, "names", None)
   return tuple(names) if names else None
 
@@ -610,8 +611,11 @@ def tfds_stream(name: str, split: str, data_dir: str | None, process_index: int,
            "label": tf.cast(ex[label_key], tf.int64) if label_key in ex else tf.constant(
                -1, tf.int64),
            "id": tf.strings.to_hash_bucket_fast(ex["tfds_id"], 2**62)}
-    if caption_key:
-      rec["caption"] = ex[caption_key]
+    if caption_key:  # "a/b" reads a nested feature (coco_captions: "captions/text")
+      value = ex
+      for part in caption_key.split("/"):
+        value = value[part]
+      rec["caption"] = value
     return rec
 
   return StreamSource(name=f"tfds:{name}/{sub}", dataset=ds.map(to_record),

@@ -1,24 +1,19 @@
-"""Standalone evaluation of a training run's checkpoint.
+"""Standalone evaluation of a training run's checkpoint, with the evaluators its config declares.
 
-  python -m contrastive_jax.evaluate --workdir=DIR --eval=knn|linear_probe|few_label|extra|all \
-      [--step=N] [--config=configs/x.py[:arg]] [--set eval.batch_size=64 ...] \
+  python -m contrastive_jax.evaluate --workdir=DIR [--eval=all|NAME,...|TYPE,...] [--step=N] \
+      [--config=configs/x.py[:arg]] [--set evals.imagenet.data.eval_split=validation ...] \
       [--embedding_plot=pca|tsne]
 
 Reads the config saved with the checkpoint (or ``--config``, then ``--set`` overrides; only
-evaluation settings such as ``eval.*`` should differ from the run), rebuilds the method on a mesh
-of all devices, restores the newest good checkpoint (or ``--step``), and runs the chosen
-evaluators on frozen encoder features exactly as ``train.evaluate`` does at the end of a run
-(same features, same kNN, same probes, same seeds), so the numbers match the trainer's summary
-of the same state. ``extra`` runs the method's own evaluations (CLIP: zero-shot and retrieval)
-when it has any; ``all`` is ``knn,linear_probe,few_label,extra``. Several may be given with
-commas. Prints a table and writes ``DIR/eval_<name>.json``.
+evaluation settings, ``eval.*`` and ``evals.*``, should differ from the run), rebuilds the run on
+a mesh of all devices of all processes, restores the newest good checkpoint (or ``--step``), and
+runs the evaluators of ``config.evals`` (``evaluate/runner.py``, the same ``Runner`` the training
+loop calls: same streamed features, same probes, same seeds), so the numbers equal the trainer's
+for the same state. ``--eval`` picks evaluators by name (``imagenet_0shot``), by type (``knn``,
+``linear_probe``, ``few_label``, ``zero_shot``, ``retrieval``), ``extra`` (the zero-shot and
+retrieval ones) or ``all`` (default). Prints a table and writes ``DIR/eval_<name>.json``.
 
-Evaluators (see the modules): weighted kNN (Wu et al. 2018, Eq. 3-4; k=200, tau=0.07 by
-default), L2-regularised logistic regression on frozen features (the linear-evaluation protocol
-of SimCLR/MoCo), few-label probes over seeded balanced draws.
-
-This entry point sits above the trainer (it imports ``contrastive_jax.restore`` and ``train``);
-the rest of the ``evaluate`` package stays layer 1.
+Run it on every host of a pod like the trainer (each host reads and encodes its shard).
 """
 
 from __future__ import annotations
@@ -33,38 +28,26 @@ from typing import Any
 
 from contrastive_jax import errors
 
-EVALS = ("knn", "linear_probe", "few_label", "extra")
-
 
 def parse_evals(text: str) -> tuple[str, ...]:
-  """``"knn,linear_probe"`` / ``"all"`` -> the evaluator names, in ``EVALS`` order."""
-  names = {n.strip() for n in text.split(",") if n.strip()}
-  if "all" in names:
-    names = set(EVALS) | (names - {"all"})
-  unknown = sorted(names - set(EVALS))
-  if unknown or not names:
-    raise errors.ConfigError(f"--eval={text!r}: unknown evaluator(s) {unknown}; use a comma "
-                             f"list of {EVALS} or 'all'")
-  return tuple(n for n in EVALS if n in names)
-
-
-def load_eval_data(config) -> dict[str, Any]:
-  """The train and eval splits in memory with eval preprocessing, as ``train.py`` loads them."""
-  from contrastive_jax import train  # pylint: disable=g-import-not-at-top
-  return train.load_eval_data(config)
+  """``"knn,linear_probe"`` / ``"all"`` -> the names (checked against the run's evaluators)."""
+  names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+  if not names:
+    raise errors.ConfigError(f"--eval={text!r}: name at least one evaluator, or 'all'")
+  return names
 
 
 def run_evaluations(method, state, mesh, config, evals: Sequence[str],
-                    eval_data: dict[str, Any] | None = None,
-                    return_features: bool = False):
-  """Runs ``evals`` on ``state`` with the trainer's own ``train.evaluate``: the numbers equal
-  the trainer's. With ``return_features``, also returns the test features ``[N, F] float32``
-  (or None when no feature evaluator ran)."""
-  from contrastive_jax import train  # pylint: disable=g-import-not-at-top
-  if set(evals) & set(train.FEATURE_EVALS):
-    eval_data = eval_data or load_eval_data(config)
-  return train.evaluate(method, state, eval_data, mesh, config, evals=tuple(evals),
-                        return_test_features=return_features)
+                    eval_data: Any = None, return_features: bool = False):
+  """Runs the evaluators ``evals`` (names, types, ``extra`` or ``all``) of ``config`` on
+  ``state`` with ``runner.Runner``, as the trainer does. ``eval_data`` is accepted for old
+  callers and unused (the runner streams the splits). With ``return_features``, also returns
+  the first feature evaluator's test features (``{"feat", "label"}``, or None)."""
+  del eval_data
+  from contrastive_jax.evaluate import runner  # pylint: disable=g-import-not-at-top
+  evaluators = runner.Runner(config, method, mesh)
+  names = evaluators.select(evals)
+  return evaluators.run(state, names, keep_features=return_features)
 
 
 def format_table(results: dict[str, float], title: str) -> str:
@@ -80,7 +63,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="the training run's directory")
   parser.add_argument("--eval", default="all",
-                      help=f"comma list of {EVALS}, or 'all' (default)")
+                      help="comma list of evaluator names or types of the run's config.evals "
+                      "(knn, linear_probe, few_label, zero_shot, retrieval, extra), or 'all'")
   parser.add_argument("--step", type=int, default=None,
                       help="checkpoint step (default: the newest good one)")
   parser.add_argument("--config", default=None,
@@ -102,7 +86,7 @@ def evaluate_checkpoint(workdir: str, evals: Sequence[str] | str = "all", *,
   from contrastive_jax import configs, restore  # pylint: disable=g-import-not-at-top
   from contrastive_jax.evaluate import plots  # pylint: disable=g-import-not-at-top
 
-  evals = parse_evals(evals) if isinstance(evals, str) else parse_evals(",".join(evals))
+  evals = parse_evals(evals if isinstance(evals, str) else ",".join(evals))
   if not os.path.isdir(os.path.join(workdir, "checkpoints")) and "://" not in workdir:
     raise errors.RunDirectoryError(
         f"--workdir={workdir!r} has no checkpoints/ directory; pass the directory of a training "
@@ -118,7 +102,7 @@ def evaluate_checkpoint(workdir: str, evals: Sequence[str] | str = "all", *,
   run = restore.restore_run(workdir, step=step, config=config)
   results, test_f = run_evaluations(run.method, run.state, run.mesh, run.config, evals,
                                     return_features=True)
-  name = "all" if set(evals) == set(EVALS) else "+".join(evals)
+  name = "+".join(evals)
   report = {"workdir": str(workdir), "step": run.step, "method": run.config.method,
             "evals": list(evals), "config": config_spec or "saved with the checkpoint",
             "overrides": list(overrides), "seconds": round(time.time() - t0, 1),
@@ -127,16 +111,15 @@ def evaluate_checkpoint(workdir: str, evals: Sequence[str] | str = "all", *,
     if test_f is None:
       raise errors.ConfigError("--embedding_plot needs a feature evaluator (knn, linear_probe or "
                        "few_label) in --eval")
-    labels = load_eval_data(run.config)["test"]["label"]
     report["embedding_plot"] = plots.save_embedding_plot(
-        test_f, labels, os.path.join(workdir, f"embeddings_{embedding_plot}.png"),
+        test_f["feat"], test_f["label"], os.path.join(workdir, f"embeddings_{embedding_plot}.png"),
         method=embedding_plot, title=f"{run.config.method} step {run.step}: test features "
         f"({embedding_plot})")
   out_path = out_path or os.path.join(workdir, f"eval_{name}.json")
   import jax  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
-    with open(out_path, "w") as f:
-      json.dump(report, f, indent=2)
+    epath.Path(out_path).write_text(json.dumps(report, indent=2))
     if verbose:
       print(format_table(results, f"== {run.config.method}, {workdir} step {run.step} =="))
       print(f"written: {out_path}")

@@ -69,9 +69,18 @@ def class_text_embeddings(encode_text_fn: Callable[[np.ndarray], jax.Array],
   rows = []
   for name in class_names:
     prompts = [t.format(name) if isinstance(t, str) else t(name) for t in templates]
-    emb = l2_normalize(encode_text_fn(tokenize_fn(prompts)))  # [T, E]
-    rows.append(l2_normalize(jnp.mean(emb, axis=0)))
-  return np.asarray(jnp.stack(rows), np.float32)
+    rows.append(np.asarray(encode_text_fn(tokenize_fn(prompts)), np.float32))  # [T, E]
+  return ensemble_class_embeddings(np.stack(rows))
+
+
+def ensemble_class_embeddings(template_emb: np.ndarray) -> np.ndarray:
+  """``[C, T, E]`` template embeddings -> ``[C, E] float32`` class embeddings: each template
+  embedding L2-normalised, averaged over the T templates, the mean normalised again (CLIP's
+  prompt ensemble, Sec. 3.1.4)."""
+  template_emb = jnp.asarray(template_emb, jnp.float32)
+  if template_emb.ndim != 3:
+    raise ValueError(f"template embeddings must be [C, T, E]; got shape {template_emb.shape}")
+  return np.asarray(l2_normalize(jnp.mean(l2_normalize(template_emb), axis=1)), np.float32)
 
 
 def _zero_shot_hits(rows, labels, classes, *, ks):
@@ -104,7 +113,15 @@ def zero_shot_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.
   if labels.min() < 0 or labels.max() >= num_classes:
     raise ValueError(f"labels must lie in [0, {num_classes}); got [{labels.min()}, {labels.max()}]")
   ks = (1, 5) if num_classes > 5 else (1,)
-
-  h = map_row_chunks(_zero_shot_hits, (image_emb.astype(np.float32), labels.astype(np.int32)),
-                     l2_normalize(class_emb), chunk=chunk, static={"ks": ks})
+  h = zero_shot_hits(image_emb, class_emb, labels, ks=ks, chunk=chunk)
   return {f"top{k}": float(np.mean(h[:, i])) for i, k in enumerate(ks)}
+
+
+def zero_shot_hits(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray, *,
+                   ks: Sequence[int] = (1, 5), chunk: int = 4096) -> np.ndarray:
+  """``[N, len(ks)] bool``: whether each image's label is among its top-k classes (cosine),
+  in blocks of ``chunk`` rows; hit counts add up over hosts."""
+  labels = np.asarray(labels).reshape(-1).astype(np.int32)
+  return map_row_chunks(_zero_shot_hits, (np.asarray(image_emb, np.float32), labels),
+                        l2_normalize(np.asarray(class_emb, np.float32)), chunk=chunk,
+                        static={"ks": tuple(ks)})

@@ -15,8 +15,9 @@ What a method writes (everything else is here, once):
   over the global batch (it may read parameters directly, e.g. CLIP's logit scale);
 * optionally ``extra_state(params, batch_stats, *rngs)`` (momentum encoder, queue; asks for
   ``extra_state_rngs`` keys), ``post_update`` (EMA, queue, logit-scale clamp),
-  ``extra_evaluations`` (CLIP: zero-shot and retrieval; set ``has_extra_evaluations``),
-  ``features`` (what ``encode`` applies).
+  ``features`` (what ``encode`` applies) and, for image-text methods, ``encode_image`` /
+  ``encode_text`` (the joint embeddings the zero-shot and retrieval evaluators call).
+  A method loads no data and runs no evaluation: ``evaluate/runner.py`` does.
 
 What ``Method`` gives every method:
 
@@ -34,8 +35,7 @@ What ``Method`` gives every method:
 * ``post_update(state, updates) -> state`` after the optimizer step (default: store the new BN
   statistics);
 * ``encode(state, images) -> [B, F]``: frozen-encoder features for the evaluators (inference
-  mode, ``features`` of ``model``);
-* ``extra_evaluations(state, mesh, config) -> {}`` unless the method has its own.
+  mode, ``features`` of ``model``).
 """
 
 from __future__ import annotations
@@ -114,12 +114,6 @@ def embedding_summaries(z1: jax.Array, z2: jax.Array) -> dict[str, jax.Array]:
           "uniformity": 0.5 * (em.uniformity(z1) + em.uniformity(z2))}
 
 
-def extra_evaluations(method: Method, state: TrainState, mesh: Mesh,
-                      config: ml_collections.ConfigDict) -> dict[str, float]:
-  """The method's own evaluations (``Method.extra_evaluations``; ``{}`` for most methods)."""
-  return dict(method.extra_evaluations(state, mesh, config))
-
-
 def global_loss(config: ml_collections.ConfigDict, name: str, mesh):
   """The loss ``name`` over the global batch, ``(loss, metrics)``, as ``config.loss_impl`` says:
   ``"all_gather"`` (default; fastest while the [n, N] logits fit) or ``"ring"`` (memory-bounded,
@@ -145,8 +139,6 @@ class Method(abc.ABC):
   supports_grad_cache: ClassVar[bool] = False
   # PRNG keys ``extra_state`` takes (MoCo v2: one, for the random initial queue).
   extra_state_rngs: ClassVar[int] = 0
-  # Whether ``extra_evaluations`` runs anything (CLIP), so tools can skip asking for it.
-  has_extra_evaluations: ClassVar[bool] = False
 
   def __post_init__(self):
     m = grad_cache.micro_batches(self.config)
@@ -234,9 +226,3 @@ class Method(abc.ABC):
   def encode(self, state: TrainState, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] -> [B, F] features (``features``), inference mode."""
     return self.model.apply(self.variables(state), images, method=self.features)
-
-  def extra_evaluations(self, state: TrainState, mesh: Mesh,
-                        config: ml_collections.ConfigDict) -> dict[str, float]:
-    """Evaluations only the method can run (CLIP: zero-shot, retrieval); none here."""
-    del state, mesh, config
-    return {}

@@ -22,9 +22,8 @@ scale and bias) in M micro-batches by gradient caching (``grad_cache.py``): exac
 BN-free ViT towers; a ResNet image tower normalises each micro-batch with its own statistics.
 
 Evaluation: ``encode`` gives the image tower's features (before the projection) for kNN and
-linear probes; ``encode_image`` / ``encode_text`` give the L2-normalised joint embeddings;
-``extra_evaluations`` reports zero-shot accuracy with held-out caption templates and image-text
-retrieval recall on the evaluation split.
+linear probes; ``encode_image`` / ``encode_text`` give the L2-normalised joint embeddings that
+the zero-shot and retrieval evaluators of ``evaluate/runner.py`` call.
 """
 
 from __future__ import annotations
@@ -34,15 +33,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
-from jax.sharding import Mesh
 
 from contrastive_jax import models
 from contrastive_jax.data import pipeline
 from contrastive_jax.data import tokenizer as tok_lib
-from contrastive_jax.evaluate import features as feature_lib
-from contrastive_jax.evaluate import retrieval, zero_shot
 from contrastive_jax.methods import base
 from contrastive_jax.train_state import TrainState
 
@@ -67,7 +61,6 @@ class CLIP(base.Method):
   """
   input_mode = "image_text"
   supports_grad_cache = True  # the logit scale and bias get their gradient from the loss pass
-  has_extra_evaluations = True
 
   def __post_init__(self):
     name = self.loss_name
@@ -159,46 +152,3 @@ class CLIP(base.Method):
     """[B, L] int32 -> [B, E] float32 L2-normalised joint text embeddings."""
     return self.model.apply(self.variables(state), tokens, train=False,
                             method=models.CLIP.encode_text)
-
-  def extra_evaluations(self, state: TrainState, mesh: Mesh,
-                        config: ml_collections.ConfigDict) -> dict[str, float]:
-    """Zero-shot classification and image-text retrieval on ``config.data.eval_split``.
-
-    * ``zero_shot/top1`` (and ``top5`` with more than 5 classes): class embeddings from the
-      HELD-OUT caption templates (``pipeline.class_prompts(templates="eval")``, never seen as
-      training captions), prompt-ensembled as in CLIP Sec. 3.1.4.
-    * ``retrieval/image_to_text/R@K``, ``retrieval/text_to_image/R@K`` (K = 1, 5): each image
-      against the captions of the split (its caption column, or the first held-out template
-      of its class). Identical captions (same tokens) count as one text relevant to all their
-      images (``retrieval_recall(text_groups=...)``): with class-template captions this is
-      class-level retrieval; with per-image captions, the COCO protocol.
-    """
-    data = config.data
-    batch_size = int(config.eval.batch_size)
-    split = pipeline.eval_arrays(data, data.eval_split, with_text=True)
-    image_fn = jax.jit(self.encode_image)
-    text_fn = jax.jit(self.encode_text)
-    image_emb = feature_lib.extract_features(image_fn, split["image"], mesh=mesh,
-                                             batch_size=batch_size, variables=state)
-    out: dict[str, float] = {}
-    try:
-      prompts = pipeline.class_prompts(data, templates="eval")
-    except ValueError:
-      prompts = None  # a source without class names: retrieval only
-    if prompts is not None:
-      by_name = dict(zip(prompts["class_names"], prompts["prompts"]))
-      num_templates = len(prompts["prompts"][0])
-      templates = [lambda name, t=t: by_name[name][t] for t in range(num_templates)]
-      tokenizer = pipeline.make_tokenizer(data)
-      class_emb = zero_shot.class_text_embeddings(
-          lambda tokens: text_fn(state, jnp.asarray(tokens)), tokenizer.encode,
-          prompts["class_names"], templates)
-      res = zero_shot.zero_shot_accuracy(image_emb, class_emb, split["label"])
-      out.update({f"zero_shot/{k}": float(v) for k, v in res.items()})
-    text_emb = feature_lib.extract_features(text_fn, split["tokens"], mesh=mesh,
-                                            batch_size=batch_size, variables=state)
-    groups = np.unique(np.asarray(split["tokens"]), axis=0, return_inverse=True)[1]
-    res = retrieval.retrieval_recall(image_emb, text_emb, np.arange(len(text_emb)), ks=(1, 5),
-                                     text_groups=groups.reshape(-1))
-    out.update({f"retrieval/{k}": float(v) for k, v in res.items() if "R@" in k})
-    return out
