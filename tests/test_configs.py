@@ -9,7 +9,6 @@ NaN message once told users to set ``config.optim.grad_clip_norm``, which did no
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import subprocess

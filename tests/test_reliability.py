@@ -810,7 +810,7 @@ def test_unusual_image_modes_decode_to_rgb(odd_images):
   assert ev["image"].shape == (6, 16, 16, 3) and np.all(np.isfinite(ev["image"]))
 
 
-def test_broken_image_files_named_or_skipped_and_counted(odd_images):
+def test_broken_image_files_named_or_skipped_and_counted(odd_images, tmp_path):
   c = _data_config(source="folder", path=odd_images["mixed"])
   it = pipeline.train_iterator(c, mode="views", global_batch=10, seed=0, process_index=0,
                         process_count=1)
@@ -837,6 +837,12 @@ def test_broken_image_files_named_or_skipped_and_counted(odd_images):
   c.skip_corrupt = False
   with pytest.raises(S.CorruptImageError, match="truncated"):
     pipeline.eval_arrays(c, "train")
+  # The trainer reports what its input skipped, in summary.json.
+  run = _config(total_steps=1, global_batch=6, num_devices=2)
+  run.data = _data_config(source="folder", path=odd_images["mixed"], skip_corrupt=True)
+  summary = train.train_and_evaluate(run, str(tmp_path / "run")).summary
+  assert summary["data"]["corrupt_skipped"] == 4
+  assert len(summary["data"]["corrupt_files"]) == 4
 
 
 def test_empty_and_overlong_captions(tmp_path):

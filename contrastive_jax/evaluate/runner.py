@@ -61,7 +61,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
