@@ -24,7 +24,7 @@ from contrastive_jax import checkpoint, configs, distributed, methods, optim, tr
 from contrastive_jax.data import pipeline
 from contrastive_jax.errors import ConfigError
 from contrastive_jax.evaluate import runner as eval_runner
-from contrastive_jax.methods import base, moco
+from contrastive_jax.methods import moco
 from contrastive_jax.train_state import TrainState
 
 import test_method_reference as mref
