@@ -4,6 +4,8 @@ single-device loss with gradients, the exact reductions to InfoNCE, and the diag
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +161,66 @@ def test_bad_combinations_are_named():
     ring_losses.get_loss("nt_xent", "ring", tile=4, options=O(decoupled=True))
   with pytest.raises(ValueError, match="MoCo v3"):
     ring_losses.get_loss("moco_v3", options=O(decoupled=True))
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def test_caption_ids_equal_exactly_for_identical_token_rows():
+  from contrastive_jax.methods import base
+  tokens = jnp.asarray([[5, 6, 7, 0], [5, 6, 7, 0], [5, 6, 8, 0], [7, 6, 5, 0], [5, 6, 7, 1]])
+  ids = np.asarray(base.caption_ids(tokens))
+  assert ids[0] == ids[1] and len(set(ids[[0, 2, 3, 4]])) == 4 and np.all(ids >= 0)
+
+
+def test_simclr_method_passes_labels_and_logs_diagnostics():
+  """SimCLR with multi_positive='labels' is SupCon over the batch labels; the diagnostics
+  reach the metrics; bad settings fail when the method is built (before compiling)."""
+  from contrastive_jax import methods
+  from contrastive_jax.configs import simclr_mnist
+  c = simclr_mnist.get_config("quick")
+  c.global_batch = N
+  c.negatives.multi_positive = "labels"
+  mesh = distributed.make_mesh(8)
+  method = methods.build_method(c, mesh)
+  a, b = _inputs(5)
+  emb = {"z1": jnp.asarray(a, jnp.float32), "z2": jnp.asarray(b, jnp.float32)}
+  groups = method.group_ids({"label": jnp.asarray(LABELS)})
+  loss, metrics = jax.jit(lambda e, g: method.loss_from_embeddings(None, {**e, **g}, None))(
+      emb, groups)
+  np.testing.assert_allclose(float(loss), ref.nt_xent(a, b, c.loss.temperature, labels=LABELS),
+                             rtol=2e-5)
+  assert "same_class_negative_fraction" in metrics
+  for key, value, match in [("multi_positive", "captions", "not available"),
+                            ("debias_tau_plus", 1.5, r"\[0, 1\)")]:
+    bad = c.copy_and_resolve_references()
+    bad.negatives[key] = value
+    with pytest.raises(ValueError, match=match):
+      methods.build_method(bad, mesh)
+
+
+def test_clip_captions_grad_cache_equals_full_batch():
+  """Multi-positive CLIP over duplicate captions: group ids come from the tokens, not the
+  embeddings, so GradCache (M = 2, 8 devices) gives the full-batch step's loss and gradient."""
+  import test_grad_cache as gc
+  config = gc._clip_config()
+  config.negatives.multi_positive = "captions"
+  rs = np.random.RandomState(0)
+  captions = rs.randint(1, 200, (4, 8)).astype(np.int32)
+  batch = {"image": rs.rand(gc.BATCH, gc.SIZE, gc.SIZE, 3).astype(np.float32),
+           "tokens": captions[rs.randint(0, 4, gc.BATCH)]}
+  results = []
+  for num_devices, micro in ((1, 1), (8, 2)):
+    mesh = distributed.make_mesh(num_devices)
+    method = gc._method(config, mesh, micro)
+    from contrastive_jax import optim
+    tx, _ = optim.build_optimizer(config.optim, global_batch=gc.BATCH, total_steps=10)
+    state = jax.jit(functools.partial(method.init_state, tx=tx), **gc._FAST)(
+        jax.random.key(0))
+    x = jax.device_put(batch, distributed.data_sharding(mesh))
+    (loss, (metrics, _)), grads = jax.jit(
+        lambda s, x, method=method: method.value_and_grad(s.params, s, x, jax.random.key(1)),
+        **gc._FAST)(state, x)
+    results.append((float(loss), jax.device_get(grads)))
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
+  gc._assert_trees_close(results[1][1], results[0][1])
