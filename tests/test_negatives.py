@@ -24,6 +24,9 @@ CAPTIONS = np.array([0, 1, 0, 2, 3, 1, 0, 4, 5, 2, 6, 7, 1, 8, 9, 0], np.int32)
 CASES = {
     "debiased": ("nt_xent", O(debias_tau_plus=0.1), (0.3,), None,
                  lambda a, b, t: ref.nt_xent(a, b, t, tau_plus=0.1)),
+    # tau+ p outweighs the negatives for most anchors: the floor N exp(-1/T) is active.
+    "debiased_floor": ("nt_xent", O(debias_tau_plus=0.5), (1.0,), None,
+                       lambda a, b, t: ref.nt_xent(a, b, t, tau_plus=0.5)),
     "hard": ("nt_xent", O(hard_beta=1.0), (0.3,), None,
              lambda a, b, t: ref.nt_xent(a, b, t, beta=1.0)),
     "hard_debiased": ("nt_xent", O(debias_tau_plus=0.1, hard_beta=0.5), (0.2,), None,
