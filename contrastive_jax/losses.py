@@ -27,6 +27,14 @@ Conventions (how the directions combine differs between the papers and their cod
 * ``siglip_loss`` (Zhai et al. 2023, Alg. 1): ``-log sigmoid(z_ij (t x_i.y_j + b))`` summed over
   all N^2 pairs and divided by N (the number of rows), not by N^2.
 
+Negatives that are not negatives (``NegativeOptions``; ``config.negatives``): nt_xent, clip and
+moco take ``options`` (debiased, Chuang et al. 2020; hard-negative weights, Robinson et al.
+2021; decoupled, Yeh et al. 2022; multi-positive / SupCon, Khosla et al. 2020), and nt_xent,
+clip and siglip take ``groups`` [n] int ids (labels or caption ids; -1 unknown), gathered like
+the embeddings. Every option's per-row loss is a function of per-row sums over the candidates
+(``row_stats``: log-sum-exps over positives and negatives, sums of positive logits, counts), so
+the ring form accumulates the same statistics block by block and shares ``loss_from_stats``.
+
 With ``return_metrics=True`` each returns ``(loss, metrics)`` where ``metrics["accuracy"]`` is
 the contrastive top-1 accuracy (the positive scores highest among the anchor's candidates),
 averaged over the global batch like the loss.
