@@ -27,6 +27,14 @@ Conventions (how the directions combine differs between the papers and their cod
 * ``siglip_loss`` (Zhai et al. 2023, Alg. 1): ``-log sigmoid(z_ij (t x_i.y_j + b))`` summed over
   all N^2 pairs and divided by N (the number of rows), not by N^2.
 
+Negatives that are not negatives (``NegativeOptions``; ``config.negatives``): nt_xent, clip and
+moco take ``options`` (debiased, Chuang et al. 2020; hard-negative weights, Robinson et al.
+2021; decoupled, Yeh et al. 2022; multi-positive / SupCon, Khosla et al. 2020), and nt_xent,
+clip and siglip take ``groups`` [n] int ids (labels or caption ids; -1 unknown), gathered like
+the embeddings. Every option's per-row loss is a function of per-row sums over the candidates
+(``row_stats``: log-sum-exps over positives and negatives, sums of positive logits, counts), so
+the ring form accumulates the same statistics block by block and shares ``loss_from_stats``.
+
 With ``return_metrics=True`` each returns ``(loss, metrics)`` where ``metrics["accuracy"]`` is
 the contrastive top-1 accuracy (the positive scores highest among the anchor's candidates),
 averaged over the global batch like the loss.
@@ -34,6 +42,7 @@ averaged over the global batch like the loss.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -124,11 +133,169 @@ def _out(loss, metrics, return_metrics):
   return (loss, metrics) if return_metrics else loss
 
 
+# ----------------------------------------------------------------------------- negatives
+
+
+@dataclasses.dataclass(frozen=True)
+class NegativeOptions:
+  """How an InfoNCE loss treats its negatives (``config.negatives``); the defaults are InfoNCE.
+
+  debias_tau_plus: class prior tau+ in [0, 1) of the debiased contrastive loss (Chuang et al.
+    2020, "Debiased Contrastive Learning", eq. 6): with p = exp(l+) and the N negatives' logits
+    l_i, ``Ng = max((N E_w[exp(l_i)] - N tau+ p) / (1 - tau+), N exp(l_min))`` replaces their
+    sum and the loss is ``-log(p / (p + Ng))``. 0 is InfoNCE.
+  hard_beta: concentration beta >= 0 of hard-negative sampling (Robinson et al. 2021,
+    "Contrastive Learning with Hard Negative Samples", eq. 3 and the estimator of Sec. 3): the
+    expectation above weights negative i by ``exp(beta l_i)`` normalised to mean 1 over the
+    negatives (beta multiplies the logit ``s_i / T``, as in the authors' code); 0 is the
+    uniform mean (debiased, or InfoNCE with tau+ = 0).
+  decoupled: drop the positive(s) from the denominator (Yeh et al. 2022, "Decoupled
+    Contrastive Learning", eq. 3): ``-l+ + log(Ng)``.
+  multi_positive: candidates with the anchor's group id (same label, identical caption) are
+    positives, not negatives; the loss is the mean over the anchor's positives of their
+    log-probability, outside the log (SupCon "L_out", Khosla et al. 2020, eq. 2). Rows whose
+    group is -1 (unknown) keep their single positive.
+  """
+  debias_tau_plus: float = 0.0
+  hard_beta: float = 0.0
+  decoupled: bool = False
+  multi_positive: bool = False
+
+  def __post_init__(self):
+    if not 0.0 <= self.debias_tau_plus < 1.0:
+      raise ValueError(f"debias_tau_plus={self.debias_tau_plus} must be in [0, 1) (e.g. 0.1 "
+                       "for 10 balanced classes); set config.negatives.debias_tau_plus")
+    if self.hard_beta < 0:
+      raise ValueError(f"hard_beta={self.hard_beta} must be >= 0 (e.g. 0.5); set "
+                       "config.negatives.hard_beta")
+    if self.multi_positive and self.reweighted:
+      raise ValueError("debias_tau_plus / hard_beta estimate the negatives of a single "
+                       "positive; they do not combine with multi_positive (set one of them "
+                       "to 0 or config.negatives.multi_positive='none')")
+
+  @property
+  def reweighted(self) -> bool:
+    return self.debias_tau_plus > 0 or self.hard_beta > 0
+
+  @property
+  def plain(self) -> bool:
+    return not (self.reweighted or self.decoupled or self.multi_positive)
+
+
+PLAIN = NegativeOptions()
+
+# The per-row statistics every option's loss is a function of, each a sum over the row's
+# candidates; the log-sum-exps are kept as (max, sum of exp(x - max)) pairs so that the ring
+# form accumulates them block by block (online log-sum-exp).
+LSE_STATS = ("pos", "neg", "neg_hard", "neg_beta")   # of l, l, (1 + beta) l, beta l
+SUM_STATS = ("pos_logit", "num_pos", "num_neg", "diag_count", "diag_logit", "diag_total")
+
+
+def _masked_lse_terms(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(max, sum exp(x - max))`` over the masked entries of each row, the max without a
+  gradient (the log-sum-exp does not depend on it); an empty row gives ``(-inf, 0)``."""
+  m = jax.lax.stop_gradient(jnp.max(jnp.where(mask, x, -jnp.inf), axis=-1))
+  shift = jnp.where(jnp.isfinite(m), m, 0.0)
+  # -inf before the exp, not a zero after it: an excluded entry far above the max would give
+  # exp = inf and a NaN gradient (0 x inf) through the select.
+  return m, jnp.sum(jnp.exp(jnp.where(mask, x - shift[:, None], -jnp.inf)), axis=-1)
+
+
+def combine_lse(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]):
+  """Merges two ``(max, sum)`` pairs of the same rows (the online log-sum-exp step)."""
+  m = jnp.maximum(a[0], b[0])
+  shift = jnp.where(jnp.isfinite(m), m, 0.0)
+  sa = jnp.where(jnp.isfinite(a[0]), a[0], 0.0)
+  sb = jnp.where(jnp.isfinite(b[0]), b[0], 0.0)
+  return m, a[1] * jnp.exp(sa - shift) + b[1] * jnp.exp(sb - shift)
+
+
+def lse_value(pair: tuple[jax.Array, jax.Array]) -> jax.Array:
+  m, s = pair
+  return jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(s)
+
+
+def row_stats(logits: jax.Array, pos: jax.Array, neg: jax.Array, diag: jax.Array,
+              diag_total: jax.Array, beta: float) -> dict[str, Any]:
+  """The per-row statistics of [n, M] ``logits`` with [n, M] boolean masks: ``pos`` (the
+  anchor's positives), ``neg`` (its negatives), ``diag`` (same-class candidates among the
+  InfoNCE negatives, for the diagnostics) and ``diag_total`` (all InfoNCE negatives of rows
+  whose class is known)."""
+  out = {"pos": _masked_lse_terms(logits, pos), "neg": _masked_lse_terms(logits, neg),
+         "neg_hard": _masked_lse_terms((1.0 + beta) * logits, neg),
+         "neg_beta": _masked_lse_terms(beta * logits, neg)}
+  count = lambda mask: jnp.sum(mask.astype(logits.dtype), axis=-1)
+  out["pos_logit"] = jnp.sum(jnp.where(pos, logits, 0.0), axis=-1)
+  out["num_pos"], out["num_neg"] = count(pos), count(neg)
+  out["diag_count"], out["diag_total"] = count(diag), count(diag_total)
+  out["diag_logit"] = jax.lax.stop_gradient(jnp.sum(jnp.where(diag, logits, 0.0), axis=-1))
+  return out
+
+
+def combine_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+  out = {k: combine_lse(a[k], b[k]) for k in LSE_STATS}
+  out.update({k: a[k] + b[k] for k in SUM_STATS})
+  return out
+
+
+def loss_from_stats(stats: dict[str, Any], options: NegativeOptions,
+                    min_logit: jax.Array) -> jax.Array:
+  """Per-row loss [n] of the option's equation from the row statistics.
+
+  ``min_logit`` is the smallest possible logit (``-1/T``: cosine -1), the floor
+  ``N exp(min_logit)`` of the debiased estimator (Chuang et al. 2020, eq. 6)."""
+  mean_pos = stats["pos_logit"] / stats["num_pos"]
+  if options.reweighted:
+    tau = options.debias_tau_plus
+    n_neg = stats["num_neg"]
+    # log(N E_w[exp(l)]) with weights exp(beta l) of mean 1: log N + LSE((1+b) l) - LSE(b l).
+    log_mean = jnp.log(n_neg) + lse_value(stats["neg_hard"]) - lse_value(stats["neg_beta"])
+    log_pos = jnp.log(n_neg * tau) + mean_pos if tau > 0 else jnp.full_like(mean_pos, -jnp.inf)
+    # (exp(log_mean) - exp(log_pos)) / (1 - tau), in log space, clamped below at the floor.
+    top = jnp.maximum(log_mean, log_pos)
+    diff = jnp.exp(log_mean - top) - jnp.exp(log_pos - top)
+    floor = jnp.log(n_neg) + min_logit
+    log_ng = jnp.maximum(top + jnp.log(jnp.maximum(diff, 1e-30)) - jnp.log1p(-tau), floor)
+  else:
+    log_ng = lse_value(stats["neg"])
+  if options.decoupled:
+    return log_ng - mean_pos
+  if options.reweighted:
+    return jnp.logaddexp(mean_pos, log_ng) - mean_pos
+  return jnp.logaddexp(lse_value(stats["pos"]), log_ng) - mean_pos
+
+
+def diagnostics(stats: dict[str, Any], scale: jax.Array, axis_name: str | None
+                ) -> dict[str, jax.Array]:
+  """``same_class_negative_fraction``: of the InfoNCE negatives of rows whose class is known,
+  the fraction that share the anchor's class; ``same_class_negative_similarity``: their mean
+  cosine similarity (``scale`` divides the logits back to cosines). Global sums."""
+  total = lambda x: jnp.sum(x) if axis_name is None else jax.lax.psum(jnp.sum(x), axis_name)
+  count, known = total(stats["diag_count"]), total(stats["diag_total"])
+  sim = total(stats["diag_logit"]) / scale
+  return {"same_class_negative_fraction": count / jnp.maximum(known, 1.0),
+          "same_class_negative_similarity": sim / jnp.maximum(count, 1.0)}
+
+
+def _group_masks(a_groups, c_groups, self_mask, twin, options):
+  """(pos, neg, diag, diag_total) [n, M] masks from group ids (``None``: none known)."""
+  others = ~self_mask & ~twin
+  if a_groups is None:
+    same = jnp.zeros_like(twin)
+    known = jnp.zeros(twin.shape[:1], bool)
+  else:
+    known = a_groups >= 0
+    same = (a_groups[:, None] == c_groups[None, :]) & known[:, None]
+  pos = twin | (same & ~self_mask) if options.multi_positive else twin
+  return pos, ~self_mask & ~pos, same & others, others & known[:, None]
+
+
 # ----------------------------------------------------------------------------- losses
 
 
 def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float | jax.Array,
-            axis_name: str | None = None, *, return_metrics: bool = False):
+            axis_name: str | None = None, *, return_metrics: bool = False,
+            groups: jax.Array | None = None, options: NegativeOptions = PLAIN):
   """SimCLR's NT-Xent loss over the global batch.
 
   Args:
@@ -136,7 +303,11 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float | jax.Array,
       the same image). Any float dtype.
     temperature: scalar tau > 0.
     axis_name: mesh axis to gather over inside ``shard_map``; ``None`` on one device.
-    return_metrics: also return ``{"accuracy": ...}``.
+    return_metrics: also return ``{"accuracy": ...}`` (and, with ``groups``, the
+      same-class negative diagnostics of ``diagnostics``).
+    groups: optional [n] int group ids of this shard's images (class labels; -1 unknown),
+      gathered like the embeddings; both views of an image share its id.
+    options: ``NegativeOptions`` (debiased, hard negatives, decoupled, SupCon).
 
   Returns:
     Scalar float32 loss: the mean over the 2N anchors of the global batch of
@@ -156,15 +327,39 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float | jax.Array,
   self_col = jnp.concatenate([rows, rows + num_global])               # anchor's own column
   pos_col = jnp.concatenate([rows + num_global, rows])                # its twin's column
   columns = jnp.arange(2 * num_global)
-  logits = jnp.where(columns[None, :] == self_col[:, None], -jnp.inf, logits)
+  self_mask = columns[None, :] == self_col[:, None]
+  raw, logits = logits, jnp.where(self_mask, -jnp.inf, logits)
+  if groups is None and options.plain:
+    per_anchor, hit = _cross_entropy(logits, pos_col)
+    loss = _global_mean(per_anchor, axis_name)
+    return _out(loss, {"accuracy": _global_mean(hit, axis_name)}, return_metrics)
 
-  per_anchor, hit = _cross_entropy(logits, pos_col)
-  loss = _global_mean(per_anchor, axis_name)
-  return _out(loss, {"accuracy": _global_mean(hit, axis_name)}, return_metrics)
+  twin = columns[None, :] == pos_col[:, None]
+  a_groups = c_groups = None
+  if groups is not None:
+    _check_groups(groups, n)
+    a_groups = jnp.concatenate([groups, groups])
+    gathered = _gather(groups, axis_name)
+    c_groups = jnp.concatenate([gathered, gathered])
+  masks = _group_masks(a_groups, c_groups, self_mask, twin, options)
+  stats = row_stats(raw, *masks, options.hard_beta)      # the masks exclude the anchor
+  per_anchor = loss_from_stats(stats, options, -1.0 / temperature)
+  hit = (jnp.argmax(logits, axis=-1) == pos_col).astype(logits.dtype)
+  metrics = {"accuracy": _global_mean(hit, axis_name)}
+  if groups is not None:
+    metrics.update(diagnostics(stats, 1.0 / temperature, axis_name))
+  return _out(_global_mean(per_anchor, axis_name), metrics, return_metrics)
+
+
+def _check_groups(groups: jax.Array, n: int) -> None:
+  if groups.shape != (n,) or not jnp.issubdtype(groups.dtype, jnp.integer):
+    raise ValueError(f"groups must be [{n}] integer ids (one per row; -1 unknown), got "
+                     f"{groups.shape} {groups.dtype}")
 
 
 def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | jax.Array,
-              axis_name: str | None = None, *, return_metrics: bool = False):
+              axis_name: str | None = None, *, return_metrics: bool = False,
+              groups: jax.Array | None = None, options: NegativeOptions = PLAIN):
   """CLIP's symmetric InfoNCE over the global batch.
 
   Args:
@@ -173,6 +368,9 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | ja
       log-scale, clipped at 100 by the method), > 0.
     axis_name: mesh axis to gather over inside ``shard_map``; ``None`` on one device.
     return_metrics: also return image->text, text->image and mean top-1 accuracy.
+    groups: optional [n] int caption ids (identical captions share one); with
+      ``options.multi_positive`` every pair of the same caption is a positive.
+    options: ``NegativeOptions``.
 
   Returns:
     Scalar float32 loss ``(CE(image->text) + CE(text->image)) / 2``, each the mean over the N
@@ -183,8 +381,24 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | ja
   n = image_emb.shape[0]
   img, txt = l2_normalize(image_emb), l2_normalize(text_emb)
   labels = _row_offset(n, axis_name) + jnp.arange(n)
-  i2t, hit_i2t = _cross_entropy(logit_scale * _sim(img, _gather(txt, axis_name)), labels)
-  t2i, hit_t2i = _cross_entropy(logit_scale * _sim(txt, _gather(img, axis_name)), labels)
+  if groups is None and options.plain:
+    i2t, hit_i2t = _cross_entropy(logit_scale * _sim(img, _gather(txt, axis_name)), labels)
+    t2i, hit_t2i = _cross_entropy(logit_scale * _sim(txt, _gather(img, axis_name)), labels)
+  else:
+    # Multi-positive (identical captions: same group id) is the same in both directions.
+    if groups is not None:
+      _check_groups(groups, n)
+    c_groups = None if groups is None else _gather(groups, axis_name)
+
+    def direction(a, b):
+      logits = logit_scale * _sim(a, _gather(b, axis_name))
+      twin = jnp.arange(logits.shape[1])[None, :] == labels[:, None]
+      masks = _group_masks(groups, c_groups, jnp.zeros_like(twin), twin, options)
+      stats = row_stats(logits, *masks, options.hard_beta)
+      hit = (jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype)
+      return loss_from_stats(stats, options, -logit_scale), hit
+
+    (i2t, hit_i2t), (t2i, hit_t2i) = direction(img, txt), direction(txt, img)
   loss = 0.5 * (_global_mean(i2t, axis_name) + _global_mean(t2i, axis_name))
   acc_i2t, acc_t2i = _global_mean(hit_i2t, axis_name), _global_mean(hit_t2i, axis_name)
   metrics = {"accuracy": 0.5 * (acc_i2t + acc_t2i), "i2t_accuracy": acc_i2t,
@@ -193,7 +407,8 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | ja
 
 
 def moco_loss(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: float | jax.Array,
-              axis_name: str | None = None, *, return_metrics: bool = False):
+              axis_name: str | None = None, *, return_metrics: bool = False,
+              options: NegativeOptions = PLAIN):
   """MoCo (v1/v2) InfoNCE: positive ``q.k``, negatives the K queued keys only.
 
   Args:
@@ -205,6 +420,8 @@ def moco_loss(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: float |
     axis_name: mesh axis for the global mean inside ``shard_map``. MoCo's negatives are the
       queue, not the batch, so nothing is gathered here; the method enqueues the gathered keys.
     return_metrics: also return ``{"accuracy": ...}`` (positive ranked above all K negatives).
+    options: ``NegativeOptions`` without ``multi_positive`` (the queue has no group ids):
+      debiased / hard-negative / decoupled over the K queued negatives.
 
   Returns:
     Scalar float32 mean over the global batch of ``-log softmax([q.k, q.queue^T] / tau)[0]``.
@@ -221,7 +438,19 @@ def moco_loss(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: float |
   l_pos = jnp.sum(q * k, axis=-1, keepdims=True)                        # [n, 1]
   l_neg = _sim(q, queue)                                                 # [n, K]
   logits = jnp.concatenate([l_pos, l_neg], axis=1) / temperature
-  per_row, hit = _cross_entropy(logits, jnp.zeros((q.shape[0],), jnp.int32))
+  labels = jnp.zeros((q.shape[0],), jnp.int32)
+  if options.plain:
+    per_row, hit = _cross_entropy(logits, labels)
+  else:
+    if options.multi_positive:
+      raise ValueError("moco_loss has no group ids for its queue; multi_positive is for "
+                       "SimCLR (labels) and CLIP/SigLIP (captions)")
+    twin = jnp.arange(logits.shape[1])[None, :] == 0
+    twin = jnp.broadcast_to(twin, logits.shape)
+    masks = _group_masks(None, None, jnp.zeros_like(twin), twin, options)
+    stats = row_stats(logits, *masks, options.hard_beta)
+    per_row = loss_from_stats(stats, options, -1.0 / temperature)
+    hit = (jnp.argmax(logits, axis=-1) == 0).astype(logits.dtype)
   loss = _global_mean(per_row, axis_name)
   return _out(loss, {"accuracy": _global_mean(hit, axis_name)}, return_metrics)
 
@@ -254,7 +483,8 @@ def moco_v3_loss(q: jax.Array, k: jax.Array, temperature: float | jax.Array,
 
 def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | jax.Array,
                 logit_bias: float | jax.Array, axis_name: str | None = None, *,
-                return_metrics: bool = False):
+                return_metrics: bool = False, groups: jax.Array | None = None,
+                options: NegativeOptions = PLAIN):
   """SigLIP's pairwise sigmoid loss over the global batch.
 
   Args:
@@ -264,6 +494,9 @@ def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | 
     axis_name: mesh axis to gather the texts over inside ``shard_map``; ``None`` on one device.
     return_metrics: also return ``{"accuracy": ...}`` (the matching text scores highest in
       its image's row).
+    groups: optional [n] int caption ids; with ``options.multi_positive`` every pair of
+      the same caption is labelled +1.
+    options: ``NegativeOptions`` (only ``multi_positive`` applies).
 
   Returns:
     Scalar float32 ``-(1/N) sum_i sum_j log sigmoid(z_ij (t x_i.y_j + b))`` with z_ij = +1 for
@@ -278,6 +511,14 @@ def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | 
   logits = logit_scale * _sim(img, _gather(txt, axis_name)) + logit_bias   # [n, N]
   pos_col = _row_offset(n, axis_name) + jnp.arange(n)
   is_pos = jnp.arange(logits.shape[1])[None, :] == pos_col[:, None]
+  if options.reweighted or options.decoupled:
+    raise ValueError("SigLIP has no softmax denominator: debias_tau_plus, hard_beta and "
+                     "decoupled do not apply (config.negatives); multi_positive does")
+  if groups is not None and options.multi_positive:
+    _check_groups(groups, n)
+    # Identical captions: z_ij = +1 for every pair of the same group (Zhai et al. 2023 treat
+    # only the matching pair as positive; here a duplicate caption is not a negative).
+    is_pos = is_pos | (groups[:, None] == _gather(groups, axis_name)[None, :])
   signs = jnp.where(is_pos, 1.0, -1.0).astype(logits.dtype)
   per_row = -jnp.sum(jax.nn.log_sigmoid(signs * logits), axis=1)          # [n]
   loss = _global_mean(per_row, axis_name)
@@ -310,8 +551,13 @@ def sharded(loss_fn: Callable[..., Any], mesh: jax.sharding.Mesh, *, axis_name: 
   """
   num_shards = mesh.shape[axis_name]
 
-  def wrapped(*args):
-    for i, x in enumerate(args[:num_batch_args]):
+  def wrapped(*args, **batch_kwargs):
+    # Keyword arrays (``groups``) are [N] batch arrays split like the embeddings; None: absent.
+    batch_kwargs = {k: v for k, v in batch_kwargs.items() if v is not None}
+    names = sorted(batch_kwargs)
+    args = tuple(args) + tuple(batch_kwargs[k] for k in names)
+    num_pos_args = len(args) - len(names)
+    for i, x in enumerate(args[:num_batch_args] + args[num_pos_args:]):
       rows = jnp.shape(x)[0]
       if rows % num_shards:
         raise ValueError(
@@ -319,16 +565,19 @@ def sharded(loss_fn: Callable[..., Any], mesh: jax.sharding.Mesh, *, axis_name: 
             f"{num_shards} devices of mesh axis '{axis_name}'; use a global batch that is a "
             f"multiple of {num_shards}")
     # Python numbers stay static (so the loss validates them); arrays go through shard_map.
-    is_static = [i >= num_batch_args and isinstance(x, (int, float)) for i, x in enumerate(args)]
+    is_batch = [i < num_batch_args or i >= num_pos_args for i in range(len(args))]
+    is_static = [not b and isinstance(x, (int, float)) for x, b in zip(args, is_batch)]
     dynamic = [x for x, s in zip(args, is_static) if not s]
 
     def per_shard(*dyn):
       it = iter(dyn)
       full = [x if s else next(it) for x, s in zip(args, is_static)]
-      return loss_fn(*full, axis_name=axis_name, return_metrics=return_metrics)
+      kwargs = dict(zip(names, full[num_pos_args:]))
+      return loss_fn(*full[:num_pos_args], axis_name=axis_name,
+                     return_metrics=return_metrics, **kwargs)
 
-    specs = tuple(P(axis_name) if i < num_batch_args else P()
-                  for i, s in enumerate(is_static) if not s)
+    specs = tuple(P(axis_name) if b else P()
+                  for b, s in zip(is_batch, is_static) if not s)
     return jax.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=P())(*dynamic)
 
   return wrapped

@@ -434,12 +434,103 @@ def _spec(kind="softmax", *, divide, axis_name, tile, pos_shift=0, mask_self=Fal
                    tile=_check_tile(tile))
 
 
+# ----------------------------------------------------------------------------- negative options
+
+
+def _ring_options(anchors, keys, a_groups, k_groups, f, bias, *, axis_name, pos_shift,
+                  mask_self, halves, kind, options: losses.NegativeOptions):
+  """The ring with ``losses.NegativeOptions`` (debiased, hard, decoupled, multi-positive) or
+  group ids: per-row loss [m], hit [m] and the row statistics (``losses.row_stats``).
+
+  The key blocks travel with their group ids; each hop adds the block's row statistics to the
+  running ones with the online log-sum-exp (``losses.combine_stats``), and the loss is the same
+  function of the statistics as in the all-gather form (``losses.loss_from_stats``). Gradients
+  by autodiff through the loop with each hop rematerialised (``jax.checkpoint``): the backward
+  pass recomputes a block's logits instead of storing them, so no [m, N] array exists, but the
+  blocks the loop carried (O(N x D) per device, like an all-gather of the embeddings) are
+  kept. Whole blocks only (``tile`` is not supported with these options).
+
+  ``f``: the logit multiplier (1/T or the logit scale); ``kind``: "softmax" or "sigmoid"
+  (SigLIP, additive: multi-positive only).
+  """
+  size = _ring_size(axis_name)
+  me = _my_index(axis_name)
+  m, c = anchors.shape[0], keys.shape[0]
+  dtype = anchors.dtype
+  spec = _RingSpec(kind=kind, divide=False, pos_shift=pos_shift, mask_self=mask_self,
+                   halves=halves, keys_grad=True, axis_name=axis_name)
+  rows, cols = jnp.arange(m), jnp.arange(c)
+  scaled = anchors * f
+  options_masks = options if kind == "softmax" else dataclasses.replace(
+      options, multi_positive=False)
+
+  @jax.checkpoint
+  def score(hop, block, block_groups, stats):
+    own = hop == 0
+    logits = _sim(scaled, block)
+    if kind == "sigmoid":
+      logits = logits + bias
+    self_mask = (own & (cols[None, :] == rows[:, None])) if mask_self else jnp.zeros(
+        (m, c), bool)
+    twin = own & (cols[None, :] == ((rows + pos_shift) % c)[:, None])
+    logits_m = jnp.where(self_mask, -jnp.inf, logits)
+    tile_max = jnp.max(logits_m, axis=1)
+    tile_col = _global_columns(spec, (me - hop) % size, cols, c, size)[
+        jnp.argmax(logits_m, axis=1)]
+    best, best_col = stats["best"], stats["best_col"]
+    better = (tile_max > best) | ((tile_max == best) & (tile_col < best_col))
+    out = {"best": jnp.where(better, tile_max, best),
+           "best_col": jnp.where(better, tile_col, best_col)}
+    masks = losses._group_masks(a_groups, block_groups, self_mask, twin, options_masks)
+    if kind == "sigmoid":
+      pos = masks[0]
+      if options.multi_positive and a_groups is not None:
+        pos = pos | (a_groups[:, None] == block_groups[None, :])
+      signs = jnp.where(pos, 1.0, -1.0).astype(dtype)
+      out["sigmoid"] = stats["sigmoid"] - jnp.sum(jax.nn.log_sigmoid(signs * logits), axis=1)
+      return out
+    block_stats = losses.row_stats(logits, *masks, options.hard_beta)   # masks drop self
+    out.update(losses.combine_stats({k: stats[k] for k in block_stats}, block_stats))
+    return out
+
+  def hop_body(hop, carry):
+    block, block_groups, stats = carry
+    stats = score(hop, block, block_groups, stats)
+    block, block_groups = _hop((block, block_groups), axis_name, size)
+    return block, block_groups, stats
+
+  vary = lambda x: _varying(x, axis_name)
+  full = lambda value, dt=dtype: vary(jnp.full((m,), value, dt))
+  stats = {"best": full(-jnp.inf), "best_col": full(0, jnp.int32)}
+  if kind == "sigmoid":
+    stats["sigmoid"] = full(0.0)
+  else:
+    stats.update({k: (full(-jnp.inf), full(0.0)) for k in losses.LSE_STATS})
+    stats.update({k: full(0.0) for k in losses.SUM_STATS})
+  if k_groups is None:        # a dummy block of ids keeps one loop body
+    k_groups = jnp.full((c,), -1, jnp.int32)
+  _, _, stats = jax.lax.fori_loop(0, size, hop_body, (keys, vary(k_groups), stats))
+
+  pos_column = _global_columns(spec, me, (rows + pos_shift) % c, c, size)
+  hit = (stats["best_col"] == pos_column).astype(dtype)
+  if kind == "sigmoid":
+    return stats["sigmoid"], hit, stats
+  return losses.loss_from_stats(stats, options, -f), hit, stats
+
+
+def _check_no_tile(tile):
+  if _check_tile(tile) is not None:
+    raise ValueError("the ring loss with config.negatives options or group ids scores whole "
+                     "blocks; set config.loss_tile=0")
+
+
 # ----------------------------------------------------------------------------- losses
 
 
 def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float | jax.Array,
             axis_name: str | None = None, *, return_metrics: bool = False,
-            tile: int | None = None):
+            tile: int | None = None, groups: jax.Array | None = None,
+            options: losses.NegativeOptions = losses.PLAIN):
   """SimCLR's NT-Xent over the global batch, ring form of ``losses.nt_xent`` (same value).
 
   Args:
@@ -458,6 +549,19 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float | jax.Array,
   _check_positive("temperature", temperature)
   n = z1.shape[0]
   views = jnp.concatenate([_normalize(z1), _normalize(z2)], axis=0)     # [2n, D]
+  if groups is not None or not options.plain:
+    _check_no_tile(tile)
+    both = None
+    if groups is not None:
+      losses._check_groups(groups, n)
+      both = jnp.concatenate([groups, groups])
+    per_anchor, hit, stats = _ring_options(
+        views, views, both, both, 1.0 / temperature, 0.0, axis_name=axis_name, pos_shift=n,
+        mask_self=True, halves=2, kind="softmax", options=options)
+    metrics = {"accuracy": _global_mean(hit, axis_name)}
+    if groups is not None:
+      metrics.update(losses.diagnostics(stats, 1.0 / temperature, axis_name))
+    return _out(_global_mean(per_anchor, axis_name), metrics, return_metrics)
   spec = _spec(divide=True, axis_name=axis_name, tile=tile, pos_shift=n, mask_self=True,
                halves=2)
   per_anchor, hit = _run_ring(spec, views, views, temperature)
@@ -467,7 +571,8 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float | jax.Array,
 
 def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | jax.Array,
               axis_name: str | None = None, *, return_metrics: bool = False,
-              tile: int | None = None):
+              tile: int | None = None, groups: jax.Array | None = None,
+              options: losses.NegativeOptions = losses.PLAIN):
   """CLIP's symmetric InfoNCE, ring form of ``losses.clip_loss`` (same value and metrics).
 
   Args:
@@ -484,9 +589,18 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | ja
   _check_embeddings("image_emb", image_emb, "text_emb", text_emb)
   _check_positive("logit_scale", logit_scale)
   img, txt = _normalize(image_emb), _normalize(text_emb)
-  spec = _spec(divide=False, axis_name=axis_name, tile=tile)
-  i2t, hit_i2t = _run_ring(spec, img, txt, logit_scale)
-  t2i, hit_t2i = _run_ring(spec, txt, img, logit_scale)
+  if groups is not None or not options.plain:
+    _check_no_tile(tile)
+    if groups is not None:
+      losses._check_groups(groups, img.shape[0])
+    run = lambda a, b: _ring_options(
+        a, b, groups, groups, logit_scale, 0.0, axis_name=axis_name, pos_shift=0,
+        mask_self=False, halves=1, kind="softmax", options=options)[:2]
+    (i2t, hit_i2t), (t2i, hit_t2i) = run(img, txt), run(txt, img)
+  else:
+    spec = _spec(divide=False, axis_name=axis_name, tile=tile)
+    i2t, hit_i2t = _run_ring(spec, img, txt, logit_scale)
+    t2i, hit_t2i = _run_ring(spec, txt, img, logit_scale)
   loss = 0.5 * (_global_mean(i2t, axis_name) + _global_mean(t2i, axis_name))
   acc_i2t, acc_t2i = _global_mean(hit_i2t, axis_name), _global_mean(hit_t2i, axis_name)
   metrics = {"accuracy": 0.5 * (acc_i2t + acc_t2i), "i2t_accuracy": acc_i2t,
@@ -523,7 +637,9 @@ def moco_v3_loss(q: jax.Array, k: jax.Array, temperature: float | jax.Array,
 
 def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | jax.Array,
                 logit_bias: float | jax.Array, axis_name: str | None = None, *,
-                return_metrics: bool = False, tile: int | None = None):
+                return_metrics: bool = False, tile: int | None = None,
+                groups: jax.Array | None = None,
+                options: losses.NegativeOptions = losses.PLAIN):
   """SigLIP's sigmoid loss, ring form of ``losses.siglip_loss`` (same value and metrics).
 
   Args:
@@ -543,8 +659,18 @@ def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | 
   if jnp.ndim(logit_bias) != 0:
     raise ValueError(f"logit_bias must be a scalar, got shape {jnp.shape(logit_bias)}")
   img, txt = _normalize(image_emb), _normalize(text_emb)
-  spec = _spec("sigmoid", divide=False, axis_name=axis_name, tile=tile)
-  per_row, hit = _run_ring(spec, img, txt, logit_scale, logit_bias)
+  if options.reweighted or options.decoupled:
+    raise ValueError("SigLIP has no softmax denominator: debias_tau_plus, hard_beta and "
+                     "decoupled do not apply (config.negatives); multi_positive does")
+  if groups is not None and options.multi_positive:
+    _check_no_tile(tile)
+    losses._check_groups(groups, img.shape[0])
+    per_row, hit, _ = _ring_options(
+        img, txt, groups, groups, logit_scale, logit_bias, axis_name=axis_name, pos_shift=0,
+        mask_self=False, halves=1, kind="sigmoid", options=options)
+  else:
+    spec = _spec("sigmoid", divide=False, axis_name=axis_name, tile=tile)
+    per_row, hit = _run_ring(spec, img, txt, logit_scale, logit_bias)
   loss = _global_mean(per_row, axis_name)
   return _out(loss, {"accuracy": _global_mean(hit, axis_name)}, return_metrics)
 
@@ -562,8 +688,8 @@ RING_LOSSES: dict[str, Callable[..., Any]] = {
 IMPLEMENTATIONS = ("all_gather", "ring")
 
 
-def get_loss(name: str, impl: str = "all_gather", *, tile: int | None = None
-             ) -> Callable[..., Any]:
+def get_loss(name: str, impl: str = "all_gather", *, tile: int | None = None,
+             options: losses.NegativeOptions | None = None) -> Callable[..., Any]:
   """The per-shard loss function ``name`` ("nt_xent", "clip", "moco", "moco_v3", "siglip").
 
   ``impl="all_gather"`` gives ``losses.LOSSES[name]`` (fastest while the [n, N] logits fit);
@@ -574,6 +700,11 @@ def get_loss(name: str, impl: str = "all_gather", *, tile: int | None = None
   of O(n x n). ``None`` or 0 scores whole [n, n] blocks (the fastest while they fit). Local
   rows need not be divisible by ``tile``: the tiles are made as even as possible and the
   remainder is masked. MoCo v2's queue loss has no block to tile and ignores it.
+
+  ``options`` (``losses.NegativeOptions``; ``config.negatives``): debiased, hard-negative,
+  decoupled or multi-positive forms of nt_xent, clip and moco (siglip: multi-positive only;
+  moco_v3: none). With options other than InfoNCE the ring scores whole blocks (``tile``
+  must be None/0).
   """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"loss impl must be one of {IMPLEMENTATIONS}, got {impl!r}; "
@@ -582,9 +713,18 @@ def get_loss(name: str, impl: str = "all_gather", *, tile: int | None = None
   if name not in table:
     raise ValueError(f"unknown loss {name!r}; choose one of {sorted(table)}")
   tile = _check_tile(tile)
+  fn = table[name]
+  if options is not None and options != losses.PLAIN:
+    if name == "moco_v3":
+      raise ValueError("config.negatives options are not implemented for MoCo v3; use "
+                       "SimCLR, MoCo v2 or CLIP/SigLIP, or reset config.negatives")
+    if tile is not None and name != "moco":
+      raise ValueError("config.negatives options score whole ring blocks; set "
+                       "config.loss_tile=0")
+    fn = functools.partial(fn, options=options)
   if tile is None or name == "moco":
-    return table[name]
+    return fn
   if impl != "ring":
     raise ValueError(f"tile={tile} applies to the ring loss only; set config.loss_impl='ring' "
                      "(or config.loss_tile=0 to keep the all-gather loss)")
-  return functools.partial(table[name], tile=tile)
+  return functools.partial(fn, tile=tile)

@@ -19,7 +19,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from contrastive_jax import distributed, losses  # noqa: E402
+from contrastive_jax import distributed, losses, ring_losses  # noqa: E402
+
+
+GROUPED = ("nt_xent_supcon_ring", "clip_multi_ring")
 
 
 def main():
@@ -36,6 +39,10 @@ def main():
   per_host = a.shape[0] // num_processes
   mine = slice(process_id * per_host, (process_id + 1) * per_host)
   ga, gb = distributed.host_local_to_global({"a": a[mine], "b": b[mine]}, mesh).values()
+  # Group ids (labels, caption ids) are split over the processes like the embeddings.
+  groups = distributed.host_local_to_global({"g": data["groups"][mine]}, mesh)["g"]
+  hard = losses.NegativeOptions(debias_tau_plus=0.1, hard_beta=1.0)
+  multi = losses.NegativeOptions(multi_positive=True)
 
   cases = {
       "nt_xent": (losses.nt_xent, (0.1,)),
@@ -43,12 +50,20 @@ def main():
       "moco": (losses.moco_loss, (jnp.asarray(queue), 0.2)),
       "moco_v3": (losses.moco_v3_loss, (0.2,)),
       "siglip": (losses.siglip_loss, (jnp.float32(10.0), jnp.float32(-10.0))),
+      "nt_xent_hard": (ring_losses.get_loss("nt_xent", options=hard), (0.1,)),
+      "nt_xent_supcon_ring": (ring_losses.get_loss("nt_xent", "ring", options=multi), (0.1,)),
+      "clip_multi_ring": (ring_losses.get_loss("clip", "ring", options=multi),
+                          (jnp.float32(14.3),)),
   }
   results = {}
   for name, (fn, extra) in cases.items():
     f = losses.sharded(fn, mesh)
-    value, (da, db) = jax.jit(jax.value_and_grad(lambda x, y: f(x, y, *extra),
-                                                 argnums=(0, 1)))(ga, gb)
+    grouped = name in GROUPED
+
+    def loss(x, y, g, f=f, extra=extra, grouped=grouped):
+      return f(x, y, *extra, **({"groups": g} if grouped else {}))
+
+    value, (da, db) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(ga, gb, groups)
     results[f"{name}/loss"] = np.asarray(value.addressable_data(0))  # replicated
     results[f"{name}/da"] = np.asarray(multihost_utils.process_allgather(da, tiled=True))
     results[f"{name}/db"] = np.asarray(multihost_utils.process_allgather(db, tiled=True))

@@ -50,7 +50,8 @@ def test_two_processes_match_single_process_loss_and_grads(tmp_path):
   b = (a + rng.normal(size=(8, 16))).astype(np.float32)
   queue = rng.normal(size=(32, 16))
   queue = (queue / np.linalg.norm(queue, axis=1, keepdims=True)).astype(np.float32)
-  np.savez(tmp_path / "inputs.npz", a=a, b=b, queue=queue)
+  groups = np.array([0, 1, 0, 2, 1, 0, -1, 2], np.int32)
+  np.savez(tmp_path / "inputs.npz", a=a, b=b, queue=queue, groups=groups)
   out = tmp_path / "out.npz"
   port = free_port()
   run_processes(lambda i: [sys.executable, os.path.join(HERE, "multihost_loss_worker.py"),
@@ -62,6 +63,15 @@ def test_two_processes_match_single_process_loss_and_grads(tmp_path):
       "moco": lambda x, y: losses.moco_loss(x, y, jnp.asarray(queue), 0.2),
       "moco_v3": lambda x, y: losses.moco_v3_loss(x, y, 0.2),
       "siglip": lambda x, y: losses.siglip_loss(x, y, 10.0, -10.0),
+      # Negative options and group ids: against the single-process all-gather form.
+      "nt_xent_hard": lambda x, y: losses.nt_xent(
+          x, y, 0.1, options=losses.NegativeOptions(debias_tau_plus=0.1, hard_beta=1.0)),
+      "nt_xent_supcon_ring": lambda x, y: losses.nt_xent(
+          x, y, 0.1, groups=jnp.asarray(groups),
+          options=losses.NegativeOptions(multi_positive=True)),
+      "clip_multi_ring": lambda x, y: losses.clip_loss(
+          x, y, 14.3, groups=jnp.asarray(groups),
+          options=losses.NegativeOptions(multi_positive=True)),
   }
   for name, fn in cases.items():
     value, (da, db) = jax.value_and_grad(fn, argnums=(0, 1))(a, b)

@@ -53,6 +53,14 @@ def base_config() -> ml_collections.ConfigDict:
   # With loss_impl="ring": each device's block in [loss_tile, loss_tile] pieces (Inf-CL,
   # Cheng et al. 2024), so the loss's memory is O(n x D + tile^2); 0 = whole blocks.
   c.loss_tile = 0
+  # How the InfoNCE losses treat negatives (losses.NegativeOptions; defaults: InfoNCE):
+  # debias_tau_plus (Chuang et al. 2020), hard_beta (Robinson et al. 2021), decoupled (Yeh et
+  # al. 2022) for SimCLR, MoCo v2 and CLIP; multi_positive "labels" (SimCLR: SupCon, Khosla et
+  # al. 2020) or "captions" (CLIP/SigLIP: identical captions are positives). diagnostics: log
+  # the fraction of same-class negatives and their similarity when batches carry labels.
+  c.negatives = ml_collections.ConfigDict(dict(
+      debias_tau_plus=0.0, hard_beta=0.0, decoupled=False, multi_positive="none",
+      diagnostics=True))
   # GradCache (grad_cache.py; SimCLR and CLIP): M > 1 computes the global batch's loss and
   # gradient in M micro-batches, holding one micro-batch's activations at a time. Exact without
   # BN; global_batch must be divisible by M x devices.

@@ -49,6 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 
 from contrastive_jax import grad_cache, losses, models, ring_losses
@@ -114,11 +115,56 @@ def embedding_summaries(z1: jax.Array, z2: jax.Array) -> dict[str, jax.Array]:
           "uniformity": 0.5 * (em.uniformity(z1) + em.uniformity(z2))}
 
 
-def global_loss(config: ml_collections.ConfigDict, name: str, mesh):
+MULTI_POSITIVE = ("none", "labels", "captions")
+
+
+def negative_options(config: ml_collections.ConfigDict, *, reweight: bool,
+                     multi_positive: tuple[str, ...]) -> losses.NegativeOptions:
+  """``losses.NegativeOptions`` from ``config.negatives``, checked against what the method
+  supports (``reweight``: debiased / hard / decoupled; ``multi_positive``: the group kinds it
+  has). Raises ``ValueError`` naming the key, before anything is compiled."""
+  neg = config.negatives
+  kind = neg.multi_positive
+  if kind not in MULTI_POSITIVE:
+    raise ValueError(f"config.negatives.multi_positive={kind!r}; use one of {MULTI_POSITIVE}")
+  if kind != "none" and kind not in multi_positive:
+    raise ValueError(f"config.negatives.multi_positive={kind!r} is not available for method "
+                     f"{config.method!r}; it supports {('none',) + multi_positive}")
+  tau, beta, decoupled = float(neg.debias_tau_plus), float(neg.hard_beta), bool(neg.decoupled)
+  if not reweight and (tau or beta or decoupled):
+    raise ValueError(f"config.negatives.debias_tau_plus / hard_beta / decoupled do not apply to "
+                     f"method {config.method!r} (SimCLR, MoCo v2 and CLIP have them); reset "
+                     "them to 0 / False")
+  options = losses.NegativeOptions(debias_tau_plus=tau, hard_beta=beta, decoupled=decoupled,
+                                   multi_positive=kind != "none")
+  if not options.plain and config.loss_tile:
+    raise ValueError("config.negatives options score whole ring blocks; set "
+                     "config.loss_tile=0")
+  return options
+
+
+def caption_ids(tokens: jax.Array) -> jax.Array:
+  """[B, L] int tokens -> [B] int32 ids, equal for identical rows: a polynomial hash mod 2^32
+  (two rows that differ collide with probability about 2^-32 per pair; the loss then treats
+  them as the same caption). Non-negative, so that no caption reads as "unknown" (-1)."""
+  length = tokens.shape[1]
+  powers = np.ones(length, np.uint32)
+  for j in range(1, length):
+    powers[j] = np.uint32((int(powers[j - 1]) * 1_000_003) % 2**32)
+  h = jnp.sum(tokens.astype(jnp.uint32) * jnp.asarray(powers)[None, :], axis=1,
+              dtype=jnp.uint32)
+  h = h ^ (h >> 16)
+  return (h >> 1).astype(jnp.int32)
+
+
+def global_loss(config: ml_collections.ConfigDict, name: str, mesh,
+                options: losses.NegativeOptions | None = None):
   """The loss ``name`` over the global batch, ``(loss, metrics)``, as ``config.loss_impl`` says:
   ``"all_gather"`` (default; fastest while the [n, N] logits fit) or ``"ring"`` (memory-bounded,
-  same values and gradients; see ``ring_losses.py``)."""
-  loss = ring_losses.get_loss(name, config.loss_impl, tile=config.loss_tile or None)
+  same values and gradients; see ``ring_losses.py``). ``options``: how negatives are treated
+  (``config.negatives``; ``negative_options``). Group ids go in as ``groups=`` [N] int."""
+  loss = ring_losses.get_loss(name, config.loss_impl, tile=config.loss_tile or None,
+                              options=options)
   return losses.sharded(loss, mesh, return_metrics=True)
 
 
@@ -196,9 +242,17 @@ class Method(abc.ABC):
                       opt_state=tx.init(params), rng=state_rng,
                       **self.extra_state(params, batch_stats, *extra_rngs))
 
+  def group_ids(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Integer inputs of the loss read from the batch, not computed by the model (group ids:
+    labels, caption ids), merged into ``embeddings`` before ``loss_from_embeddings``. They are
+    not embeddings: GradCache passes them to the loss pass without differentiating them."""
+    del batch
+    return {}
+
   def loss_fn(self, params, state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
     """``(loss, (metrics, updates))`` of the global ``batch`` (``[B, ...]`` arrays)."""
     embeddings, updates = self.embed(params, state, batch, rng)
+    embeddings = {**embeddings, **self.group_ids(batch)}
     loss, metrics = self.loss_from_embeddings(params, embeddings, state)
     return loss, (metrics, updates)
 
@@ -211,9 +265,10 @@ class Method(abc.ABC):
     if m == 1:
       return jax.value_and_grad(self.loss_fn, has_aux=True)(params, state, batch, rng)
     inputs = {k: batch[k] for k in INPUTS[self.input_mode]}
+    groups = self.group_ids(batch)
     return grad_cache.value_and_grad(
         lambda p, x, key: self.embed(p, state, x, key),
-        lambda p, emb: self.loss_from_embeddings(p, emb, state),
+        lambda p, emb: self.loss_from_embeddings(p, {**emb, **groups}, state),
         params, inputs, rng, num_micro=m, mesh=self.mesh)
 
   def post_update(self, state: TrainState, updates: dict[str, Any]) -> TrainState:

@@ -73,7 +73,22 @@ class CLIP(base.Method):
     if max_scale is not None and max_scale <= 1.0:
       raise ValueError(f"config.clip.max_logit_scale={max_scale} must be > 1 (100 in CLIP) "
                        "or None for no clip")
+    self.negative_options      # noqa: B018 -- checks config.negatives before compiling
     super().__post_init__()
+
+  @property
+  def negative_options(self):
+    """``config.negatives``: ``multi_positive="captions"`` makes every pair of identical
+    captions (same tokens) a positive, in both directions (CLIP) or with label +1 (SigLIP);
+    CLIP also takes the debiased / hard / decoupled options."""
+    return base.negative_options(self.config, reweight=self.loss_name == "clip",
+                                 multi_positive=("captions",))
+
+  def group_ids(self, batch):
+    """``{"groups": caption ids}`` (``base.caption_ids`` of the tokens) for multi-positive."""
+    if self.negative_options.multi_positive:
+      return {"groups": base.caption_ids(batch["tokens"])}
+    return {}
 
   @property
   def loss_name(self) -> str:
@@ -119,9 +134,11 @@ class CLIP(base.Method):
     scale = clipped_logit_scale(params["logit_scale"], self.max_logit_scale)
     if self.loss_name == "siglip":
       bias = jnp.asarray(params["logit_bias"], jnp.float32)
-      loss, aux = base.global_loss(self.config, "siglip", self.mesh)(zimg, ztxt, scale, bias)
+      loss, aux = base.global_loss(self.config, "siglip", self.mesh, self.negative_options)(
+          zimg, ztxt, scale, bias, groups=embeddings.get("groups"))
     else:
-      loss, aux = base.global_loss(self.config, "clip", self.mesh)(zimg, ztxt, scale)
+      loss, aux = base.global_loss(self.config, "clip", self.mesh, self.negative_options)(
+          zimg, ztxt, scale, groups=embeddings.get("groups"))
     metrics = {"loss": loss, "contrastive_accuracy": aux["accuracy"], "logit_scale": scale,
                **base.embedding_summaries(zimg, ztxt)}
     if self.loss_name == "siglip":

@@ -144,7 +144,13 @@ class MoCoV2(_MoCo):
           f"config.moco.queue_size={fix} (or change config.global_batch)")
     if not 0.0 <= float(moco.momentum) <= 1.0:
       raise ValueError(f"config.moco.momentum={moco.momentum} must be in [0, 1] (0.999 in MoCo)")
+    self.negative_options      # noqa: B018 -- checks config.negatives before compiling
     super().__post_init__()
+
+  @property
+  def negative_options(self):
+    """Debiased / hard-negative / decoupled InfoNCE over the queue (``config.negatives``)."""
+    return base.negative_options(self.config, reweight=True, multi_positive=())
 
   # -- settings
   @property
@@ -227,7 +233,7 @@ class MoCoV2(_MoCo):
     """InfoNCE of each query against its key and the queue as it was before this step
     (``state.queue``; ``post_update`` replaces it), summed over the query views."""
     qs, ks = embeddings["queries"], embeddings["keys"]
-    loss_fn = base.global_loss(self.config, "moco", self.mesh)
+    loss_fn = base.global_loss(self.config, "moco", self.mesh, self.negative_options)
     loss, accuracy = 0.0, 0.0
     for qv, kv in zip(qs, ks):
       term, aux = loss_fn(qv, kv, state.queue, self.temperature)
@@ -285,6 +291,7 @@ class MoCoV3(_MoCo):
     if not 0.0 <= float(self.config.moco.momentum) <= 1.0:
       raise ValueError(f"config.moco.momentum={self.config.moco.momentum} must be in [0, 1] "
                        "(0.99 in MoCo v3)")
+    base.negative_options(self.config, reweight=False, multi_positive=())
     super().__post_init__()
 
   def momentum(self, step: jax.Array | int) -> jax.Array:

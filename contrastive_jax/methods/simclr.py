@@ -21,8 +21,32 @@ from contrastive_jax.methods import base
 
 
 class SimCLR(base.Method):
-  """SimCLR on the common method surface (see ``methods/base.py``)."""
+  """SimCLR on the common method surface (see ``methods/base.py``).
+
+  ``config.negatives``: debiased (``debias_tau_plus``), hard-negative (``hard_beta``) and
+  decoupled NT-Xent, or ``multi_positive="labels"``: supervised contrastive learning (Khosla et
+  al. 2020, L_out) over the batch's ``label`` (-1: unknown, only the other view is positive).
+  When the batch has labels, the same-class negative diagnostics are logged
+  (``same_class_negative_fraction`` / ``_similarity``; all-gather loss or any option only: the
+  tiled or plain ring skips them to keep its memory bound).
+  """
   supports_grad_cache = True
+
+  def __post_init__(self):
+    self.negative_options      # noqa: B018 -- checks config.negatives before compiling
+    super().__post_init__()
+
+  @property
+  def negative_options(self):
+    return base.negative_options(self.config, reweight=True, multi_positive=("labels",))
+
+  def group_ids(self, batch):
+    """``{"groups": batch["label"]}`` when the options or the diagnostics use it."""
+    options = self.negative_options
+    wants = options.multi_positive or (
+        self.config.negatives.diagnostics and (self.config.loss_impl == "all_gather"
+                                               or not options.plain))
+    return {"groups": batch["label"].astype(jnp.int32)} if wants and "label" in batch else {}
 
   def build_model(self) -> base.EncoderWithHeads:
     """Encoder + SimCLR head; ``config.head.use_bn=False`` gives the head of the same depth
@@ -55,7 +79,12 @@ class SimCLR(base.Method):
   def loss_from_embeddings(self, params, embeddings, state):
     """NT-Xent over the global batch and the logged metrics."""
     z1, z2 = embeddings["z1"], embeddings["z2"]
-    loss, aux = base.global_loss(self.config, "nt_xent", self.mesh)(z1, z2, self.temperature)
-    metrics = {"loss": loss, "contrastive_accuracy": aux["accuracy"],
+    options = self.negative_options
+    if options.multi_positive and "groups" not in embeddings:
+      raise ValueError("config.negatives.multi_positive='labels' needs batches with 'label'")
+    loss, aux = base.global_loss(self.config, "nt_xent", self.mesh, options)(
+        z1, z2, self.temperature, groups=embeddings.get("groups"))
+    diagnostics = {k: v for k, v in aux.items() if k.startswith("same_class")}
+    metrics = {"loss": loss, "contrastive_accuracy": aux["accuracy"], **diagnostics,
                "temperature": jnp.float32(self.temperature), **base.embedding_summaries(z1, z2)}
     return loss, metrics
