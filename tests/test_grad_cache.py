@@ -179,7 +179,7 @@ def test_bn_running_stats_are_the_mean_of_the_micro_batch_updates():
   config.global_batch = 16
   config.data.image_size = SIZE
   config.model.kwargs = dict(widths=(8, 8), strides=(2, 2))
-  config.head = dict(version=2, hidden_dim=16, out_dim=8)
+  config.head = dict(version=2, hidden_dim=16, out_dim=8, use_bn=True)
   mesh = distributed.make_mesh(1)
   method = _method(config, mesh, 2)
   tx, _ = optim.build_optimizer(config.optim, global_batch=16, total_steps=10)
