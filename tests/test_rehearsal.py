@@ -43,7 +43,7 @@ def test_derive_keeps_architecture_and_shrinks_only_sizes(name, tmp_path):
     if key.startswith(("model.", "head.", "predictor.", "clip.", "loss.", "text.")) and \
         key != "text.kwargs.vocab_size":
       assert flat[key] == flat_real[key], key
-  assert plan.config.global_batch == 8 and plan.config.total_steps == 6
+  assert plan.config.global_batch == 8 and plan.config.total_steps == 4
   assert plan.config.total_epochs is None and not plan.config.eval.enabled
   table = rehearsal.format_table(plan)
   for heading in ("SHRUNK", "REAL", "NOT REHEARSED", "gloo"):
@@ -55,7 +55,7 @@ def test_derive_keeps_architecture_and_shrinks_only_sizes(name, tmp_path):
     assert "not architecture" in table
   # The shorter run is a valid run: warmup shorter than it.
   from contrastive_jax import optim
-  assert optim.resolve_warmup_steps(plan.config.optim, 6) < 6
+  assert optim.resolve_warmup_steps(plan.config.optim, 4) < 4
 
 
 def test_derive_refuses_sizes_that_cannot_run():
@@ -79,7 +79,7 @@ def test_image_text_data_reads_through_the_real_pipeline(tmp_path):
                                process_count=1)
   for _ in range(3):  # more than an epoch: every corrupt record is met
     batch = next(it)
-  assert batch["image"].shape == (16, 64, 64, 3)
+  assert batch["image"].shape == (16, 32, 32, 3)
   assert batch["tokens"].shape == (16, 64) and batch["tokens"].max() < tok.vocab_size
   assert it.stats["corrupt_skipped"] >= 1
   assert np.isfinite(batch["image"]).all()
