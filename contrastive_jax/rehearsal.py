@@ -416,8 +416,10 @@ def rehearse(plan: Plan, workdir: str, *, timeout_s: float = 1800, rtol: float =
       else:
         rcs = pod.wait(deadline)
         if rcs != [0] * plan.processes:
+          hint = (" -9 without our kill: the OS killed it, usually for memory; rehearse with "
+                  "fewer --devices per process") if -9 in rcs else ""
           raise RehearsalError(f"phase {name}: exit codes {rcs} (None: still running at the "
-                               f"deadline)\n" + pod.tails())
+                               f"deadline;{hint})\n" + pod.tails())
       return pod.logs()
     finally:
       pod.stop()
