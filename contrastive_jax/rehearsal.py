@@ -125,6 +125,12 @@ def derive(config: ml_collections.ConfigDict, *, spec: str = "", processes: int 
     raise ConfigError(f"--steps={steps} must exceed --checkpoint_every={checkpoint_every} by "
                       "2 or more, so that the killed run has steps left after its checkpoint")
   image_size = image_size or default_image_size(c)
+  if "init_from" in c and c.init_from.get("path"):
+    # A pretrained tower (LiT) needs a weights file of the real architecture: not written yet.
+    raise ConfigError(f"init_from.path={c.init_from.path!r}: rehearse.py does not yet write a "
+                      "stand-in weights file for a pretrained tower; rehearse the config with "
+                      "--config.init_from.path pointing at a converted checkpoint on a machine "
+                      "that has one, or without init_from")
   c.global_batch = batch
   c.total_steps = steps
   c.total_epochs = None
