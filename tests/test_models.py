@@ -19,6 +19,7 @@ from scipy.special import erf
 
 from contrastive_jax import distributed, optim
 from contrastive_jax import models as M
+from contrastive_jax.configs import common
 
 
 def _count(tree) -> int:
@@ -428,8 +429,9 @@ def test_frozen_patch_projection_never_updates():
   # configs mask frozen parameters out of the optimizer (optim.frozen_patterns).
   assert not unchanged(step(optax.adamw(1e-2, weight_decay=0.1)))
   masked, _ = optim.build_optimizer(
-      dict(name="adamw", base_lr=1e-2, weight_decay=0.1, schedule="constant",
-           frozen_patterns=("patch_embed_frozen",)), global_batch=256, total_steps=1)
+      common.optim_config("adamw", base_lr=1e-2, weight_decay=0.1, schedule="constant",
+                          frozen_patterns=("patch_embed_frozen",)),
+      global_batch=256, total_steps=1)
   new = step(masked)
   assert unchanged(new)
   assert not np.array_equal(new["transformer"]["block0"]["mlp"]["fc1"]["kernel"],

@@ -607,7 +607,9 @@ def test_full_disk_fails_clearly_and_keeps_checkpoints_restorable(tmpfs):
   assert rc != 0, log[-3000:]
   assert "No space left on device" in log, log[-3000:]
   assert f"error: [Errno 28] --workdir={workdir} is out of disk space" in log, log[-3000:]
-  assert "Traceback" not in log, log[-3000:]  # a full disk is not a bug: the message alone
+  # A full disk is not a bug: the run ends on the message alone (orbax's save thread logs its
+  # own traceback before that; ours is not printed).
+  assert log.strip().splitlines()[-1].startswith("error: [Errno 28]"), log[-3000:]
   assert seconds < EXIT_TIMEOUT_S
   assert "] step 60: " not in log
   os.remove(mnt / "filler")
@@ -705,7 +707,8 @@ BAD_CONFIGS = [
      r"config\.loss_tile=-1 must be an integer >= 0"),
     ("eval batch not divisible",
      lambda: _config(**{"eval.enabled": True, "eval.batch_size": 100}),
-     r"config\.eval\.batch_size of 100 is not divisible by the 8 devices"),
+     r"config\.evals\.knn\.batch_size \(default config\.eval\.batch_size\) of 100 is not "
+     r"divisible by the 8 devices"),
     ("zero kNN k", lambda: _config(**{"eval.enabled": True, "eval.knn_k": 0}),
      r"config\.eval\.knn_k=0 must be >= 1"),
     ("tfds without a name", lambda: _config(**{"data.source": "tfds", "data.name": ""}),
@@ -713,7 +716,7 @@ BAD_CONFIGS = [
     ("folder without a path", lambda: _config(**{"data.source": "folder", "data.path": None}),
      r"config\.data\.path must be set"),
     ("more devices than visible", lambda: _config(num_devices=16),
-     r"16 devices requested but 8 are visible; set num_devices"),
+     r"config\.num_devices=16 but 8 devices are visible; use a number in 1\.\.8"),
 ]
 
 

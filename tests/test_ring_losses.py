@@ -294,8 +294,8 @@ def test_config_loss_tile_reaches_the_methods_loss(monkeypatch):
   asked = []
   get_loss = ring_losses.get_loss
   monkeypatch.setattr(ring_losses, "get_loss",
-                      lambda name, impl, tile=None: asked.append((name, impl, tile))
-                      or get_loss(name, impl, tile=tile))
+                      lambda name, impl, tile=None, **kw: asked.append((name, impl, tile))
+                      or get_loss(name, impl, tile=tile, **kw))
   mesh = distributed.make_mesh()
   rng = np.random.default_rng(0)
   z1, z2 = (jnp.asarray(rng.normal(size=(8 * 6, 16)), jnp.float32) for _ in range(2))
