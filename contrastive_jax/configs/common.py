@@ -104,9 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
 def data_config(source: str, *, recipe: str, image_size: int, **overrides):
   """``config.data`` with every key the pipeline reads; ``overrides`` set any of them.
 
-  Keys: source ("mnist" | "tfds" | "folder" | "csv" | "tfrecord"), name (tfds name), the
-  splits, data_dir (tfds, local or gs://), path (folder / CSV / TFRecord glob, ``{split}`` is
-  replaced), image_size, recipe and ``augment`` overrides (data/augment.py), shuffle_buffer
+  Keys: source ("mnist" | "tfds" | "folder" | "csv" | "tfrecord" | "karpathy_json", the last
+  for evaluators only), name (tfds name), the splits, data_dir (tfds, local or gs://), path
+  (folder / CSV / TFRecord glob, ``{split}`` is replaced; karpathy_json: the
+  dataset_flickr30k.json / dataset_coco.json file), images_dir (karpathy_json: the folder of
+  the images; empty = the JSON's folder), image_size, recipe and ``augment`` overrides (data/augment.py), shuffle_buffer
   (streaming shuffle window), cycle_length (TFRecord files read in parallel), mix_paths and
   mix_weights (more TFRecord globs mixed with ``path`` by weight), crop_decode (decode only
   the JPEG crop window of the training views: "auto" = streaming sources only), skip_corrupt
@@ -120,7 +122,7 @@ def data_config(source: str, *, recipe: str, image_size: int, **overrides):
   """
   # String keys default to "" (not None), so that --config.data.<key>=... can override them.
   d = dict(source=source, name="mnist_embedded" if source == "mnist" else "",
-           train_split="train", eval_split="test", data_dir="", path="",
+           train_split="train", eval_split="test", data_dir="", path="", images_dir="",
            image_size=image_size, recipe=recipe, augment={}, shuffle_buffer=10_000,
            cycle_length=16, mix_paths=(), mix_weights=(), crop_decode="auto", skip_corrupt=False,
            corrupt_reserve=0.01, context_length=77, captions_per_image=0,
