@@ -148,17 +148,19 @@ def main(argv=None) -> int:
         "compile only; FLOPs as XLA's cost_analysis counts them)\n")
   print("| config | image size | params | train GFLOP / example | train PFLOP / step (batch) "
         "| eval image GFLOP | eval text GFLOP | in-loop eval: images + texts | eval PFLOP "
-        "| every | share of training compute |")
-  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        "| = train steps | every | share of training compute |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for r in rows:
     print(f"| {r['name']} | {r['size']} | {r['params'] / 1e6:.0f}M | {r['train_ex'] / g:.1f} "
           f"| {r['train_step'] / 1e15:.2f} ({r['real_batch']:,}) | {r['img'] / g:.2f} "
           f"| {r['txt'] / g:.2f} | {r['eval_images']:,} + {r['eval_texts']:,} "
-          f"| {r['eval'] / 1e15:.3f} | {r['every']:,} | {100 * r['fraction']:.4f}% |")
+          f"| {r['eval'] / 1e15:.3f} | {r['eval'] / r['train_step']:.2f} | {r['every']:,} "
+          f"| {100 * r['fraction']:.4f}% |")
   for r in rows:
     print(f"\n{r['name']}: " + "; ".join(r["lines"]) +
           f". Train step compiled at batch {r['train_batch']} and scaled; the B x B logits "
-          f"at {r['real_batch']:,} are ~{100 * r['logits_share']:.2f}% of a step. "
+          f"at {r['real_batch']:,} are ~{100 * r['logits_share']:.2f}% of a step (estimated: "
+          "4 B^2 E). "
           f"Compiles: {r['compile_s']:.0f} s.")
   return 0
 

@@ -406,6 +406,25 @@ def _mock_tfds(num_images):
   return as_dataset
 
 
+def test_image_text_evals_declare_all_variants_and_flickr30k():
+  from contrastive_jax.configs import clip_vit_b32, common  # pylint: disable=import-outside-toplevel
+  c = clip_vit_b32.get_config()
+  c.evals = common.image_text_evals("gs://b/tfds", every_steps=5000,
+                                    variants=tuple(common.IMAGENET_VARIANTS),
+                                    flickr30k=("gs://b/dataset_flickr30k.json", "gs://b/img"))
+  specs = runner.specs_of(c, "image_text")
+  assert set(specs) == {"imagenet_subset", "imagenet", "imagenet_v2", "imagenet_sketch",
+                        "imagenet_r", "imagenet_a", "coco", "flickr30k"}
+  assert (specs["imagenet_r"]["wnids"], specs["imagenet_a"]["wnids"]) == ("imagenet_r",
+                                                                          "imagenet_a")
+  assert not specs["imagenet_v2"]["wnids"] and specs["imagenet_r"]["data"]["name"] == "imagenet_r"
+  assert specs["flickr30k"]["data"]["source"] == "karpathy_json"
+  assert runner.zero_shot_prompts(None, specs["imagenet_a"])[0][0] == "stingray"
+  assert {n for n, s in specs.items() if s["every_steps"]} == {"imagenet_subset", "coco"}
+  with pytest.raises(ValueError, match="unknown"):
+    common.image_text_evals("", every_steps=0, variants=("imagenet_c",))
+
+
 @pytest.mark.slow  # a trainer run plus the CLI: about a minute on 2 busy cores
 def test_clip_config_evaluators_in_the_loop_and_from_the_command_line(tmp_path):
   """The full-scale CLIP config's declaration (ImageNet zero-shot with CLIP's class names, the
