@@ -51,7 +51,7 @@ def evaluator_config():
   return c
 
 
-def karpathy_evaluator(path, images_dir, batch_size=8):
+def karpathy_evaluator(path, images_dir, batch_size=16):
   """Retrieval on the test split of a Karpathy-format file (Flickr30k / COCO), 5 captions."""
   return dict(type="retrieval", ks=(1, 5, 10), batch_size=batch_size,
               data=dict(source="karpathy_json", path=path, images_dir=images_dir,

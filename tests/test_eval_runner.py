@@ -245,7 +245,7 @@ def test_karpathy_json_retrieval_matches_float64_reference(tmp_path, coco):
   evaluators = runner.Runner(c, run.method, run.mesh)
   res = evaluators.run(state, ["flickr"])
   local = runner.encode_split(evaluators.encoders, state, run.mesh,
-                              runner.data_config(c, evaluators.specs["flickr"]), "test", 8,
+                              runner.data_config(c, evaluators.specs["flickr"]), "test", 16,
                               [("img", "image_embedding", "image"),
                                ("txt", "text_embedding", "tokens")])
   assert local["tokens"].shape[:2] == (12, 5)

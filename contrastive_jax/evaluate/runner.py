@@ -40,9 +40,13 @@ only 1/P of the split. Then, per type:
 * ``linear_probe`` / ``few_label``: full-batch L-BFGS needs every training row at every
   iteration, so the train and test features ([N, F]) are gathered to every host and each host
   fits the same probe (same seed, same numbers). The regulariser is chosen on a held-out part
-  of the train split (``linear_probe.linear_probe``), never on the test split.
+  of the train split (``linear_probe.linear_probe``), never on the test split. With
+  ``cache_features=True`` each host keeps the rows it encoded on disk per step
+  (``feature_cache``), so a re-run at the same step does not encode the split again.
 * ``retrieval``: the image and caption embeddings ([N_img, E] and [N_txt, E]: 5k x 512 and
-  25k x 512 float32 for COCO, 61 MB) are gathered to every host, never the images.
+  25k x 512 float32 for COCO, 61 MB) are gathered to every host, never the images. COCO from
+  tfds ``coco_captions``, or COCO / Flickr30k from Karpathy's split files
+  (``data.source="karpathy_json"``, ``sources.karpathy_json_source``).
 
 Rows are gathered in process order, and each host's shard is a contiguous block of the split,
 so the gathered features are in the split's order for any number of hosts: 1 and 2 processes
