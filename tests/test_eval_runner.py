@@ -407,7 +407,8 @@ def _mock_tfds(num_images):
 
 
 def test_image_text_evals_declare_all_variants_and_flickr30k():
-  from contrastive_jax.configs import clip_vit_b32, common  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from contrastive_jax.configs import clip_vit_b32, common
   c = clip_vit_b32.get_config()
   c.evals = common.image_text_evals("gs://b/tfds", every_steps=5000,
                                     variants=tuple(common.IMAGENET_VARIANTS),

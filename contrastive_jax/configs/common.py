@@ -108,8 +108,8 @@ def data_config(source: str, *, recipe: str, image_size: int, **overrides):
   for evaluators only), name (tfds name), the splits, data_dir (tfds, local or gs://), path
   (folder / CSV / TFRecord glob, ``{split}`` is replaced; karpathy_json: the
   dataset_flickr30k.json / dataset_coco.json file), images_dir (karpathy_json: the folder of
-  the images; empty = the JSON's folder), image_size, recipe and ``augment`` overrides (data/augment.py), shuffle_buffer
-  (streaming shuffle window), cycle_length (TFRecord files read in parallel), mix_paths and
+  the images; empty = the JSON's folder), image_size, recipe and ``augment`` overrides
+  (data/augment.py), shuffle_buffer (streaming shuffle window), cycle_length (TFRecord files read in parallel), mix_paths and
   mix_weights (more TFRecord globs mixed with ``path`` by weight), crop_decode (decode only
   the JPEG crop window of the training views: "auto" = streaming sources only), skip_corrupt
   (skip and count undecodable images instead of failing), corrupt_reserve (streaming

@@ -6,7 +6,8 @@ Two kinds of source:
 * ``IndexedSource``: random access by example id, columns held in host memory as numpy
   (decoded pixels, encoded bytes or file paths). The pipeline shuffles it with an exact
   per-epoch permutation of ids. Used for the embedded MNIST default, image folders, CSV
-  files, Karpathy-split JSON files (evaluation only), and tfds / TFRecord sources loaded with ``cache=True`` (small data sets).
+  files, Karpathy-split JSON files (evaluation only), and tfds / TFRecord sources loaded with
+  ``cache=True`` (small data sets).
 * ``StreamSource``: a sequential ``tf.data.Dataset`` of encoded records for one process
   (tfds splits or TFRecord shards too large to hold in memory). TFRecord streams also carry
   this process's files and their record counts (``ShardedFiles``, counts from the index that
