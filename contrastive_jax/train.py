@@ -252,7 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   step_fn = run.train_step
 
   # --- Evaluators: declared in the config (config.evals), streamed per host (evaluate/runner.py).
-  evaluators = eval_runner.Runner(config, method, mesh) if config.eval.enabled else None
+  evaluators = (eval_runner.Runner(config, method, mesh, workdir=workdir)
+                if config.eval.enabled else None)
 
   # --- Periodic actions.
   hooks = []
@@ -311,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
 
       due = evaluators.due(step) if evaluators is not None and not at_end else []
       if due:
-        res = evaluators.run(state, due)
+        res = evaluators.run(state, due, step=step)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
         eval_runner.write_results(workdir, step, res, due)
 
@@ -342,7 +343,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
                                       for k in ("corrupt_skipped", "corrupt_files")}}
   if evaluators is not None:
     final = evaluators.final()
-    summary["eval"], test_f = evaluators.run(state, final, keep_features=True)
+    summary["eval"], test_f = evaluators.run(state, final, keep_features=True,
+                                             step=num_steps)
     eval_runner.write_results(workdir, num_steps, summary["eval"], final)
     plot = config.eval.embedding_plot
     if plot and is_chief and test_f is not None:

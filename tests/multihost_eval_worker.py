@@ -1,9 +1,10 @@
 """One process of the 1-vs-2-process evaluation test (run by test_eval_runner.py, not pytest).
 
 usage: python multihost_eval_worker.py PROCESS_ID NUM_PROCESSES DEVICES_PER_PROCESS PORT OUT.json
+    [KARPATHY.json IMAGES_DIR]
 Every process builds the same tiny CLIP run at its step-0 state, then runs every evaluator of
-``evaluator_config()`` on tfds mock MNIST, reading and encoding only its shard; process 0
-writes the results.
+``evaluator_config()`` on tfds mock MNIST (and, given a Karpathy split file, retrieval on its
+test split), reading and encoding only its shard; process 0 writes the results.
 """
 
 import json
@@ -50,6 +51,13 @@ def evaluator_config():
   return c
 
 
+def karpathy_evaluator(path, images_dir, batch_size=16):
+  """Retrieval on the test split of a Karpathy-format file (Flickr30k / COCO), 5 captions."""
+  return dict(type="retrieval", ks=(1, 5, 10), batch_size=batch_size,
+              data=dict(source="karpathy_json", path=path, images_dir=images_dir,
+                        eval_split="test", captions_per_image=5, cache=True))
+
+
 def main():
   process_id, num_processes, port, out = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[4],
                                           sys.argv[5])
@@ -58,6 +66,8 @@ def main():
                                num_processes=num_processes, process_id=process_id,
                                initialization_timeout=60)
   config = evaluator_config()
+  if len(sys.argv) > 7:
+    config.evals["flickr"] = karpathy_evaluator(sys.argv[6], sys.argv[7])
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
     run = runs.build_run(config)
     state = run.init_state()

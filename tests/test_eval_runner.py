@@ -113,16 +113,17 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
   port = test_multihost.free_port()
   worker = os.path.join(HERE, "multihost_eval_worker.py")
   out1, out2 = tmp_path / "one.json", tmp_path / "two.json"
+  karpathy = list(write_karpathy_fixture(tmp_path))  # Flickr30k-format retrieval, 12 images
   # One after the other: on a busy machine a third process can starve the pair's heartbeats.
   test_multihost.run_processes(
-      lambda i: [sys.executable, worker, "0", "1", "4", "0", str(out1)], 1)
+      lambda i: [sys.executable, worker, "0", "1", "4", "0", str(out1)] + karpathy, 1)
   test_multihost.run_processes(
-      lambda i: [sys.executable, worker, str(i), "2", "2", str(port), str(out2)], 2)
+      lambda i: [sys.executable, worker, str(i), "2", "2", str(port), str(out2)] + karpathy, 2)
   one, two = json.loads(out1.read_text()), json.loads(out2.read_text())
   assert (one["processes"], two["processes"], one["devices"], two["devices"]) == (1, 2, 4, 4)
   assert set(one["results"]) == set(two["results"])
   assert {"knn/top1", "linear/top1", "zero_shot/top1", "zs_custom/top5",
-          "retrieval/text_to_image/R@5"} <= set(one["results"])
+          "retrieval/text_to_image/R@5", "flickr/image_to_text/R@10"} <= set(one["results"])
   assert one["results"]["knn/top1"] > 0  # not an empty evaluation
   for k, v in one["results"].items():
     np.testing.assert_allclose(two["results"][k], v, rtol=0, atol=1e-6, err_msg=k)
@@ -193,11 +194,193 @@ def test_coco_retrieval_five_captions_per_image_on_mock_coco_captions():
     assert res[f"coco/text_to_image/R@{k}"] == pytest.approx(t2i, abs=1e-9)
 
 
+# ----------------------------------------------------------------------------- Karpathy JSON
+
+
+def write_karpathy_fixture(folder, num_test=12, coco=False):
+  """A Karpathy-format split file over real photos (skimage.data, cropped and flipped into
+  distinct small JPEGs): ``num_test`` test images with 5 + i % 3 captions, 2 train, 1 val, 1
+  restval. ``coco``: entries carry ``filepath`` (``val2014/``) as ``dataset_coco.json`` does.
+  Returns ``(json_path, images_dir)``."""
+  import skimage.data  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  folder = str(folder)
+  photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(),
+            skimage.data.rocket()]
+  splits = ["test"] * num_test + ["train", "train", "val", "restval"]
+  sub = "val2014" if coco else ""
+  os.makedirs(os.path.join(folder, "images", sub), exist_ok=True)
+  entries = []
+  for i, split in enumerate(splits):
+    photo = photos[i % len(photos)]
+    y, x = 7 * (i // len(photos)), 11 * (i // len(photos))
+    crop = photo[y:y + 96 + 4 * (i % 3), x:x + 120]
+    crop = crop[:, ::-1] if i % 2 else crop
+    name = f"{i:04d}.jpg"
+    with open(os.path.join(folder, "images", sub, name), "wb") as f:
+      f.write(tf.io.encode_jpeg(np.ascontiguousarray(crop)).numpy())
+    entry = {"filename": name, "imgid": 100 + i, "split": split,
+             "sentences": [{"raw": f"{i}.{j} a photo", "tokens": []}
+                           for j in range(5 + i % 3)]}
+    if coco:
+      entry["filepath"] = sub
+    entries.append(entry)
+  path = os.path.join(folder, "dataset_coco.json" if coco else "dataset_flickr30k.json")
+  with open(path, "w") as f:
+    json.dump({"images": entries, "dataset": "coco" if coco else "flickr30k"}, f)
+  return path, os.path.join(folder, "images")
+
+
+@pytest.mark.parametrize("coco", [False, True])
+def test_karpathy_json_retrieval_matches_float64_reference(tmp_path, coco):
+  """Flickr30k / COCO Karpathy test split from the JSON file: 12 images (padded last batch),
+  first five captions each, R@1/5/10 both ways equal to the float64 definition."""
+  import multihost_eval_worker  # pylint: disable=import-outside-toplevel
+  from contrastive_jax import runs  # pylint: disable=import-outside-toplevel
+  path, images = write_karpathy_fixture(tmp_path, coco=coco)
+  c = multihost_eval_worker.evaluator_config()
+  c.evals = {"flickr": multihost_eval_worker.karpathy_evaluator(path, images)}
+  run = runs.build_run(c)
+  state = run.init_state()
+  evaluators = runner.Runner(c, run.method, run.mesh)
+  res = evaluators.run(state, ["flickr"])
+  local = runner.encode_split(evaluators.encoders, state, run.mesh,
+                              runner.data_config(c, evaluators.specs["flickr"]), "test", 16,
+                              [("img", "image_embedding", "image"),
+                               ("txt", "text_embedding", "tokens")])
+  assert local["tokens"].shape[:2] == (12, 5)
+  assert local["index"].tolist() == list(range(100, 112))  # the test split, in file order
+  tok = runner.pipeline.make_tokenizer(runner.data_config(c, evaluators.specs["flickr"]))
+  assert (local["tokens"][2, 4] == tok.encode(["2.4 a photo"])[0]).all()  # 7 captions: first 5
+  txt = local["txt"].reshape(60, -1)
+  for k in (1, 5, 10):
+    i2t, t2i = _recall_float64(local["img"], txt, np.repeat(np.arange(12), 5), k)
+    assert res[f"flickr/image_to_text/R@{k}"] == pytest.approx(i2t, abs=1e-9)
+    assert res[f"flickr/text_to_image/R@{k}"] == pytest.approx(t2i, abs=1e-9)
+  assert res["flickr/image_to_text/R@10"] > res["flickr/image_to_text/R@1"]  # not degenerate
+
+
+def test_karpathy_json_errors_name_the_fix(tmp_path):
+  from contrastive_jax.data import sources  # pylint: disable=import-outside-toplevel
+  from contrastive_jax.errors import DataError  # pylint: disable=import-outside-toplevel
+  path, images = write_karpathy_fixture(tmp_path, num_test=2)
+  with pytest.raises(DataError, match="does not exist; point data.path"):
+    sources.karpathy_json_source(str(tmp_path / "nope.json"), images, "test")
+  with pytest.raises(DataError, match="no images in split 'test'; images per split"):
+    empty = dict(json.loads(open(path).read()))
+    empty["images"] = [e for e in empty["images"] if e["split"] != "test"]
+    other = tmp_path / "empty.json"
+    other.write_text(json.dumps(empty))
+    sources.karpathy_json_source(str(other), images, "test")
+  with pytest.raises(DataError, match="not in"):
+    sources.karpathy_json_source(path, images, "testing")
+  os.remove(os.path.join(images, "0001.jpg"))
+  with pytest.raises(DataError, match="0001.jpg.*does not exist; set data.images_dir"):
+    sources.karpathy_json_source(path, images, "test")
+  src = sources.karpathy_json_source(path, images, "train+restval")  # the Karpathy train set
+  assert src.columns["id"].tolist() == [102, 103, 105] and src.columns["caption"].shape == (3, 5)
+  with pytest.raises(DataError, match="fewer than data.captions_per_image=6"):
+    sources.karpathy_json_source(path, images, "train+restval", captions_per_image=6)
+
+
 def test_imagenet_wnid_subset_prompts():
   wnids = ("n01443537", "n01440764")  # goldfish, tench
   names, prompts = runner.zero_shot_prompts(None, {"classes": "imagenet", "templates": "clip",
                                                    "wnids": wnids})
   assert names == ["goldfish", "tench"] and len(prompts[1]) == 80 and "tench" in prompts[1][0]
+
+
+@pytest.mark.parametrize("subset,first,last", [("imagenet_r", "n01443537", "n12267677"),
+                                                ("imagenet_a", "n01498041", "n12267677")])
+def test_imagenet_r_and_a_wnids_are_200_imagenet_classes_in_tfds_label_space(subset, first,
+                                                                             last):
+  wnids = class_names.subset_wnids(subset)
+  all_ids = class_names.imagenet_wnids()
+  assert len(wnids) == 200 and len(set(wnids)) == 200 and set(wnids) <= set(all_ids)
+  assert list(wnids) == sorted(wnids) and (wnids[0], wnids[-1]) == (first, last)
+  # tfds labels ImageNet-R/-A with imagenet2012's 1,000-class ClassLabel (builder info only).
+  label = tfds.builder(subset).info.features["label"]
+  assert label.num_classes == 1000
+  names, label_map = class_names.wnid_subset(subset)
+  for i, w in enumerate(wnids):
+    assert label_map[label.str2int(w)] == i and names[i] == class_names.imagenet_class_names()[
+        all_ids.index(w)]
+  assert (label_map >= 0).sum() == 200
+  # The classes the tfds builders' own tests expect to meet are in the subset.
+  expected = {"imagenet_r": ("n01443537", "n01484850", "n12267677"),
+              "imagenet_a": ("n01580077", "n01616318", "n07697313")}[subset]
+  assert set(expected) <= set(wnids)
+  # Spot checks against the authors' scripts: ImageNet-A's class 0 is 1k label 6 (stingray).
+  if subset == "imagenet_a":
+    assert label_map[6] == 0 and names[0] == "stingray" and label_map[988] == 199
+
+
+def test_bad_wnids_name_the_fix():
+  c = simclr_mnist.get_config("quick")
+  for wnids, match in [("imagenet_x", "not a known subset"), (("n0000",), "not ImageNet-1k"),
+                       (("n01440764", "n01440764"), "repeated")]:
+    c.evals = {"zs": dict(type="zero_shot", classes="imagenet", wnids=wnids)}
+    with pytest.raises(ConfigError, match=match):
+      runner.specs_of(c, "image_text")
+  c.evals = {"zs": dict(type="zero_shot", wnids="imagenet_r")}
+  with pytest.raises(ConfigError, match="needs classes='imagenet'"):
+    runner.specs_of(c, "image_text")
+
+
+def test_imagenet_r_zero_shot_scores_the_200_classes():
+  """Zero-shot on mock tfds ``imagenet_r`` (labels in the 1,000-class space): top-1/5 equal a
+  float64 scoring of the images against the 200 class embeddings with the labels mapped into
+  the subset. So that a wrong mapping shows, half the images are labelled with the class the
+  model ranks first for them (found in a first pass), half with another."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import multihost_eval_worker  # pylint: disable=import-outside-toplevel
+  from contrastive_jax import runs  # pylint: disable=import-outside-toplevel
+  wnids = class_names.subset_wnids("imagenet_r")
+  in_1k = [class_names.imagenet_wnids().index(w) for w in wnids]
+  rng = np.random.default_rng(5)
+  pngs = [tf.io.encode_png(rng.integers(0, 255, size=(18, 20, 3), dtype=np.uint8)).numpy()
+          for _ in range(12)]
+  labels_1k = [in_1k[0]] * len(pngs)  # set after the first pass
+
+  def as_dataset(self, split, decoders=None, read_config=None, **kwargs):
+    del self, split, decoders, read_config, kwargs
+    return tf.data.Dataset.from_generator(
+        lambda: ({"image": png, "label": y, "tfds_id": f"imagenet_r-test.{i}"}
+                 for i, (png, y) in enumerate(zip(pngs, list(labels_1k)))),
+        output_signature={"image": tf.TensorSpec([], tf.string),
+                          "label": tf.TensorSpec([], tf.int64),
+                          "tfds_id": tf.TensorSpec([], tf.string)})
+
+  c = multihost_eval_worker.evaluator_config()
+  c.evals = {"imagenet_r": dict(type="zero_shot", classes="imagenet", wnids="imagenet_r",
+                                templates=("{}",), batch_size=8,
+                                data=dict(source="tfds", name="imagenet_r", eval_split="test",
+                                          cache=False))}
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    run = runs.build_run(c)
+    state = run.init_state()
+    evaluators = runner.Runner(c, run.method, run.mesh)
+    data = runner.data_config(c, evaluators.specs["imagenet_r"])
+    local = runner.encode_split(evaluators.encoders, state, run.mesh, data, "test", 8,
+                                [("emb", "image_embedding", "image")])
+    names, prompts = runner.zero_shot_prompts(data, evaluators.specs["imagenet_r"])
+    classes = runner.class_embeddings(evaluators.encoders, state, run.mesh,
+                                      runner.pipeline.make_tokenizer(data), prompts, 8)
+    img = local["emb"].astype(np.float64)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    scores = img @ classes.astype(np.float64).T  # [N, 200]
+    best = scores.argmax(axis=1)
+    labels = np.where(np.arange(len(pngs)) % 2 == 0, best, (best + 7) % 200)
+    labels_1k[:] = [in_1k[i] for i in labels]
+    res = evaluators.run(state, ["imagenet_r"])
+  assert len(names) == 200 and classes.shape[0] == 200
+  own = scores[np.arange(len(labels)), labels]
+  # Ties count against the image (zero_shot.top_k_hits): classes whose prompts are identical
+  # after the 16-byte context have identical embeddings.
+  above = (scores >= own[:, None]).sum(axis=1) - 1
+  for k in (1, 5):
+    assert res[f"imagenet_r/top{k}"] == pytest.approx(np.mean(above < k), abs=1e-9)
+  assert res["imagenet_r/top1"] >= 0.25  # the mapping is exercised, not an empty check
 
 
 # ----------------------------------------------------------------------------- the CLIP configs
@@ -221,6 +404,26 @@ def _mock_tfds(num_images):
                           "label": tf.TensorSpec([], tf.int64),
                           "tfds_id": tf.TensorSpec([], tf.string)})
   return as_dataset
+
+
+def test_image_text_evals_declare_all_variants_and_flickr30k():
+  # pylint: disable-next=import-outside-toplevel
+  from contrastive_jax.configs import clip_vit_b32, common
+  c = clip_vit_b32.get_config()
+  c.evals = common.image_text_evals("gs://b/tfds", every_steps=5000,
+                                    variants=tuple(common.IMAGENET_VARIANTS),
+                                    flickr30k=("gs://b/dataset_flickr30k.json", "gs://b/img"))
+  specs = runner.specs_of(c, "image_text")
+  assert set(specs) == {"imagenet_subset", "imagenet", "imagenet_v2", "imagenet_sketch",
+                        "imagenet_r", "imagenet_a", "coco", "flickr30k"}
+  assert (specs["imagenet_r"]["wnids"], specs["imagenet_a"]["wnids"]) == ("imagenet_r",
+                                                                          "imagenet_a")
+  assert not specs["imagenet_v2"]["wnids"] and specs["imagenet_r"]["data"]["name"] == "imagenet_r"
+  assert specs["flickr30k"]["data"]["source"] == "karpathy_json"
+  assert runner.zero_shot_prompts(None, specs["imagenet_a"])[0][0] == "stingray"
+  assert {n for n, s in specs.items() if s["every_steps"]} == {"imagenet_subset", "coco"}
+  with pytest.raises(ValueError, match="unknown"):
+    common.image_text_evals("", every_steps=0, variants=("imagenet_c",))
 
 
 @pytest.mark.slow  # a trainer run plus the CLI: about a minute on 2 busy cores
@@ -254,3 +457,56 @@ def test_clip_config_evaluators_in_the_loop_and_from_the_command_line(tmp_path):
     assert evaluator.main(["--workdir", str(tmp_path), "--eval=imagenet,coco"]) == 0
   cli = json.loads((tmp_path / "eval_imagenet+coco.json").read_text())["results"]
   assert cli and all(cli[k] == ev[k] for k in cli), (cli, ev)
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+
+def test_linear_probe_features_cached_per_host_and_never_trusted_blindly(tmp_path, monkeypatch):
+  """Frozen features go to ``workdir/eval/features/step_<N>/``, one file per host and split; a
+  re-run at the same step reads them (no encode call) with identical numbers; a truncated or
+  tampered file, or another step, is recomputed."""
+  import multihost_eval_worker  # pylint: disable=import-outside-toplevel
+  from contrastive_jax import runs  # pylint: disable=import-outside-toplevel
+  from contrastive_jax.evaluate import feature_cache  # pylint: disable=import-outside-toplevel
+  c = multihost_eval_worker.evaluator_config()
+  c.evals = {"linear": dict(type="linear_probe", batch_size=16, l2_grid=(1e-3, 1e-1),
+                            cache_features=True)}
+  calls = []
+  real = runner.encode_split
+
+  def spy(*args, **kwargs):
+    calls.append(args[4])  # the split
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(runner, "encode_split", spy)
+  with tfds.testing.mock_data(num_examples=24):
+    run = runs.build_run(c)
+    state = run.init_state()
+
+    def evaluate(step):
+      return runner.Runner(c, run.method, run.mesh, workdir=str(tmp_path)).run(
+          state, ["linear"], step=step)
+
+    first = evaluate(3)
+    files = sorted((tmp_path / "eval" / "features" / "step_3").glob("*.npz"))
+    assert calls == ["train", "test"] and len(files) == 2
+    assert all(f.name.endswith(".process_0_of_1.npz") for f in files)
+    assert evaluate(3) == first and calls == ["train", "test"]  # read back, nothing encoded
+
+    # A partial file (writer killed, disk full): detected and recomputed, then rewritten.
+    data = files[0].read_bytes()
+    files[0].write_bytes(data[:len(data) // 2])
+    assert evaluate(3) == first and len(calls) == 3
+    assert files[0].read_bytes() == data
+    # A file that reads but whose features changed: the checksum catches it.
+    with np.load(files[1]) as z:
+      arrays = {k: z[k] for k in z.files}
+    arrays["feat"] = arrays["feat"] + 1.0
+    np.savez(files[1], **arrays)
+    key = json.loads(arrays["__meta__"].tobytes())["key"]
+    assert feature_cache.load(files[1], key) is None  # the checksum, not the key, rejects it
+    assert evaluate(3) == first and len(calls) == 4
+    assert evaluate(3) == first and len(calls) == 4  # both good again
+    evaluate(4)  # another step: other weights, other files
+    assert len(calls) == 6 and len(list((tmp_path / "eval" / "features").glob("*/*.npz"))) == 4

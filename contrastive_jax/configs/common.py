@@ -104,10 +104,12 @@ def base_config() -> ml_collections.ConfigDict:
 def data_config(source: str, *, recipe: str, image_size: int, **overrides):
   """``config.data`` with every key the pipeline reads; ``overrides`` set any of them.
 
-  Keys: source ("mnist" | "tfds" | "folder" | "csv" | "tfrecord"), name (tfds name), the
-  splits, data_dir (tfds, local or gs://), path (folder / CSV / TFRecord glob, ``{split}`` is
-  replaced), image_size, recipe and ``augment`` overrides (data/augment.py), shuffle_buffer
-  (streaming shuffle window), cycle_length (TFRecord files read in parallel), mix_paths and
+  Keys: source ("mnist" | "tfds" | "folder" | "csv" | "tfrecord" | "karpathy_json", the last
+  for evaluators only), name (tfds name), the splits, data_dir (tfds, local or gs://), path
+  (folder / CSV / TFRecord glob, ``{split}`` is replaced; karpathy_json: the
+  dataset_flickr30k.json / dataset_coco.json file), images_dir (karpathy_json: the folder of
+  the images; empty = the JSON's folder), image_size, recipe and ``augment`` overrides
+  (data/augment.py), shuffle_buffer (streaming shuffle window), cycle_length (TFRecord files read in parallel), mix_paths and
   mix_weights (more TFRecord globs mixed with ``path`` by weight), crop_decode (decode only
   the JPEG crop window of the training views: "auto" = streaming sources only), skip_corrupt
   (skip and count undecodable images instead of failing), corrupt_reserve (streaming
@@ -120,7 +122,7 @@ def data_config(source: str, *, recipe: str, image_size: int, **overrides):
   """
   # String keys default to "" (not None), so that --config.data.<key>=... can override them.
   d = dict(source=source, name="mnist_embedded" if source == "mnist" else "",
-           train_split="train", eval_split="test", data_dir="", path="",
+           train_split="train", eval_split="test", data_dir="", path="", images_dir="",
            image_size=image_size, recipe=recipe, augment={}, shuffle_buffer=10_000,
            cycle_length=16, mix_paths=(), mix_weights=(), crop_decode="auto", skip_corrupt=False,
            corrupt_reserve=0.01, context_length=77, captions_per_image=0,
@@ -173,31 +175,53 @@ def optim_config(name: str, *, base_lr: float, **overrides):
   return c
 
 
-def image_text_evals(tfds_dir: str, *, every_steps: int, subset: int = 10_000):
+# ImageNet distribution shifts in tfds, all labelled in the 1,000-class space; -R and -A are
+# scored on their 200 classes (evaluate/data/imagenet_subsets.json).
+IMAGENET_VARIANTS = {"imagenet_v2": dict(eval_split="test"),
+                     "imagenet_sketch": dict(eval_split="test"),
+                     "imagenet_r": dict(eval_split="test", wnids="imagenet_r"),
+                     "imagenet_a": dict(eval_split="test", wnids="imagenet_a")}
+
+
+def image_text_evals(tfds_dir: str, *, every_steps: int, subset: int = 10_000,
+                     variants=("imagenet_v2", "imagenet_sketch"), flickr30k=None):
   """``config.evals`` of the full-scale CLIP/SigLIP configs: the numbers papers report.
 
   * ``imagenet_subset``: ImageNet zero-shot top-1/5 (tfds ``imagenet2012`` validation, CLIP's
     1,000 class names and 80 templates) on the first ``subset`` validation images every
     ``every_steps`` steps (0: never in the loop), and ``imagenet`` on all 50,000 at the end;
-  * ``imagenet_v2`` / ``imagenet_sketch``: the same protocol on tfds ``imagenet_v2`` and
-    ``imagenet_sketch`` (both in the 1,000-class label space) at the end;
+  * ``variants``: the same protocol at the end on tfds datasets of ``IMAGENET_VARIANTS``
+    (``imagenet_v2``, ``imagenet_sketch``, ``imagenet_r``, ``imagenet_a``; the last two on
+    their 200 classes, as Hendrycks et al. and CLIP report them);
   * ``coco``: COCO 5k test (Karpathy split, tfds ``coco_captions``), first five captions per
-    image, R@1/5/10 both directions, every ``every_steps`` steps and at the end.
+    image, R@1/5/10 both directions, every ``every_steps`` steps and at the end;
+  * ``flickr30k``: ``(dataset_flickr30k.json, images folder)`` adds Flickr30k 1k test
+    retrieval at the end, read from Karpathy's split file (``data.source="karpathy_json"``).
 
   ``tfds_dir``: where the prepared tfds datasets live (``gs://...`` on a pod).
   """
   tfds = dict(source="tfds", data_dir=tfds_dir, cache=False, path="", skip_corrupt=False)
   zero_shot = dict(type="zero_shot", classes="imagenet", templates="clip")
-  return ml_collections.ConfigDict({
+  evals = {
       "imagenet_subset": dict(zero_shot, data=dict(tfds, name="imagenet2012",
                                                    eval_split=f"validation[:{subset}]"),
                               every_steps=every_steps, final=False),
       "imagenet": dict(zero_shot, data=dict(tfds, name="imagenet2012", eval_split="validation")),
-      "imagenet_v2": dict(zero_shot, data=dict(tfds, name="imagenet_v2", eval_split="test")),
-      "imagenet_sketch": dict(zero_shot, data=dict(tfds, name="imagenet_sketch",
-                                                   eval_split="test")),
-      "coco": dict(type="retrieval", ks=(1, 5, 10), every_steps=every_steps,
-                   data=dict(tfds, name="coco_captions", eval_split="test",
-                             caption_key="captions/text", captions_per_image=5)),
-  })
+  }
+  for name in variants:
+    if name not in IMAGENET_VARIANTS:
+      raise ValueError(f"ImageNet variant {name!r} is unknown; use some of "
+                       f"{sorted(IMAGENET_VARIANTS)}")
+    v = dict(IMAGENET_VARIANTS[name])
+    evals[name] = dict(zero_shot, data=dict(tfds, name=name, eval_split=v.pop("eval_split")),
+                       **v)
+  evals["coco"] = dict(type="retrieval", ks=(1, 5, 10), every_steps=every_steps,
+                       data=dict(tfds, name="coco_captions", eval_split="test",
+                                 caption_key="captions/text", captions_per_image=5))
+  if flickr30k:
+    path, images_dir = flickr30k
+    evals["flickr30k"] = dict(type="retrieval", ks=(1, 5, 10),
+                              data=dict(source="karpathy_json", path=path, images_dir=images_dir,
+                                        eval_split="test", captions_per_image=5, cache=True))
+  return ml_collections.ConfigDict(evals)
 

@@ -42,7 +42,9 @@ from contrastive_jax.data import streaming
 from contrastive_jax.data import tokenizer as tok_lib
 from contrastive_jax.errors import ConfigError, DataError
 
-SOURCES = ("mnist", "tfds", "folder", "csv", "tfrecord")
+SOURCES = ("mnist", "tfds", "folder", "csv", "tfrecord", "karpathy_json")
+# Sources only the evaluators read (several captions per image: retrieval).
+EVAL_ONLY_SOURCES = ("karpathy_json",)
 MODES = ("views", "image_text")
 _INF_EPOCHS = 2**62
 _CAPTION_OP = 7  # folded into an example seed to pick its caption template
@@ -74,6 +76,9 @@ def _check_source(c) -> None:
     raise ConfigError(f"data.source={c.source!r} is unknown; use one of {SOURCES}")
   if c.source == "tfds" and not c.name:
     raise ConfigError("data.source='tfds' needs data.name (e.g. 'cifar10', 'imagenet2012')")
+  if c.source == "karpathy_json" and not c.path:
+    raise ConfigError("data.source='karpathy_json' needs data.path=<dataset_flickr30k.json or "
+                      "dataset_coco.json> and data.images_dir=<folder of its images>")
 
 
 def _is_streaming(c) -> bool:
@@ -93,6 +98,9 @@ def indexed_source(data_config, split: str) -> src_lib.IndexedSource:
                               c.csv_caption_key, c.csv_delimiter)
   if c.source == "tfrecord":
     return src_lib.tfrecord_source(_split_path(c.path, split))
+  if c.source == "karpathy_json":
+    return src_lib.karpathy_json_source(c.path, c.get("images_dir", ""), split,
+                                        int(c.get("captions_per_image", 0) or 5))
   return src_lib.tfds_source(c.name, split, c.data_dir or None, c.image_key,
                              c.label_key, c.caption_key or None)
 
@@ -246,6 +254,10 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
   c = data_config
   if mode not in MODES:
     raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}")
+  if c.source in EVAL_ONLY_SOURCES:
+    raise ConfigError(f"data.source={c.source!r} is read by the evaluators only (retrieval, "
+                      "several captions per image); train on tfds, TFRecord, CSV or folder data "
+                      "and name it in a config.evals entry's data")
   p, num_p = _processes(process_index, process_count)
   if global_batch <= 0 or global_batch % num_p:
     raise ValueError(f"global_batch={global_batch} is not divisible by the {num_p} processes; "
@@ -432,7 +444,9 @@ def _eval_example_fn(source, cfg: aug_lib.AugmentConfig, tokenizer, captions_per
 def _eval_dataset(source: src_lib.IndexedSource, cfg: aug_lib.AugmentConfig, tokenizer,
                   par) -> tf.data.Dataset:
   cols = source.tf_columns()
-  example = _eval_example_fn(source, cfg, tokenizer)
+  caption = source.columns.get("caption")
+  per_image = caption.shape[1] if caption is not None and caption.ndim == 2 else 0
+  example = _eval_example_fn(source, cfg, tokenizer, per_image)
   fn = lambda r: example({k: tf.gather(v, r) for k, v in cols.items()})
   return tf.data.Dataset.range(len(source)).map(fn, num_parallel_calls=par, deterministic=True)
 

@@ -1,11 +1,13 @@
-"""Example sources for the input pipeline: embedded MNIST, tfds, image folders, CSV, TFRecord.
+"""Example sources for the input pipeline: embedded MNIST, tfds, image folders, CSV, TFRecord,
+Karpathy-split caption files (Flickr30k / COCO retrieval evaluation).
 
 Two kinds of source:
 
 * ``IndexedSource``: random access by example id, columns held in host memory as numpy
   (decoded pixels, encoded bytes or file paths). The pipeline shuffles it with an exact
   per-epoch permutation of ids. Used for the embedded MNIST default, image folders, CSV
-  files, and tfds / TFRecord sources loaded with ``cache=True`` (small data sets).
+  files, Karpathy-split JSON files (evaluation only), and tfds / TFRecord sources loaded with
+  ``cache=True`` (small data sets).
 * ``StreamSource``: a sequential ``tf.data.Dataset`` of encoded records for one process
   (tfds splits or TFRecord shards too large to hold in memory). TFRecord streams also carry
   this process's files and their record counts (``ShardedFiles``, counts from the index that
@@ -128,9 +130,9 @@ class IndexedSource:
     """Columns as tensors to ``tf.gather`` from inside tf.data functions."""
     out = {}
     for k, v in self.columns.items():
-      if v.dtype == object or v.dtype.kind in "US":
-        out[k] = tf.constant([x if isinstance(x, bytes) else str(x).encode() for x in v],
-                             tf.string)
+      if v.dtype == object or v.dtype.kind in "US":  # [N] or [N, K] (K captions per image)
+        flat = [x if isinstance(x, bytes) else str(x).encode() for x in v.reshape(-1)]
+        out[k] = tf.reshape(tf.constant(flat, tf.string), v.shape)
       else:
         out[k] = tf.constant(v)
     return out
@@ -316,6 +318,80 @@ def csv_source(path: str, image_key: str = "filepath", caption_key: str = "capti
       name=f"csv:{path}",
       columns={"path": np.asarray(paths, object), "caption": np.asarray(captions, object),
                "label": np.full([n], -1, np.int64), "id": np.arange(n, dtype=np.int64)})
+
+
+# ----------------------------------------------------------------------------- Karpathy JSON
+
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+
+def karpathy_json_source(path: str, images_dir: str, split: str, captions_per_image: int = 5,
+                         check_files: bool = True) -> IndexedSource:
+  """One split of a Karpathy-split caption file, with ``captions_per_image`` captions each.
+
+  Karpathy & Fei-Fei 2015 ("Deep Visual-Semantic Alignments for Generating Image
+  Descriptions") released the splits the retrieval literature reports on (CLIP Table 13, ALIGN,
+  SigLIP): Flickr30k 1k test (``dataset_flickr30k.json``) and COCO 5k test
+  (``dataset_coco.json``). The file is ``{"images": [{"filename", "split": "train" | "val" |
+  "test" | "restval", "sentences": [{"raw": caption, ...}, ...], "imgid", ["filepath"]},
+  ...]}``; an image is ``images_dir/[filepath/]filename`` (COCO's entries carry ``filepath``,
+  ``val2014`` or ``train2014``; Flickr30k's do not; an empty ``images_dir`` is the file's
+  folder). ``split`` is one split or several joined
+  by ``+`` (``"train+restval"``). The first ``captions_per_image`` captions of each image are
+  kept (Flickr30k has 5, COCO 5 to 7; the protocol uses 5): ``caption [N, K]``.
+
+  Errors (``DataError``, before anything is compiled): a missing file, a file that is not of
+  this format, an unknown or empty split, an image with fewer captions than asked, and a
+  local image file that does not exist (named; ``check_files=False`` skips the check).
+  """
+  if not path or not tf.io.gfile.exists(path):
+    raise DataError(f"Karpathy split file data.path={path!r} does not exist; point data.path "
+                     "at dataset_flickr30k.json or dataset_coco.json (Karpathy & Fei-Fei "
+                     "2015's splits) and data.images_dir at the folder of the images")
+  k = int(captions_per_image)
+  if k < 1:
+    raise DataError(f"data.captions_per_image={k} must be >= 1 for a Karpathy split file "
+                     "(the retrieval protocol uses 5)")
+  images_dir = images_dir or os.path.dirname(path)
+  wanted = tuple(s.strip() for s in split.split("+"))
+  unknown = [s for s in wanted if s not in KARPATHY_SPLITS]
+  if unknown:
+    raise DataError(f"split {split!r} of {path!r}: {unknown} not in {KARPATHY_SPLITS}; join "
+                     "several with '+' (e.g. 'train+restval')")
+  with tf.io.gfile.GFile(path, "r") as f:
+    try:
+      entries = json.load(f)["images"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise DataError(f"{path!r} is not a Karpathy split file ({type(e).__name__}: {e}); "
+                       "expected {'images': [{'filename', 'split', 'sentences': [{'raw'}]}]}"
+                       ) from None
+  chosen = [e for e in entries if e.get("split") in wanted]
+  if not chosen:
+    counts = {s: sum(e.get("split") == s for e in entries) for s in KARPATHY_SPLITS}
+    raise DataError(f"{path!r} has no images in split {split!r}; images per split: {counts}")
+  paths, captions, ids = [], [], []
+  for row, e in enumerate(chosen):
+    try:
+      name = os.path.join(images_dir, e.get("filepath", ""), e["filename"])
+      caps = [s["raw"] for s in e["sentences"]]
+    except (KeyError, TypeError) as err:
+      raise DataError(f"{path!r}: image entry {row} of split {split!r} lacks {err} (needs "
+                       "'filename' and 'sentences': [{'raw': ...}])") from None
+    if len(caps) < k:
+      raise DataError(f"{path!r}: image {name!r} has {len(caps)} captions, fewer than "
+                       f"data.captions_per_image={k}")
+    if check_files and "://" not in name and not os.path.exists(name):
+      raise DataError(f"image file {name!r} of {path!r} (split {split!r}) does not exist; set "
+                       "data.images_dir to the folder holding the images")
+    paths.append(name)
+    captions.append(caps[:k])
+    ids.append(int(e.get("imgid", row)))
+  n = len(paths)
+  return IndexedSource(
+      name=f"karpathy:{os.path.basename(path)}/{split}",
+      columns={"path": np.asarray(paths, object),
+               "caption": np.asarray(captions, dtype=object).reshape(n, k),
+               "label": np.full([n], -1, np.int64), "id": np.asarray(ids, np.int64)})
 
 
 # ----------------------------------------------------------------------------- TFRecord

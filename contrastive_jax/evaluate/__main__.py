@@ -38,16 +38,18 @@ def parse_evals(text: str) -> tuple[str, ...]:
 
 
 def run_evaluations(method, state, mesh, config, evals: Sequence[str],
-                    eval_data: Any = None, return_features: bool = False):
+                    eval_data: Any = None, return_features: bool = False,
+                    workdir: str | None = None, step: int | None = None):
   """Runs the evaluators ``evals`` (names, types, ``extra`` or ``all``) of ``config`` on
   ``state`` with ``runner.Runner``, as the trainer does. ``eval_data`` is accepted for old
   callers and unused (the runner streams the splits). With ``return_features``, also returns
-  the first feature evaluator's test features (``{"feat", "label"}``, or None)."""
+  the first feature evaluator's test features (``{"feat", "label"}``, or None). ``workdir`` and
+  ``step``: where evaluators with ``cache_features`` keep their frozen features."""
   del eval_data
   from contrastive_jax.evaluate import runner  # pylint: disable=g-import-not-at-top
-  evaluators = runner.Runner(config, method, mesh)
+  evaluators = runner.Runner(config, method, mesh, workdir=workdir)
   names = evaluators.select(evals)
-  return evaluators.run(state, names, keep_features=return_features)
+  return evaluators.run(state, names, keep_features=return_features, step=step)
 
 
 def format_table(results: dict[str, float], title: str) -> str:
@@ -101,7 +103,7 @@ def evaluate_checkpoint(workdir: str, evals: Sequence[str] | str = "all", *,
   t0 = time.time()
   run = restore.restore_run(workdir, step=step, config=config)
   results, test_f = run_evaluations(run.method, run.state, run.mesh, run.config, evals,
-                                    return_features=True)
+                                    return_features=True, workdir=workdir, step=run.step)
   name = "+".join(evals)
   report = {"workdir": str(workdir), "step": run.step, "method": run.config.method,
             "evals": list(evals), "config": config_spec or "saved with the checkpoint",

@@ -13,9 +13,15 @@ The released list names two pairs of synsets identically ("missile" for n0377350
 n04008634, "sunglasses" for n04355933 and n04356056), so it has 998 distinct strings; it is
 kept as released, since that is the list the reported numbers were computed with.
 
-ImageNet-R and ImageNet-A cover 200 of the 1,000 classes; tfds labels them in the 1,000-class
-space. Their papers (and open_clip) score only those 200 classes; ``wnid_subset`` selects the
-names of a subset given its WordNet ids and ``label_map`` maps 1,000-class labels onto it.
+ImageNet-R (Hendrycks et al. 2021, "The Many Faces of Robustness") and ImageNet-A (Hendrycks
+et al. 2021, "Natural Adversarial Examples") cover 200 of the 1,000 classes each; tfds labels
+them in the 1,000-class space (their ``label`` is a ``ClassLabel`` over imagenet2012's
+``labels.txt``). Their papers (and open_clip) score only those 200 classes. The two lists of
+WordNet ids are data, in ``data/imagenet_subsets.json``: transcribed from the authors' eval
+scripts (github.com/hendrycks/imagenet-r and github.com/hendrycks/natural-adv-examples,
+``eval.py``; each list matched against a second form in the same script, the 1k indices),
+in ImageNet label order. ``subset_wnids("imagenet_r")`` returns one; ``wnid_subset`` selects
+the names of a subset and ``label_map`` maps 1,000-class labels onto it.
 """
 
 from __future__ import annotations
@@ -30,9 +36,29 @@ from etils import epath
 _FILE = epath.resource_path("contrastive_jax") / "evaluate" / "data" / "imagenet_clip_prompts.json"
 
 
+_SUBSETS_FILE = _FILE.parent / "imagenet_subsets.json"
+SUBSETS = ("imagenet_r", "imagenet_a")
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> dict:
   return json.loads(_FILE.read_text())
+
+
+@functools.lru_cache(maxsize=None)
+def _load_subsets() -> dict:
+  return json.loads(_SUBSETS_FILE.read_text())
+
+
+def subset_wnids(wnids: str | Sequence[str]) -> tuple[str, ...]:
+  """The WordNet ids of a named subset (``"imagenet_r"``, ``"imagenet_a"``: 200 each, in
+  ImageNet label order), or ``wnids`` itself when it is a sequence of ids."""
+  if isinstance(wnids, str):
+    if wnids not in SUBSETS:
+      raise ValueError(f"wnids={wnids!r} is not a known subset; use one of {SUBSETS} or a "
+                       "tuple of WordNet ids")
+    return tuple(_load_subsets()[wnids])
+  return tuple(wnids)
 
 
 def imagenet_class_names() -> list[str]:
@@ -50,9 +76,13 @@ def imagenet_wnids() -> list[str]:
   return list(_load()["wnids"])
 
 
-def wnid_subset(wnids: Sequence[str]) -> tuple[list[str], np.ndarray]:
-  """``(names [S], label_map [1000] int)`` for a class subset given by WordNet ids:
-  ``label_map[label]`` is the subset index of a 1,000-class label, -1 outside the subset."""
+def wnid_subset(wnids: str | Sequence[str]) -> tuple[list[str], np.ndarray]:
+  """``(names [S], label_map [1000] int)`` for a class subset given by WordNet ids or a subset
+  name (``subset_wnids``): ``label_map[label]`` is the subset index of a 1,000-class label, -1
+  outside the subset."""
+  wnids = subset_wnids(wnids)
+  if len(set(wnids)) != len(wnids):
+    raise ValueError(f"wnids has repeated ids: {sorted({w for w in wnids if wnids.count(w) > 1})}")
   all_ids = imagenet_wnids()
   where = {w: i for i, w in enumerate(all_ids)}
   missing = [w for w in wnids if w not in where]

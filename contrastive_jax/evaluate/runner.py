@@ -40,9 +40,13 @@ only 1/P of the split. Then, per type:
 * ``linear_probe`` / ``few_label``: full-batch L-BFGS needs every training row at every
   iteration, so the train and test features ([N, F]) are gathered to every host and each host
   fits the same probe (same seed, same numbers). The regulariser is chosen on a held-out part
-  of the train split (``linear_probe.linear_probe``), never on the test split.
+  of the train split (``linear_probe.linear_probe``), never on the test split. With
+  ``cache_features=True`` each host keeps the rows it encoded on disk per step
+  (``feature_cache``), so a re-run at the same step does not encode the split again.
 * ``retrieval``: the image and caption embeddings ([N_img, E] and [N_txt, E]: 5k x 512 and
-  25k x 512 float32 for COCO, 61 MB) are gathered to every host, never the images.
+  25k x 512 float32 for COCO, 61 MB) are gathered to every host, never the images. COCO from
+  tfds ``coco_captions``, or COCO / Flickr30k from Karpathy's split files
+  (``data.source="karpathy_json"``, ``sources.karpathy_json_source``).
 
 Rows are gathered in process order, and each host's shard is a contiguous block of the split,
 so the gathered features are in the split's order for any number of hosts: 1 and 2 processes
@@ -68,6 +72,7 @@ from contrastive_jax import distributed
 from contrastive_jax.data import pipeline
 from contrastive_jax.errors import ConfigError
 from contrastive_jax.evaluate import class_names as class_names_lib
+from contrastive_jax.evaluate import feature_cache
 from contrastive_jax.evaluate import features as feature_lib
 from contrastive_jax.evaluate import knn as knn_lib
 from contrastive_jax.evaluate.linear_probe import (DEFAULT_L2_GRID, few_label_probe,
@@ -81,9 +86,10 @@ TEXT_TYPES = ("zero_shot", "retrieval")
 # Keys every spec has after ``resolve_spec`` (the type-specific ones default from config.eval).
 _COMMON = dict(type=None, data=None, every_steps=0, final=True, prefix=None, batch_size=None)
 _SETTINGS = {
-    "knn": dict(k=None, temperature=None),
-    "linear_probe": dict(l2_grid=DEFAULT_L2_GRID, val_fraction=0.2, shard_rows=False),
-    "few_label": dict(shots=None, draws=5, shard_rows=False),
+    "knn": dict(k=None, temperature=None, cache_features=False),
+    "linear_probe": dict(l2_grid=DEFAULT_L2_GRID, val_fraction=0.2, shard_rows=False,
+                         cache_features=False),
+    "few_label": dict(shots=None, draws=5, shard_rows=False, cache_features=False),
     "zero_shot": dict(classes="source", templates="source", wnids=()),
     "retrieval": dict(ks=(1, 5, 10)),
 }
@@ -132,6 +138,14 @@ def resolve_spec(name: str, spec: dict, config: ml_collections.ConfigDict) -> di
     out["temperature"] = float(out["temperature"] or ev.knn_temperature)
     if out["k"] < 1:
       raise ConfigError(f"config.evals.{name}.k={out['k']} must be >= 1")
+  if kind == "zero_shot" and out["wnids"]:
+    if out["classes"] != "imagenet":
+      raise ConfigError(f"config.evals.{name}.wnids needs classes='imagenet' (a subset of "
+                        "the 1,000 ImageNet classes)")
+    try:
+      class_names_lib.wnid_subset(out["wnids"])
+    except ValueError as error:
+      raise ConfigError(f"config.evals.{name}.wnids: {error}") from None
   if kind == "few_label" and out["shots"] is None:
     out["shots"] = tuple(ev.few_shots)
   every = out["every_steps"]
@@ -292,12 +306,17 @@ class Runner:
     config: the run's config (``config.evals``, ``config.eval``, ``config.data``).
     method: the bound method (its encoders).
     mesh: the run's ``("data",)`` mesh over all devices of all hosts.
+    workdir: the run's directory; with it, feature evaluators that set ``cache_features``
+      keep each host's frozen features under ``workdir/eval/features/step_<step>/``
+      (``feature_cache``) when ``run`` is given the step.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, method, mesh: Mesh):
+  def __init__(self, config: ml_collections.ConfigDict, method, mesh: Mesh, workdir=None):
     self.config, self.method, self.mesh = config, method, mesh
+    self.workdir = workdir
     self.specs = specs_of(config, getattr(method, "input_mode", "views"))
     self.encoders = Encoders(method)
+    self._step = None
     for name, spec in self.specs.items():
       try:
         distributed.check_batch_divisible(spec["batch_size"], mesh,
@@ -326,12 +345,15 @@ class Runner:
                         f"{sorted(self.specs)} (types {TYPES})")
     return picked
 
-  def run(self, state, names: Sequence[str], *, keep_features: bool = False):
+  def run(self, state, names: Sequence[str], *, keep_features: bool = False,
+          step: int | None = None):
     """``{<prefix>/<metric>: float}`` of the named evaluators on ``state``.
 
     With ``keep_features``, returns ``(results, features)``, ``features`` the test features and
-    labels of the first feature evaluator (``{"feat", "label"}``; None without one).
+    labels of the first feature evaluator (``{"feat", "label"}``; None without one). ``step``:
+    the checkpoint step of ``state``, which names the on-disk feature cache (none without it).
     """
+    self._step = step
     cache: dict[tuple, dict[str, np.ndarray]] = {}
     out: dict[str, float] = {}
     kept = None
@@ -350,10 +372,30 @@ class Runner:
     split = data[split_key]
     key = (json.dumps(data.to_dict(), sort_keys=True, default=str), split, spec["batch_size"])
     if key not in cache:
-      local = encode_split(self.encoders, state, self.mesh, data, split, spec["batch_size"],
-                           [("feat", "image_features", "image")])
+      encode = lambda: encode_split(self.encoders, state, self.mesh, data, split,
+                                    spec["batch_size"], [("feat", "image_features", "image")])
+      if spec["cache_features"] and self.workdir is not None and self._step is not None:
+        local = self._disk_cached(key, encode)
+      else:
+        local = encode()
       cache[key] = {k: _allgather_rows(v) for k, v in local.items()}
     return cache[key]
+
+  def _disk_cached(self, key: tuple, encode) -> dict[str, np.ndarray]:
+    """This host's rows from its cache file, or encoded and written. All hosts use their files
+    only if every host's is good: encoding is a collective over all hosts' devices."""
+    text = json.dumps({"data": key[0], "split": key[1], "batch_size": key[2],
+                       "method": self.config.method,
+                       "model": _to_dict(self.config.model)}, sort_keys=True, default=str)
+    path = feature_cache.cache_path(self.workdir, self._step, text, jax.process_index(),
+                                    jax.process_count())
+    local = feature_cache.load(path, text)
+    good = int(_sum_over_processes(np.array([local is not None]))[0])
+    if good == jax.process_count():
+      return local
+    local = encode()
+    feature_cache.save(path, local, text)
+    return local
 
   def _train_test(self, state, spec, cache):
     train = self._features(state, spec, "train_split", cache)
@@ -412,7 +454,7 @@ class Runner:
                          spec["batch_size"], [("emb", "image_embedding", "image")])
     labels = local["label"]
     if spec["wnids"]:  # a class subset (ImageNet-R/-A): labels into the subset's indices
-      _, label_map = class_names_lib.wnid_subset(tuple(spec["wnids"]))
+      _, label_map = class_names_lib.wnid_subset(spec["wnids"])
       labels = label_map[labels]
       if (labels < 0).any():
         raise ValueError(f"{int((labels < 0).sum())} images of {data.name}/{data.eval_split} "
@@ -454,9 +496,9 @@ def zero_shot_prompts(data_cfg, spec) -> tuple[list[str], list[list[str]]]:
   evaluation in tfds ``imagenet2012`` label order (also the label space of tfds
   ``imagenet_v2``, ``imagenet_sketch``, ``imagenet_r`` and ``imagenet_a``), with
   ``templates="clip"`` (the 80 templates) or a tuple of format strings such as
-  ``("a photo of a {}.",)``. ``wnids``: score only these classes (ImageNet-R and -A cover 200
-  classes each; their lists are in the datasets' READMEs, not in tfds), labels mapped into the
-  subset.
+  ``("a photo of a {}.",)``. ``wnids``: score only these classes, labels mapped into the
+  subset: ``"imagenet_r"`` / ``"imagenet_a"`` (the 200 classes of each, shipped in
+  ``data/imagenet_subsets.json``) or a tuple of WordNet ids.
   """
   classes, templates = spec["classes"], spec["templates"]
   if classes == "source":
@@ -467,7 +509,7 @@ def zero_shot_prompts(data_cfg, spec) -> tuple[list[str], list[list[str]]]:
   elif classes == "imagenet":
     names = class_names_lib.imagenet_class_names()
     if spec.get("wnids"):
-      names = class_names_lib.wnid_subset(tuple(spec["wnids"]))[0]
+      names = class_names_lib.wnid_subset(spec["wnids"])[0]
   else:
     raise ConfigError(f"zero-shot classes={classes!r} is unknown; use 'source' or 'imagenet'")
   if templates == "clip":
