@@ -147,3 +147,18 @@ def test_run_and_cli_evaluation_write_only_through_epath(tmp_path, monkeypatch, 
   for root in {str(tmp_path), "/tmp"}:
     for name in os.scandir(root):
       assert marker not in name.name and not name.name.startswith("ram:"), name.path
+
+
+def test_sweep_files_go_through_epath(tmp_path, monkeypatch, no_local_writes):
+  """launch/sweep.py's own files (failure traceback, wall-clock total, the summary it reads)."""
+  from test_tools import CONFIG, _launch
+  sweep = _launch("sweep")
+  monkeypatch.chdir(tmp_path)
+  point = f"{RAM}{no_local_writes}/sweep/point"
+  failed = sweep.run_to_completion(CONFIG, ["global_batch=7"], point, log=lambda *_: None)
+  assert failed["status"].startswith("failed: ConfigError") and failed["seconds"] >= 0
+  assert "global_batch" in (epath.Path(point) / sweep.FAILURE_FILE).read_text()
+  (epath.Path(point) / "summary.json").write_text(json.dumps({"steps": 4}))
+  done = sweep.run_to_completion(CONFIG, [], point, log=lambda *_: None)
+  assert done == {"summary": {"steps": 4}, "status": "skipped", "seconds": failed["seconds"]}
+  assert list(tmp_path.iterdir()) == []
