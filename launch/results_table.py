@@ -43,7 +43,7 @@ if _LAUNCH_DIR not in sys.path:  # run as a script, launch/ is already first; im
   sys.path.insert(0, _LAUNCH_DIR)
 
 import sweep  # noqa: E402  (launch/sweep.py: run_to_completion, formatting)
-from contrastive_jax import configs  # noqa: E402
+from contrastive_jax import configs as config_files  # noqa: E402  (make_table has a `configs`)
 
 DEFAULT_CONFIGS = ("simclr_mnist", "mocov2_mnist", "mocov3_mnist", "clip_mnist")
 BASELINES_FILE = "baselines.json"
@@ -192,7 +192,7 @@ def make_table(out: str, configs: Sequence[str] = DEFAULT_CONFIGS, *,
   entries, notes = [], []
   workdir = str(sweep.run_dir(workdir))
   for name in configs:
-    path = os.path.join(configs.PACKAGE_DIR, f"{name}.py")
+    path = os.path.join(config_files.PACKAGE_DIR, f"{name}.py")
     if not os.path.exists(path):
       notes.append(f"`configs/{name}.py` does not exist yet: skipped.")
       log(f"[{name}] skipped: {path} does not exist")

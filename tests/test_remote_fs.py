@@ -162,3 +162,16 @@ def test_sweep_files_go_through_epath(tmp_path, monkeypatch, no_local_writes):
   done = sweep.run_to_completion(CONFIG, [], point, log=lambda *_: None)
   assert done == {"summary": {"steps": 4}, "status": "skipped", "seconds": failed["seconds"]}
   assert list(tmp_path.iterdir()) == []
+
+
+def test_results_table_writes_through_epath(tmp_path, monkeypatch, no_local_writes):
+  """launch/results_table.py writes its markdown through epath (a config name without a file
+  is skipped with a note, so nothing trains)."""
+  from test_tools import _launch
+  table = _launch("results_table")
+  monkeypatch.chdir(tmp_path)
+  out = f"{RAM}{no_local_writes}/results/results.md"
+  result = table.make_table(out, ["no_such_config"], workdir=f"{RAM}{no_local_writes}/runs",
+                            log=lambda *_: None)
+  assert result["entries"] == [] and "no_such_config" in epath.Path(out).read_text()
+  assert list(tmp_path.iterdir()) == []
