@@ -130,7 +130,8 @@ def test_run_and_cli_evaluation_write_only_through_epath(tmp_path, monkeypatch, 
   run = epath.Path(workdir)
   summary = json.loads((run / "summary.json").read_text())
   assert summary["steps"] == 2 and "knn/top1" in summary["eval"]
-  assert json.loads((run / "config.json").read_text())["total_steps"] == 2
+  config = json.loads((run / "config.json").read_text())  # rewritten by the resumed start
+  assert config["total_steps"] == 2 and config["stop_at_step"] is None
   assert json.loads((run / "eval" / "step_2.json").read_text())["results"] == summary["eval"]
   cli = json.loads((run / "eval_knn.json").read_text())
   assert cli["step"] == 2 and cli["workdir"] == workdir
