@@ -65,6 +65,12 @@ def run_directory(workdir: str | os.PathLike) -> epath.Path:
   return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
+def checkpoint_directory(workdir: str | os.PathLike) -> epath.Path:
+  """``workdir/checkpoints``: the one place that names where a run's checkpoints live (the
+  trainer, ``restore.py`` and the standalone evaluator all ask here)."""
+  return run_directory(workdir) / CHECKPOINT_SUBDIR
+
+
 class _QuietOrbax(logging.Filter):
   """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
 
@@ -133,7 +139,7 @@ class Checkpointer:
       raise ValueError(f"max_to_keep={max_to_keep} must be >= 1 (or None to keep all)")
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps={save_interval_steps} must be >= 1")
-    self.directory = run_directory(workdir) / CHECKPOINT_SUBDIR
+    self.directory = checkpoint_directory(workdir)
     self.damaged_steps: dict[int, str] = {}
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,

@@ -58,7 +58,7 @@ def initial_state(method: Any, config: ml_collections.ConfigDict, mesh: jax.shar
 def saved_config(workdir: str | os.PathLike, step: int | None = None
                  ) -> tuple[ml_collections.ConfigDict, int]:
   """The config stored with checkpoint ``step`` (default: the newest) and that step."""
-  directory = checkpoint.run_directory(workdir) / checkpoint.CHECKPOINT_SUBDIR
+  directory = checkpoint.checkpoint_directory(workdir)
   if not directory.exists():
     raise RunDirectoryError(f"{workdir} has no {checkpoint.CHECKPOINT_SUBDIR}/ directory; pass the "
                      "--workdir of a training run")

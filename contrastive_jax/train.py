@@ -205,9 +205,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
 
   Returns a ``RunResult``: the summary of a finished run, or the step at which it stopped.
   """
+  # Every file of the run goes through etils.epath (this file, summary.json, evaluation
+  # results, the embedding plot), tf.io.gfile (clu's TensorBoard writer) or orbax (checkpoints),
+  # so a gs:// workdir works the same as a local one.
   workdir = checkpoint.run_directory(workdir)
   check_workdir(workdir)
   is_chief = jax.process_index() == 0
+  if is_chief:  # this start's config, readable without orbax (each checkpoint keeps its own)
+    (workdir / "config.json").write_text(
+        json.dumps(checkpoint.to_jsonable(config), indent=2, sort_keys=True))
 
   # --- Mesh and config checks (before anything compiles).
   mesh = runs.make_mesh(config)

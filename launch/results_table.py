@@ -43,7 +43,7 @@ if _LAUNCH_DIR not in sys.path:  # run as a script, launch/ is already first; im
   sys.path.insert(0, _LAUNCH_DIR)
 
 import sweep  # noqa: E402  (launch/sweep.py: run_to_completion, formatting)
-from contrastive_jax import configs  # noqa: E402
+from contrastive_jax import configs as config_files  # noqa: E402  (make_table has a `configs`)
 
 DEFAULT_CONFIGS = ("simclr_mnist", "mocov2_mnist", "mocov3_mnist", "clip_mnist")
 BASELINES_FILE = "baselines.json"
@@ -78,10 +78,9 @@ def _evaluations(method, config) -> tuple[str, ...]:
 
 def baselines(run_dir: str, log=print) -> dict[str, Any]:
   """Trained-state extras, random-init and raw-pixel numbers of a finished run (cached)."""
-  path = os.path.join(run_dir, BASELINES_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+  path = sweep.run_dir(run_dir) / BASELINES_FILE  # etils.epath: local or gs://
+  if path.exists():
+    return json.loads(path.read_text())
   import jax  # pylint: disable=g-import-not-at-top
 
   from contrastive_jax import restore  # pylint: disable=g-import-not-at-top
@@ -109,8 +108,7 @@ def baselines(run_dir: str, log=print) -> dict[str, Any]:
   pixels.update(trainer_pixels)
   out["raw_pixels"] = pixels
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(out, f, indent=2)
+    path.write_text(json.dumps(out, indent=2))
   return out
 
 
@@ -192,15 +190,15 @@ def make_table(out: str, configs: Sequence[str] = DEFAULT_CONFIGS, *,
                log=print) -> dict[str, Any]:
   """Runs (or resumes) each config, computes the baselines and writes the markdown to ``out``."""
   entries, notes = [], []
-  workdir = os.path.abspath(workdir)
+  workdir = str(sweep.run_dir(workdir))
   for name in configs:
-    path = os.path.join(configs.PACKAGE_DIR, f"{name}.py")
+    path = os.path.join(config_files.PACKAGE_DIR, f"{name}.py")
     if not os.path.exists(path):
       notes.append(f"`configs/{name}.py` does not exist yet: skipped.")
       log(f"[{name}] skipped: {path} does not exist")
       continue
     spec = path + (":quick" if quick else "")
-    run_dir = os.path.join(workdir, name + ("-quick" if quick else ""))
+    run_dir = str(sweep.run_dir(workdir) / (name + ("-quick" if quick else "")))
     log(f"[{name}] {run_dir}")
     result = sweep.run_to_completion(spec, list(overrides), run_dir,
                                      use_subprocess=use_subprocess, log=log)
@@ -215,10 +213,9 @@ def make_table(out: str, configs: Sequence[str] = DEFAULT_CONFIGS, *,
       entry["summary"] = None
     entries.append(entry)
   text = render(entries, notes, quick)
-  parent = os.path.dirname(os.path.abspath(out))
-  os.makedirs(parent, exist_ok=True)
-  with open(out, "w") as f:
-    f.write(text)
+  target = sweep.run_dir(out)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_text(text)
   log(f"wrote {out}")
   return {"entries": entries, "notes": notes, "path": out}
 

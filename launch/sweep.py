@@ -44,6 +44,8 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from etils import epath
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TIMING_FILE = "run_seconds.json"
@@ -101,30 +103,33 @@ def point_name(point: Sequence[tuple[str, str]]) -> str:
 # ----------------------------------------------------------------------------- running
 
 
+# Every file of a sweep goes through etils.epath, so DIR may be a gs:// bucket.
+
+
+def run_dir(workdir: str | os.PathLike) -> epath.Path:
+  """``workdir`` as an epath: absolute when local (subprocesses run from the repository root),
+  ``gs://...`` unchanged."""
+  text = os.fspath(workdir)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def summary_path(workdir: str) -> str:
-  return os.path.join(workdir, "summary.json")
+  return str(run_dir(workdir) / "summary.json")
 
 
 def load_summary(workdir: str) -> dict[str, Any] | None:
-  path = summary_path(workdir)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  path = run_dir(workdir) / "summary.json"
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def run_seconds(workdir: str) -> float | None:
-  path = os.path.join(workdir, TIMING_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return float(json.load(f)["seconds"])
+  path = run_dir(workdir) / TIMING_FILE
+  return float(json.loads(path.read_text())["seconds"]) if path.exists() else None
 
 
 def _add_seconds(workdir: str, seconds: float) -> None:
   total = (run_seconds(workdir) or 0.0) + seconds
-  with open(os.path.join(workdir, TIMING_FILE), "w") as f:
-    json.dump({"seconds": round(total, 1)}, f)
+  (run_dir(workdir) / TIMING_FILE).write_text(json.dumps({"seconds": round(total, 1)}))
 
 
 def run_to_completion(config_spec: str, overrides: Sequence[str], workdir: str, *,
@@ -135,10 +140,12 @@ def run_to_completion(config_spec: str, overrides: Sequence[str], workdir: str, 
   "seconds": wall-clock seconds of every invocation so far}``. Wall-clock time of each
   invocation (including resumed ones) is added up in ``workdir/run_seconds.json``.
   """
+  workdir = str(run_dir(workdir))
   summary = load_summary(workdir)
   if summary is not None:
     return {"summary": summary, "status": "skipped", "seconds": run_seconds(workdir)}
-  os.makedirs(workdir, exist_ok=True)
+  failure = run_dir(workdir) / FAILURE_FILE
+  run_dir(workdir).mkdir(parents=True, exist_ok=True)
   t0 = time.time()
   status = "done"
   try:
@@ -156,15 +163,14 @@ def run_to_completion(config_spec: str, overrides: Sequence[str], workdir: str, 
   except Exception as error:  # noqa: BLE001 -- one failed point must not end the sweep
     first_line = (str(error).splitlines() or [""])[0][:200]
     status = f"failed: {type(error).__name__}: {first_line}"
-    with open(os.path.join(workdir, FAILURE_FILE), "w") as f:
-      f.write(traceback.format_exc())
-    log(f"  {status} (traceback in {os.path.join(workdir, FAILURE_FILE)})")
+    failure.write_text(traceback.format_exc())
+    log(f"  {status} (traceback in {failure})")
   _add_seconds(workdir, time.time() - t0)
   summary = load_summary(workdir)
   if summary is None and status == "done":
     status = "incomplete (stopped early; rerun to resume)"
-  elif summary is not None and os.path.exists(os.path.join(workdir, FAILURE_FILE)):
-    os.remove(os.path.join(workdir, FAILURE_FILE))
+  elif summary is not None and failure.exists():
+    failure.unlink()
   return {"summary": summary, "status": status, "seconds": run_seconds(workdir)}
 
 
@@ -287,15 +293,15 @@ def run_sweep(config_spec: str, sweeps: Sequence[str], workdir: str, *,
   display_spec = config_spec
   path, sep, arg = configs.resolve(config_spec).partition(":")
   config_spec = os.path.abspath(path) + sep + arg
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  root = run_dir(workdir)
+  root.mkdir(parents=True, exist_ok=True)
   points = grid(parsed)
   rows = []
   for i, point in enumerate(points):
     name = point_name(point)
     log(f"[{i + 1}/{len(points)}] {name}")
     result = run_to_completion(config_spec, list(overrides) + [f"{k}={v}" for k, v in point],
-                               os.path.join(workdir, name), use_subprocess=use_subprocess,
+                               str(root / name), use_subprocess=use_subprocess,
                                log=log)
     log(f"  {result['status']}: {metric} = {_fmt(lookup(result['summary'], metric))}")
     rows.append({"point": point, **result})
@@ -306,10 +312,9 @@ def run_sweep(config_spec: str, sweeps: Sequence[str], workdir: str, *,
       + f"; metric `{metric}` ({'lower' if lower_is_better(metric) else 'higher'} is better, "
       "best in bold). One run per row, in its own directory under this one.", "",
       sweep_table(rows, keys, metric), "", "![sweep](sweep.png)", ""])
-  table_path = os.path.join(workdir, "sweep.md")
-  with open(table_path, "w") as f:
-    f.write(table)
-  plot_path = sweep_plot(rows, keys, metric, os.path.join(workdir, "sweep.png"), title)
+  table_path = str(root / "sweep.md")
+  epath.Path(table_path).write_text(table)
+  plot_path = sweep_plot(rows, keys, metric, str(root / "sweep.png"), title)
   failed = sum(r["status"].startswith("failed") for r in rows)
   log(f"wrote {table_path} and {plot_path}" + (f"; {failed} point(s) failed" if failed else ""))
   return {"rows": rows, "table": table_path, "plot": plot_path, "failed": failed}

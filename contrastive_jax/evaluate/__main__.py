@@ -85,11 +85,13 @@ def evaluate_checkpoint(workdir: str, evals: Sequence[str] | str = "all", *,
                         overrides: Sequence[str] = (), embedding_plot: str = "none",
                         out_path: str | None = None, verbose: bool = True) -> dict[str, Any]:
   """The CLI as a function: restores, evaluates, writes the JSON; returns its content."""
-  from contrastive_jax import configs, restore  # pylint: disable=g-import-not-at-top
+  from contrastive_jax import checkpoint, configs, restore  # pylint: disable=g-import-not-at-top
   from contrastive_jax.evaluate import plots  # pylint: disable=g-import-not-at-top
 
   evals = parse_evals(evals if isinstance(evals, str) else ",".join(evals))
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")) and "://" not in workdir:
+  # Every read and write of the run directory goes through etils.epath: local or gs://.
+  run_dir = checkpoint.run_directory(workdir)
+  if not checkpoint.checkpoint_directory(workdir).is_dir():
     raise errors.RunDirectoryError(
         f"--workdir={workdir!r} has no checkpoints/ directory; pass the directory of a training "
         "run (the --workdir given to contrastive_jax.main)")
@@ -114,14 +116,16 @@ def evaluate_checkpoint(workdir: str, evals: Sequence[str] | str = "all", *,
       raise errors.ConfigError("--embedding_plot needs a feature evaluator (knn, linear_probe or "
                        "few_label) in --eval")
     report["embedding_plot"] = plots.save_embedding_plot(
-        test_f["feat"], test_f["label"], os.path.join(workdir, f"embeddings_{embedding_plot}.png"),
+        test_f["feat"], test_f["label"], run_dir / f"embeddings_{embedding_plot}.png",
         method=embedding_plot, title=f"{run.config.method} step {run.step}: test features "
         f"({embedding_plot})")
-  out_path = out_path or os.path.join(workdir, f"eval_{name}.json")
+  out_path = str(out_path or run_dir / f"eval_{name}.json")
   import jax  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
-    epath.Path(out_path).write_text(json.dumps(report, indent=2))
+    out = epath.Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
     if verbose:
       print(format_table(results, f"== {run.config.method}, {workdir} step {run.step} =="))
       print(f"written: {out_path}")

@@ -18,6 +18,7 @@ Layer 1: numpy arrays in, PNG files out; no knowledge of methods or the trainer.
 
 from __future__ import annotations
 
+import io
 import os
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -41,20 +42,16 @@ def _figure(figsize: tuple[float, float]):
 
 
 def _save(fig, path: str | os.PathLike) -> str:
-  """Writes the PNG to a local path or, through etils.epath, to a ``gs://`` run directory."""
-  path = os.fspath(path)
-  if "://" in path:
-    from etils import epath  # pylint: disable=g-import-not-at-top
-    target = epath.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("wb") as f:
-      fig.savefig(f, dpi=DPI, format="png")
-    return path
-  parent = os.path.dirname(path)
-  if parent:
-    os.makedirs(parent, exist_ok=True)
-  fig.savefig(path, dpi=DPI, format="png")
-  return path
+  """Writes the PNG through ``etils.epath`` (local disk, ``gs://`` or any filesystem epath
+  knows), creating the parent folders. The PNG is rendered into memory first and written in
+  one call: matplotlib never sees the path, so it cannot fall back to the built-in ``open``."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  fig.savefig(buffer, dpi=DPI, format="png")
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_bytes(buffer.getvalue())
+  return os.fspath(path)
 
 
 def project_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
