@@ -292,3 +292,26 @@ def test_clip_captions_grad_cache_equals_full_batch():
     results.append((float(loss), jax.device_get(grads)))
   np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
   gc._assert_trees_close(results[1][1], results[0][1])
+
+
+def test_clip_caption_positives_equal_infonce_when_captions_are_identical():
+  """Multi-positive CLIP (SupCon L_out, positives in the denominator) over *identical*
+  captions is InfoNCE: identical captions have identical text embeddings, so image->text gives
+  each of a caption's k copies the same log-probability, and summed over the k identical text
+  rows text->image is the same sum of k terms. Value and gradient (with respect to the images,
+  the distinct captions' embeddings and the scale) equal; this is why the embedded CLIP run
+  gains nothing from ``multi_positive="captions"`` (SigLIP's pairwise loss does change)."""
+  rng = np.random.default_rng(9)
+  img = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(5, D)), jnp.float32)          # 5 distinct captions
+  ids = jnp.asarray(CAPTIONS % 5)
+
+  def loss(options, img, table, scale):
+    return losses.clip_loss(img, table[ids], scale, groups=ids, options=options)
+
+  grad = lambda options: jax.jit(jax.value_and_grad(
+      functools.partial(loss, options), argnums=(0, 1, 2)))(img, table, 7.0)
+  (v0, g0), (v1, g1) = grad(O()), grad(O(multi_positive=True))
+  np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
+  for got, want in zip(g1, g0):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
