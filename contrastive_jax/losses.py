@@ -518,7 +518,8 @@ def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | 
     _check_groups(groups, n)
     # Identical captions: z_ij = +1 for every pair of the same group (Zhai et al. 2023 treat
     # only the matching pair as positive; here a duplicate caption is not a negative).
-    is_pos = is_pos | (groups[:, None] == _gather(groups, axis_name)[None, :])
+    same = (groups[:, None] == _gather(groups, axis_name)[None, :]) & (groups >= 0)[:, None]
+    is_pos = is_pos | same           # -1 (unknown) keeps its single positive
   signs = jnp.where(is_pos, 1.0, -1.0).astype(logits.dtype)
   per_row = -jnp.sum(jax.nn.log_sigmoid(signs * logits), axis=1)          # [n]
   loss = _global_mean(per_row, axis_name)

@@ -105,6 +105,7 @@ class _RingSpec:
   keys_grad: whether the keys receive a gradient (False for MoCo v3's momentum keys).
   axis_name: the ring axis, or None for one device.
   tile: at most this many rows and columns of a block are scored at once (None: the block).
+  options: how negatives are treated (``_ring_stats`` only; the plain ring is InfoNCE).
   """
   kind: str
   divide: bool
@@ -114,6 +115,7 @@ class _RingSpec:
   keys_grad: bool
   axis_name: str | None
   tile: int | None = None
+  options: losses.NegativeOptions = losses.PLAIN
 
 
 def _ring_size(axis_name: str | None) -> int:
@@ -435,94 +437,254 @@ def _spec(kind="softmax", *, divide, axis_name, tile, pos_shift=0, mask_self=Fal
 
 
 # ----------------------------------------------------------------------------- negative options
+#
+# With ``losses.NegativeOptions`` (debiased, hard, decoupled, multi-positive) or group ids the
+# per-row loss is a function of per-row statistics, each a sum over the row's candidates
+# (``losses.row_stats``: log-sum-exps over the positives and the negatives, the sum of the
+# positives' logits, counts). The forward pass accumulates them tile by tile with the online
+# log-sum-exp, exactly like the plain ring's single lse; the loss is then the all-gather form's
+# own function of them (``losses.loss_from_stats``), differentiated by ordinary autodiff. The
+# ring's custom VJP receives the cotangent of every statistic and recomputes each tile:
+#
+#   dL/dl_rc = c_r[pos_logit] [c in P_r]
+#              + sum_k c_r[lse_k] w_k exp(w_k l_rc - lse_k,r) [c in S_k,r],
+#
+# with (w_k, S_k) = (1, positives) for "pos", (1, negatives) for "neg", (1 + beta, negatives)
+# for "neg_hard" and (beta, negatives) for "neg_beta"; the counts and the diagnostics carry no
+# gradient. dL/dA, dL/dK_b (the buffer travelling with the block), dL/ds and dL/db then follow
+# from dL/dl exactly as in the plain ring above. SigLIP (multi-positive only) is additive: its
+# statistic is the row's loss and ``dL/dl = -g z sigmoid(-z l)`` with z = +1 on every positive.
+# Group ids travel with their key block. Memory and tiling are those of the plain ring.
 
 
-def _ring_options(anchors, keys, a_groups, k_groups, f, bias, *, axis_name, pos_shift,
-                  mask_self, halves, kind, options: losses.NegativeOptions):
-  """The ring with ``losses.NegativeOptions`` (debiased, hard, decoupled, multi-positive) or
-  group ids: per-row loss [m], hit [m] and the row statistics (``losses.row_stats``).
+def _used_lse(options: losses.NegativeOptions) -> tuple[str, ...]:
+  """The log-sum-exp statistics ``losses.loss_from_stats`` reads for ``options`` (the others
+  are neither computed nor differentiated)."""
+  if options.reweighted:
+    return ("neg_hard", "neg_beta")
+  return ("neg",) if options.decoupled else ("pos", "neg")
 
-  The key blocks travel with their group ids; each hop adds the block's row statistics to the
-  running ones with the online log-sum-exp (``losses.combine_stats``), and the loss is the same
-  function of the statistics as in the all-gather form (``losses.loss_from_stats``). Gradients
-  by autodiff through the loop with each hop rematerialised (``jax.checkpoint``): the backward
-  pass recomputes a block's logits instead of storing them, so no [m, N] array exists, but the
-  blocks the loop carried (O(N x D) per device, like an all-gather of the embeddings) are
-  kept. Whole blocks only (``tile`` is not supported with these options).
 
-  ``f``: the logit multiplier (1/T or the logit scale); ``kind``: "softmax" or "sigmoid"
-  (SigLIP, additive: multi-positive only).
-  """
-  size = _ring_size(axis_name)
-  me = _my_index(axis_name)
+def _option_masks(spec: _RingSpec, tile: _Tile, a_groups, k_groups):
+  """[t, u] masks (positives, negatives, same-class negatives, negatives of labelled rows) of a
+  tile; the anchor itself (NT-Xent) and padded columns are in none of them."""
+  if spec.mask_self:
+    self_mask = (tile.hop == 0) & (tile.cols[None, :] == tile.rows[:, None])
+  else:
+    self_mask = jnp.zeros((tile.rows.shape[0], tile.width), bool)
+  masks = losses._group_masks(a_groups, k_groups, self_mask, tile.is_pos(), spec.options)
+  if not tile.padded:
+    return masks
+  valid = tile.cols[None, :] < tile.num_cols
+  return tuple(mask & valid for mask in masks)
+
+
+def _stats_forward(spec: _RingSpec, anchors, keys, a_groups, k_groups, scale, bias):
+  """The row statistics [m] of ``losses.row_stats`` over the whole ring (lse values for the
+  log-sum-exps), or SigLIP's per-row loss, and the hit [m]."""
+  axis, size = spec.axis_name, _ring_size(spec.axis_name)
+  me = _my_index(axis)
   m, c = anchors.shape[0], keys.shape[0]
   dtype = anchors.dtype
-  spec = _RingSpec(kind=kind, divide=False, pos_shift=pos_shift, mask_self=mask_self,
-                   halves=halves, keys_grad=True, axis_name=axis_name)
-  rows, cols = jnp.arange(m), jnp.arange(c)
-  scaled = anchors * f
-  options_masks = options if kind == "softmax" else dataclasses.replace(
-      options, multi_positive=False)
+  t, num_rt = _tiling(m, spec.tile)
+  u, num_ct = _tiling(c, spec.tile)
+  f = _factor(spec, scale)[0]
+  beta = spec.options.hard_beta
+  used = _used_lse(spec.options)
+  anchors, a_groups = _pad_rows(anchors, t * num_rt), _pad_rows(a_groups + 1, t * num_rt) - 1
+  keys, k_groups = _pad_rows(keys, u * num_ct), _pad_rows(k_groups + 1, u * num_ct) - 1
 
-  @jax.checkpoint
-  def score(hop, block, block_groups, stats):
-    own = hop == 0
-    logits = _sim(scaled, block)
-    if kind == "sigmoid":
-      logits = logits + bias
-    self_mask = (own & (cols[None, :] == rows[:, None])) if mask_self else jnp.zeros(
-        (m, c), bool)
-    twin = own & (cols[None, :] == ((rows + pos_shift) % c)[:, None])
-    logits_m = jnp.where(self_mask, -jnp.inf, logits)
-    tile_max = jnp.max(logits_m, axis=1)
-    tile_col = _global_columns(spec, (me - hop) % size, cols, c, size)[
-        jnp.argmax(logits_m, axis=1)]
+  def tile_update(hop, block, block_groups, rows, a, a_g, j, stats):
+    tile = _Tile(spec, hop, rows, j * u, u, c, u * num_ct != c)
+    logits = _tile_logits(spec, a, _rows(block, j * u, u), bias)               # [t, u]
+    k_g = _rows(block_groups, j * u, u)
+    # Running argmax with argmax's rule (the first maximal global column wins).
+    masked = tile.mask(logits)
+    tile_max = jnp.max(masked, axis=1)
+    tile_col = _global_columns(spec, (me - hop) % size, tile.cols, c, size)[
+        jnp.argmax(masked, axis=1)]
     best, best_col = stats["best"], stats["best_col"]
     better = (tile_max > best) | ((tile_max == best) & (tile_col < best_col))
-    out = {"best": jnp.where(better, tile_max, best),
-           "best_col": jnp.where(better, tile_col, best_col)}
-    masks = losses._group_masks(a_groups, block_groups, self_mask, twin, options_masks)
-    if kind == "sigmoid":
-      pos = masks[0]
-      if options.multi_positive and a_groups is not None:
-        pos = pos | (a_groups[:, None] == block_groups[None, :])
+    out = dict(stats, best=jnp.where(better, tile_max, best),
+               best_col=jnp.where(better, tile_col, best_col))
+    pos, neg, diag, diag_total = _option_masks(spec, tile, a_g, k_g)
+    if spec.kind == "sigmoid":
       signs = jnp.where(pos, 1.0, -1.0).astype(dtype)
-      out["sigmoid"] = stats["sigmoid"] - jnp.sum(jax.nn.log_sigmoid(signs * logits), axis=1)
+      terms = jax.nn.log_sigmoid(signs * logits)
+      if tile.padded:
+        terms = jnp.where(tile.cols[None, :] < c, terms, 0.0)
+      out["sigmoid"] = stats["sigmoid"] - jnp.sum(terms, axis=1)
       return out
-    block_stats = losses.row_stats(logits, *masks, options.hard_beta)   # masks drop self
-    out.update(losses.combine_stats({k: stats[k] for k in block_stats}, block_stats))
+    count = lambda mask: jnp.sum(mask.astype(dtype), axis=1)
+    lse_of = {"pos": (1.0, pos), "neg": (1.0, neg), "neg_hard": (1.0 + beta, neg),
+              "neg_beta": (beta, neg)}
+    for name in used:
+      w, mask = lse_of[name]
+      out[name] = losses.combine_lse(stats[name], losses._masked_lse_terms(w * logits, mask))
+    out["pos_logit"] = stats["pos_logit"] + jnp.sum(jnp.where(pos, logits, 0.0), axis=1)
+    out["num_pos"] = stats["num_pos"] + count(pos)
+    out["num_neg"] = stats["num_neg"] + count(neg)
+    out["diag_count"] = stats["diag_count"] + count(diag)
+    out["diag_total"] = stats["diag_total"] + count(diag_total)
+    out["diag_logit"] = stats["diag_logit"] + jnp.sum(jnp.where(diag, logits, 0.0), axis=1)
     return out
 
   def hop_body(hop, carry):
     block, block_groups, stats = carry
-    stats = score(hop, block, block_groups, stats)
-    block, block_groups = _hop((block, block_groups), axis_name, size)
+
+    def row_body(i, stats):
+      rows = i * t + jnp.arange(t)
+      a = _rows(anchors, i * t, t) * f        # scaled per tile: no scaled [m, D] copy
+      a_g = _rows(a_groups, i * t, t)
+      mine = jax.tree.map(lambda x: _rows(x, i * t, t), stats)
+      mine = jax.lax.fori_loop(
+          0, num_ct, lambda j, s: tile_update(hop, block, block_groups, rows, a, a_g, j, s),
+          mine)
+      return jax.tree.map(
+          lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, i * t, axis=0), stats, mine)
+
+    stats = jax.lax.fori_loop(0, num_rt, row_body, stats)
+    block, block_groups = _hop((block, block_groups), axis, size)
     return block, block_groups, stats
 
-  vary = lambda x: _varying(x, axis_name)
-  full = lambda value, dt=dtype: vary(jnp.full((m,), value, dt))
+  full = lambda value, dt=dtype: _varying(jnp.full((t * num_rt,), value, dt), axis)
   stats = {"best": full(-jnp.inf), "best_col": full(0, jnp.int32)}
-  if kind == "sigmoid":
+  if spec.kind == "sigmoid":
     stats["sigmoid"] = full(0.0)
   else:
-    stats.update({k: (full(-jnp.inf), full(0.0)) for k in losses.LSE_STATS})
+    stats.update({k: (full(-jnp.inf), full(0.0)) for k in used})
     stats.update({k: full(0.0) for k in losses.SUM_STATS})
-  if k_groups is None:        # a dummy block of ids keeps one loop body
-    k_groups = jnp.full((c,), -1, jnp.int32)
-  _, _, stats = jax.lax.fori_loop(0, size, hop_body, (keys, vary(k_groups), stats))
+  _, _, stats = jax.lax.fori_loop(0, size, hop_body, (keys, k_groups, stats))
+  stats = jax.tree.map(lambda x: x[:m], stats)
 
-  pos_column = _global_columns(spec, me, (rows + pos_shift) % c, c, size)
-  hit = (stats["best_col"] == pos_column).astype(dtype)
+  pos_column = _global_columns(spec, me, (jnp.arange(m) + spec.pos_shift) % c, c, size)
+  out = {"hit": (stats.pop("best_col") == pos_column).astype(dtype)}
+  stats.pop("best")
+  for name in losses.LSE_STATS if spec.kind == "softmax" else ():
+    out[name] = losses.lse_value(stats.pop(name)) if name in used else jnp.full(
+        (m,), -jnp.inf, dtype)
+  out.update(stats)
+  return out
+
+
+def _stats_backward(spec: _RingSpec, residuals, cotangents):
+  """Second ring pass: each tile's dL/dlogits from the statistics' cotangents (see above),
+  then dL/dA here and dL/dK in the buffer that travels with the block, as ``_ring_backward``."""
+  anchors, keys, a_groups, k_groups, scale, bias, lse = residuals
+  axis, size = spec.axis_name, _ring_size(spec.axis_name)
+  m, c = anchors.shape[0], keys.shape[0]
+  dim = anchors.shape[1]
+  dtype = anchors.dtype
+  f, df = _factor(spec, scale)
+  beta = spec.options.hard_beta
+  t, num_rt = _tiling(m, spec.tile)
+  u, num_ct = _tiling(c, spec.tile)
+  weights = {"pos": 1.0, "neg": 1.0, "neg_hard": 1.0 + beta, "neg_beta": beta}
+  # Cotangents of the statistics that carry a gradient; padded rows get 0 (and lse 0).
+  names = ("sigmoid",) if spec.kind == "sigmoid" else (
+      ("pos_logit",) + tuple(k for k in _used_lse(spec.options) if weights[k] != 0.0))
+  pad = lambda x: _pad_rows(x, t * num_rt)
+  ct = {k: pad(cotangents[k]) for k in names}
+  lse = {k: pad(v) for k, v in lse.items()}
+  anchors_p, a_groups = pad(anchors), pad(a_groups + 1) - 1
+  keys, k_groups = _pad_rows(keys, u * num_ct), _pad_rows(k_groups + 1, u * num_ct) - 1
+
+  def tile_grad(tile, logits, a_g, k_g, ct_i, lse_i):
+    """dL/dlogits [t, u] of one tile."""
+    pos, neg = _option_masks(spec, tile, a_g, k_g)[:2]
+    if spec.kind == "sigmoid":
+      signs = jnp.where(pos, 1.0, -1.0).astype(dtype)
+      grad = -ct_i["sigmoid"][:, None] * signs * jax.nn.sigmoid(-signs * logits)
+      return jnp.where(tile.cols[None, :] < c, grad, 0.0) if tile.padded else grad
+    grad = ct_i["pos_logit"][:, None] * pos.astype(dtype)
+    for name in names[1:]:
+      w, mask = weights[name], pos if name == "pos" else neg
+      # -inf before the exp: an empty set's lse is -inf and w l - lse would be +inf.
+      p = jnp.exp(jnp.where(mask, w * logits - lse_i[name][:, None], -jnp.inf))
+      grad = grad + (w * ct_i[name])[:, None] * p
+    return grad
+
+  def tile_update(hop, block, block_groups, rows, a, a_scaled, a_g, ct_i, lse_i, j, carry):
+    d_keys, d_a, d_bias = carry
+    tile = _Tile(spec, hop, rows, j * u, u, c, u * num_ct != c)
+    k = _rows(block, j * u, u)
+    logits = _tile_logits(spec, a_scaled, k, bias)
+    grad = tile_grad(tile, logits, a_g, _rows(block_groups, j * u, u), ct_i, lse_i)
+    d_a = d_a + jnp.einsum("tu,ud->td", grad, k, precision=losses._HIGHEST)
+    if spec.kind == "sigmoid":
+      d_bias = d_bias + jnp.sum(grad)
+    d_keys = _add_rows(d_keys, j * u, jnp.einsum("tu,td->ud", grad, a, precision=losses._HIGHEST))
+    return d_keys, d_a, d_bias
+
+  zeros = lambda shape: _varying(jnp.zeros(shape, dtype), axis)
+
+  def hop_body(hop, carry):
+    block, block_groups, d_keys, d_anchors, d_bias = carry
+
+    def row_body(i, carry):
+      d_keys, d_anchors, d_bias = carry
+      rows = i * t + jnp.arange(t)
+      a = _rows(anchors_p, i * t, t)
+      a_scaled = a * f
+      a_g = _rows(a_groups, i * t, t)
+      ct_i, lse_i = jax.tree.map(lambda x: _rows(x, i * t, t), (ct, lse))
+      d_keys, d_a, d_bias = jax.lax.fori_loop(
+          0, num_ct, lambda j, cr: tile_update(hop, block, block_groups, rows, a, a_scaled,
+                                               a_g, ct_i, lse_i, j, cr),
+          (d_keys, zeros((t, dim)), d_bias))
+      return d_keys, _add_rows(d_anchors, i * t, d_a), d_bias
+
+    d_keys, d_anchors, d_bias = jax.lax.fori_loop(
+        0, num_rt, row_body, (d_keys, d_anchors, d_bias))
+    block, block_groups, d_keys = _hop((block, block_groups, d_keys), axis, size)
+    return block, block_groups, d_keys, d_anchors, d_bias
+
+  carry = (keys, k_groups, zeros(keys.shape), zeros(anchors_p.shape), zeros(()))
+  _, _, d_keys, d_anchors, d_bias = jax.lax.fori_loop(0, size, hop_body, carry)
+  d_anchors, d_keys = d_anchors[:m], d_keys[:c]
+  d_scale = df * jnp.sum(anchors * d_anchors)
+  return (f * d_anchors, f * d_keys, None, None, d_scale.astype(scale.dtype),
+          d_bias.astype(bias.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring_stats(spec: _RingSpec, anchors, keys, a_groups, k_groups, scale, bias):
+  return _stats_forward(spec, anchors, keys, a_groups, k_groups, scale, bias)
+
+
+def _ring_stats_fwd(spec, anchors, keys, a_groups, k_groups, scale, bias):
+  out = _stats_forward(spec, anchors, keys, a_groups, k_groups, scale, bias)
+  lse = {k: out[k] for k in _used_lse(spec.options)} if spec.kind == "softmax" else {}
+  return out, (anchors, keys, a_groups, k_groups, scale, bias, lse)
+
+
+_ring_stats.defvjp(_ring_stats_fwd, _stats_backward)
+
+
+def _ring_options(anchors, keys, a_groups, k_groups, scale, bias, *, axis_name, tile, divide,
+                  pos_shift, mask_self, halves, kind, options: losses.NegativeOptions):
+  """The ring with ``losses.NegativeOptions`` or group ids ([m] / [c] int, -1 unknown; None:
+  none known): per-row loss [m], hit [m] and the row statistics (for ``losses.diagnostics``).
+  ``kind``: "softmax" or "sigmoid" (SigLIP: multi-positive only)."""
+  spec = _RingSpec(kind=kind, divide=divide, pos_shift=pos_shift, mask_self=mask_self,
+                   halves=halves, keys_grad=True, axis_name=axis_name, tile=_check_tile(tile),
+                   options=options)
+  dtype = anchors.dtype
+  unknown = lambda x: jnp.full((x.shape[0],), -1, jnp.int32)
+  a_groups = unknown(anchors) if a_groups is None else a_groups.astype(jnp.int32)
+  k_groups = unknown(keys) if k_groups is None else k_groups.astype(jnp.int32)
+  scale = _varying(jnp.asarray(scale, dtype), axis_name)
+  bias = _varying(jnp.asarray(bias, dtype), axis_name)
+  out = _ring_stats(spec, anchors, keys, _varying(a_groups, axis_name),
+                    _varying(k_groups, axis_name), scale, bias)
+  hit = jax.lax.stop_gradient(out.pop("hit"))
   if kind == "sigmoid":
-    return stats["sigmoid"], hit, stats
-  return losses.loss_from_stats(stats, options, -f), hit, stats
-
-
-def _check_no_tile(tile):
-  if _check_tile(tile) is not None:
-    raise ValueError("the ring loss with config.negatives options or group ids scores whole "
-                     "blocks; set config.loss_tile=0")
-
+    return out["sigmoid"], hit, out
+  # An lse as a (max, sum) pair: (lse, 1), or (-inf, 0) for an empty set.
+  stats = {k: (out[k], jnp.isfinite(out[k]).astype(dtype)) for k in losses.LSE_STATS}
+  stats.update({k: out[k] for k in losses.SUM_STATS})
+  stats["diag_logit"] = jax.lax.stop_gradient(stats["diag_logit"])
+  return losses.loss_from_stats(stats, options, -_factor(spec, scale)[0]), hit, stats
 
 # ----------------------------------------------------------------------------- losses
 
@@ -550,14 +712,13 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float | jax.Array,
   n = z1.shape[0]
   views = jnp.concatenate([_normalize(z1), _normalize(z2)], axis=0)     # [2n, D]
   if groups is not None or not options.plain:
-    _check_no_tile(tile)
     both = None
     if groups is not None:
       losses._check_groups(groups, n)
       both = jnp.concatenate([groups, groups])
     per_anchor, hit, stats = _ring_options(
-        views, views, both, both, 1.0 / temperature, 0.0, axis_name=axis_name, pos_shift=n,
-        mask_self=True, halves=2, kind="softmax", options=options)
+        views, views, both, both, temperature, 0.0, axis_name=axis_name, tile=tile,
+        divide=True, pos_shift=n, mask_self=True, halves=2, kind="softmax", options=options)
     metrics = {"accuracy": _global_mean(hit, axis_name)}
     if groups is not None:
       metrics.update(losses.diagnostics(stats, 1.0 / temperature, axis_name))
@@ -590,12 +751,11 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | ja
   _check_positive("logit_scale", logit_scale)
   img, txt = _normalize(image_emb), _normalize(text_emb)
   if groups is not None or not options.plain:
-    _check_no_tile(tile)
     if groups is not None:
       losses._check_groups(groups, img.shape[0])
     run = lambda a, b: _ring_options(
-        a, b, groups, groups, logit_scale, 0.0, axis_name=axis_name, pos_shift=0,
-        mask_self=False, halves=1, kind="softmax", options=options)[:2]
+        a, b, groups, groups, logit_scale, 0.0, axis_name=axis_name, tile=tile, divide=False,
+        pos_shift=0, mask_self=False, halves=1, kind="softmax", options=options)[:2]
     (i2t, hit_i2t), (t2i, hit_t2i) = run(img, txt), run(txt, img)
   else:
     spec = _spec(divide=False, axis_name=axis_name, tile=tile)
@@ -663,11 +823,10 @@ def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: float | 
     raise ValueError("SigLIP has no softmax denominator: debias_tau_plus, hard_beta and "
                      "decoupled do not apply (config.negatives); multi_positive does")
   if groups is not None and options.multi_positive:
-    _check_no_tile(tile)
     losses._check_groups(groups, img.shape[0])
     per_row, hit, _ = _ring_options(
-        img, txt, groups, groups, logit_scale, logit_bias, axis_name=axis_name, pos_shift=0,
-        mask_self=False, halves=1, kind="sigmoid", options=options)
+        img, txt, groups, groups, logit_scale, logit_bias, axis_name=axis_name, tile=tile,
+        divide=False, pos_shift=0, mask_self=False, halves=1, kind="sigmoid", options=options)
   else:
     spec = _spec("sigmoid", divide=False, axis_name=axis_name, tile=tile)
     per_row, hit = _run_ring(spec, img, txt, logit_scale, logit_bias)
@@ -703,8 +862,7 @@ def get_loss(name: str, impl: str = "all_gather", *, tile: int | None = None,
 
   ``options`` (``losses.NegativeOptions``; ``config.negatives``): debiased, hard-negative,
   decoupled or multi-positive forms of nt_xent, clip and moco (siglip: multi-positive only;
-  moco_v3: none). With options other than InfoNCE the ring scores whole blocks (``tile``
-  must be None/0).
+  moco_v3: none), tiled or not.
   """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"loss impl must be one of {IMPLEMENTATIONS}, got {impl!r}; "
@@ -718,9 +876,6 @@ def get_loss(name: str, impl: str = "all_gather", *, tile: int | None = None,
     if name == "moco_v3":
       raise ValueError("config.negatives options are not implemented for MoCo v3; use "
                        "SimCLR, MoCo v2 or CLIP/SigLIP, or reset config.negatives")
-    if tile is not None and name != "moco":
-      raise ValueError("config.negatives options score whole ring blocks; set "
-                       "config.loss_tile=0")
     fn = functools.partial(fn, options=options)
   if tile is None or name == "moco":
     return fn

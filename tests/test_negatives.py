@@ -113,6 +113,73 @@ def test_moco_queue_options_against_reference():
     np.testing.assert_allclose(float(got), want, rtol=2e-5, err_msg=str(options))
 
 
+# The tiled ring (``tile=``, ``config.loss_tile``) with the options: 5 rows per device on 8
+# devices, so NT-Xent blocks have 10 rows (tiles of 1 and 2 divide them, 3 pads to 12) and CLIP
+# / SigLIP blocks 5 (1 divides, 2 and 3 pad to 6).
+NT = 40
+_rng = np.random.default_rng(7)
+LABELS_T = np.where(_rng.random(NT) < 0.15, -1, _rng.integers(0, 4, NT)).astype(np.int32)
+CAPTIONS_T = _rng.integers(0, 12, NT).astype(np.int32)
+
+# name -> (loss, options, scalar args, groups, tile, float64 reference of (a, b, *scalars))
+TILED = {
+    "hard_debiased/3": ("nt_xent", O(debias_tau_plus=0.1, hard_beta=0.5), (0.2,), None, 3,
+                        lambda a, b, t: ref.nt_xent(a, b, t, tau_plus=0.1, beta=0.5)),
+    "debiased_floor/2": ("nt_xent", O(debias_tau_plus=0.5), (1.0,), None, 2,
+                         lambda a, b, t: ref.nt_xent(a, b, t, tau_plus=0.5)),
+    "decoupled/1": ("nt_xent", O(decoupled=True), (0.3,), None, 1,
+                    lambda a, b, t: ref.nt_xent(a, b, t, decoupled=True)),
+    "labels_infonce/3": ("nt_xent", O(), (0.3,), LABELS_T, 3,
+                         lambda a, b, t: ref.nt_xent(a, b, t)),
+    "supcon/3": ("nt_xent", O(multi_positive=True), (0.3,), LABELS_T, 3,
+                 lambda a, b, t: ref.nt_xent(a, b, t, labels=LABELS_T)),
+    "supcon_decoupled/2": ("nt_xent", O(multi_positive=True, decoupled=True), (0.3,), LABELS_T,
+                           2, lambda a, b, t: ref.nt_xent(a, b, t, labels=LABELS_T,
+                                                          decoupled=True)),
+    "clip_captions/2": ("clip", O(multi_positive=True), (7.0,), CAPTIONS_T, 2,
+                        lambda a, b, s: ref.clip_loss(a, b, s, CAPTIONS_T)),
+    "clip_decoupled_captions/1": ("clip", O(multi_positive=True, decoupled=True), (7.0,),
+                                  CAPTIONS_T, 1, lambda a, b, s: ref.clip_loss(
+                                      a, b, s, CAPTIONS_T, decoupled=True)),
+    "siglip_captions/3": ("siglip", O(multi_positive=True), (3.7, -1.3), CAPTIONS_T, 3,
+                          lambda a, b, s, bias: ref.siglip_loss(a, b, s, bias, CAPTIONS_T)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TILED))
+def test_tiled_ring_options(case):
+  """The tiled ring on 8 devices (tiles that divide the block and tiles that pad it) = the
+  float64 reference (value) and the single-device all-gather loss (value, metrics, and the
+  gradient with respect to both embeddings and the scalars)."""
+  name, options, scalars, groups, tile, reference = TILED[case]
+  rng = np.random.default_rng(8)
+  a = rng.normal(size=(NT, D))
+  b = a + 0.8 * rng.normal(size=(NT, D))
+  args = [jnp.asarray(x, jnp.float32) for x in (a, b) + scalars]
+  kw = {} if groups is None else {"groups": jnp.asarray(groups)}
+  argnums = tuple(range(len(args)))
+  mesh = distributed.make_mesh(8)
+  tiled = losses.sharded(ring_losses.get_loss(name, "ring", tile=tile, options=options), mesh,
+                         return_metrics=True)
+  single = functools.partial(losses.LOSSES[name], options=options, return_metrics=True)
+  out = {}
+  for form, fn in (("tiled", tiled), ("single", single)):
+    out[form] = jax.jit(jax.value_and_grad(lambda *x, fn=fn: fn(*x, **kw), argnums=argnums,
+                                           has_aux=True))(*args)
+  ((v, metrics), grads), ((v1, metrics1), grads1) = out["tiled"], out["single"]
+  np.testing.assert_allclose(float(v), reference(a, b, *scalars), rtol=2e-5, err_msg=case)
+  np.testing.assert_allclose(float(v), float(v1), rtol=1e-5, err_msg=case)
+  assert metrics.keys() == metrics1.keys()
+  for key in metrics:
+    np.testing.assert_allclose(float(metrics[key]), float(metrics1[key]), rtol=1e-5,
+                               err_msg=f"{case} {key}")
+  for i, (got, want) in enumerate(zip(grads, grads1)):
+    want = np.asarray(want)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4,
+                               atol=1e-5 * max(np.abs(want).max(), 1e-12),
+                               err_msg=f"{case} d/d arg {i}")
+
+
 class _ForcedEstimator(losses.NegativeOptions):
   """tau+ = beta = 0 through the debiased / hard-negative estimator's code path."""
 
@@ -160,8 +227,6 @@ def test_bad_combinations_are_named():
     O(multi_positive=True, debias_tau_plus=0.1)
   with pytest.raises(ValueError, match="debias_tau_plus"):
     O(debias_tau_plus=1.0)
-  with pytest.raises(ValueError, match="loss_tile"):
-    ring_losses.get_loss("nt_xent", "ring", tile=4, options=O(decoupled=True))
   with pytest.raises(ValueError, match="MoCo v3"):
     ring_losses.get_loss("moco_v3", options=O(decoupled=True))
 
@@ -227,3 +292,26 @@ def test_clip_captions_grad_cache_equals_full_batch():
     results.append((float(loss), jax.device_get(grads)))
   np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
   gc._assert_trees_close(results[1][1], results[0][1])
+
+
+def test_clip_caption_positives_equal_infonce_when_captions_are_identical():
+  """Multi-positive CLIP (SupCon L_out, positives in the denominator) over *identical*
+  captions is InfoNCE: identical captions have identical text embeddings, so image->text gives
+  each of a caption's k copies the same log-probability, and summed over the k identical text
+  rows text->image is the same sum of k terms. Value and gradient (with respect to the images,
+  the distinct captions' embeddings and the scale) equal; this is why the embedded CLIP run
+  gains nothing from ``multi_positive="captions"`` (SigLIP's pairwise loss does change)."""
+  rng = np.random.default_rng(9)
+  img = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(5, D)), jnp.float32)          # 5 distinct captions
+  ids = jnp.asarray(CAPTIONS % 5)
+
+  def loss(options, img, table, scale):
+    return losses.clip_loss(img, table[ids], scale, groups=ids, options=options)
+
+  grad = lambda options: jax.jit(jax.value_and_grad(
+      functools.partial(loss, options), argnums=(0, 1, 2)))(img, table, 7.0)
+  (v0, g0), (v1, g1) = grad(O()), grad(O(multi_positive=True))
+  np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
+  for got, want in zip(g1, g0):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

@@ -137,9 +137,6 @@ def negative_options(config: ml_collections.ConfigDict, *, reweight: bool,
                      "them to 0 / False")
   options = losses.NegativeOptions(debias_tau_plus=tau, hard_beta=beta, decoupled=decoupled,
                                    multi_positive=kind != "none")
-  if not options.plain and config.loss_tile:
-    raise ValueError("config.negatives options score whole ring blocks; set "
-                     "config.loss_tile=0")
   return options
 
 
