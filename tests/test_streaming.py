@@ -321,6 +321,17 @@ def test_tfds_files_read_as_tfds_reads_them(seek_tfds):
       assert ex["id"] not in read
       read[ex["id"]] = ex["label"]
   assert read == want
+  # The record indices that name a skipped corrupt record are the ones read, strided too
+  # (8 processes over 4 files: every 8th record of each file's part).
+  files = [i.filename for i in tfds.builder("seek_digits", data_dir=seek_tfds).info.splits[
+      split].file_instructions]
+  for shards in (S.tfds_file_stream("seek_digits", split, seek_tfds, 0, 2).shards,
+                 S.assign_files(files, [5, 10, 10, 7], 3, 8, [5, 0, 0, 0])):
+    for i, n in enumerate(shards.counts):
+      recs = [r for _, r, _ in shards.record_dataset(i).as_numpy_iterator()]
+      assert recs == [shards.record_index(i, k) for k in range(n)]
+  assert [r for _, r, _ in S.assign_files(files, [5, 10, 10, 7], 3, 8, [5, 0, 0, 0])
+          .record_dataset(0).as_numpy_iterator()] == [8]
   got = {}
   for p in range(2):
     it = _tfds_iter(_tfds_config(seek_tfds, split), p)
