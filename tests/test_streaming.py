@@ -392,6 +392,17 @@ def test_tfds_mock_data_replays_and_says_so(caplog):
       _assert_same(a, next(it))
 
 
+def test_tfds_files_missing_on_disk_fall_back_to_replay(seek_tfds, tmp_path, caplog):
+  import shutil
+  data_dir = str(tmp_path / "copy")
+  shutil.copytree(seek_tfds, data_dir)
+  stream = S.tfds_file_stream("seek_digits", "train", data_dir, 0, 1)
+  os.remove(stream.shards.files[0])
+  with caplog.at_level(logging.WARNING):
+    assert S.tfds_file_stream("seek_digits", "train", data_dir, 0, 1) is None
+  assert "is not on disk" in caplog.text and "REPLAYS" in caplog.text
+
+
 def test_tfds_array_record_refused_with_fix(tmp_path):
   _prepare_tfds(str(tmp_path), file_format="array_record")
   with pytest.raises(ValueError, match=r"array_record files.*file_format=tfrecord"):
