@@ -686,7 +686,8 @@ def tfds_file_stream(name: str, split: str, data_dir: str | None, process_index:
   try:
     instructions = list(info.splits[split].file_instructions)
   except Exception as e:  # pylint: disable=broad-except  # no split / no file metadata
-    instructions, why = [], f"its split metadata names no files ({type(e).__name__}: {e})"
+    instructions, why = [], (f"its split metadata names no files, as under "
+                             f"tfds.testing.mock_data ({type(e).__name__}: {e})")
   if not why and not instructions:
     why = "its split metadata names no files"
   elif not why and not tf.io.gfile.exists(instructions[0].filename):
