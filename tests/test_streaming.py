@@ -356,10 +356,9 @@ def test_tfds_resume_seeks_and_is_bit_exact(seek_tfds, tmp_path):
     spe = it.stats["steps_per_epoch"]
     assert it.stats["resume"] == "seek" and spe == 20 // 2
     full = [next(it) for _ in range(2 * spe)]
-    for s in (3, spe + 1):
-      it = _tfds_iter(c, p, s)
-      for a in full[s:s + 3]:
-        _assert_same(a, next(it))
+    it = _tfds_iter(c, p, 3)  # inside a window of epoch 0
+    for a in full[3:6]:
+      _assert_same(a, next(it))
     # Epoch 1, step 7: kept record 14 of 20, window 2 (records 12..17), in the second file.
     s = spe + 7
     order = streaming.StreamOrder(S.tfds_file_stream("seek_digits", "train", data_dir, p, 2)
