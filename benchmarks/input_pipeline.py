@@ -12,7 +12,10 @@ Parts (``--parts``, default all):
   blur, on a folder of ImageNet-sized (~400x500) JPEGs made from skimage photos; next to it,
   when torchvision is importable, torchvision's standard SimCLR transforms (RandomResizedCrop,
   flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, RandomGrayscale 0.2, GaussianBlur p=0.5 with a
-  23-pixel kernel) in a DataLoader with one worker per core, on the same files.
+  23-pixel kernel) in a DataLoader with one worker per core, on the same files, in a child
+  process (``torchvision_simclr.py``). ``--rounds R`` runs every pipeline R times, alternating,
+  and prints each round's ratio and the load average: on a shared machine the ratio of
+  neighbouring runs is the figure to trust, not the absolute rates.
 * ``mnist``: the embedded MNIST default (32x32, SimCLR recipe at strength 0.5, no blur).
 
 An "image" is one source example; each yields two augmented views. Usage:
@@ -25,7 +28,11 @@ Prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -134,42 +141,23 @@ def write_jpeg_folder(folder: str, num: int) -> str:
   return folder
 
 
+def _loadavg() -> str:
+  with open("/proc/loadavg") as f:
+    return " ".join(f.read().split()[:3])
+
+
 def torchvision_rate(folder: str, batch: int, steps: int, warmup: int, blur: bool,
                      workers: int) -> float | None:
-  """Images/s of torchvision's SimCLR transforms in a DataLoader; None without torchvision."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-    from torchvision import datasets, transforms  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  """Images/s of torchvision's SimCLR transforms in a DataLoader (``torchvision_simclr.py``,
+  in a child process); None without torchvision."""
+  if importlib.util.find_spec("torchvision") is None:
     return None
-  ops = [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
-         transforms.RandomApply([transforms.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-         transforms.RandomGrayscale(p=0.2)]
-  if blur:
-    ops.append(transforms.RandomApply([transforms.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5))
-  ops.append(transforms.ToTensor())
-  view = transforms.Compose(ops)
-
-  class TwoViews:
-    def __call__(self, x):
-      return view(x), view(x)
-
-  ds = datasets.ImageFolder(folder, transform=TwoViews())
-  loader = torch.utils.data.DataLoader(
-      ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-      persistent_workers=True, sampler=None)
-
-  def batches():
-    while True:
-      yield from loader
-
-  it = batches()
-  for _ in range(warmup + 1):
-    next(it)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    next(it)
-  return batch * steps / (time.perf_counter() - t0)
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchvision_simclr.py")
+  out = subprocess.run(
+      [sys.executable, script, "--folder", folder, "--batch", str(batch), "--steps",
+       str(steps), "--warmup", str(warmup), "--blur", str(int(blur)), "--workers",
+       str(workers)], check=True, capture_output=True, text=True)
+  return float(json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"])
 
 
 def main():
@@ -179,6 +167,7 @@ def main():
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--num_jpegs", type=int, default=256)
+  parser.add_argument("--rounds", type=int, default=1)
   parser.add_argument("--mnist_batch", type=int, default=256)
   parser.add_argument("--sizes", default="10000,1000000")
   parser.add_argument("--startup_batch", type=int, default=256)
@@ -209,23 +198,41 @@ def main():
     folder = write_jpeg_folder(os.path.join(args.data_dir, "jpegs"), args.num_jpegs)
     print(f"\nSimCLR two views at 224 px from {args.num_jpegs} ~400x500 JPEG files "
           f"({folder}), batch {args.batch}, {args.steps} timed batches after "
-          f"{args.warmup} warm-up:\n")
-    print("| pipeline | blur | images/s | images/s/core |")
-    print("|---|---|---:|---:|")
+          f"{args.warmup} warm-up, {args.rounds} round(s); in each round every pipeline "
+          "runs once, one after the other, so that a change of load on a shared machine "
+          "falls on all of them:\n")
+    rates: dict[tuple[str, bool], list[float]] = {}
+    loads = [_loadavg()]
+    for _ in range(args.rounds):
+      for blur in (True, False):
+        for crop_decode in ("off", "on"):
+          c = common.data_config("folder", path=folder, image_size=224, recipe="simclr",
+                                 augment={"strength": 1.0, "blur": blur},
+                                 crop_decode=crop_decode)
+          rates.setdefault((crop_decode, blur), []).append(
+              measure(c, args.batch, args.steps, args.warmup)[1])
+        tv = torchvision_rate(folder, args.batch, args.steps, args.warmup, blur, cores)
+        if tv is not None:
+          rates.setdefault(("torchvision", blur), []).append(tv)
+      loads.append(_loadavg())
+    names = {"off": "contrastive_jax tf.data, full decode",
+             "on": "contrastive_jax tf.data, crop-window decode",
+             "torchvision": f"torchvision DataLoader, {cores} workers"}
+    print("| pipeline | blur | images/s (median of rounds) | images/s/core | "
+          "x torchvision (per round) |")
+    print("|---|---|---:|---:|---|")
     for blur in (True, False):
-      for crop_decode in ("off", "on"):
-        c = common.data_config("folder", path=folder, image_size=224, recipe="simclr",
-                               augment={"strength": 1.0, "blur": blur},
-                               crop_decode=crop_decode)
-        _, ips = measure(c, args.batch, args.steps, args.warmup)
-        name = "crop-window decode" if crop_decode == "on" else "full decode"
-        print(f"| contrastive_jax tf.data, {name} | {blur} | {ips:.0f} | {ips / cores:.0f} |")
-      tv = torchvision_rate(folder, args.batch, args.steps, args.warmup, blur, cores)
-      if tv is None:
-        print("| torchvision DataLoader | - | not installed | - |")
-      else:
-        print(f"| torchvision DataLoader, {cores} workers | {blur} | {tv:.0f} | "
-              f"{tv / cores:.0f} |")
+      tv = rates.get(("torchvision", blur))
+      for kind in ("off", "on", "torchvision"):
+        r = rates.get((kind, blur))
+        if r is None:
+          print(f"| {names[kind]} | {blur} | not installed | - | - |")
+          continue
+        ratio = "-" if tv is None or kind == "torchvision" else ", ".join(
+            f"{a / t:.2f}" for a, t in zip(r, tv))
+        med = float(np.median(r))
+        print(f"| {names[kind]} | {blur} | {med:.0f} | {med / cores:.0f} | {ratio} |")
+    print(f"\nload average (1, 5, 15 min) before and after each round: {loads}")
 
   if "mnist" in parts:
     c = common.data_config("mnist", recipe="simclr", image_size=32, augment={"strength": 0.5})

@@ -1,4 +1,5 @@
-"""Streaming TFRecord input: index counts, seek on resume, lazy corrupt skipping, crop decode."""
+"""Streaming TFRecord input (TFRecord shards and tfds splits prepared as TFRecord files): index
+counts, seek on resume, lazy corrupt skipping, crop decode."""
 
 from __future__ import annotations
 
@@ -243,3 +244,165 @@ def test_more_processes_than_files_stride_records(tmp_path):
   assert it.stats["num_examples"] == it.stats["steps_per_epoch"] == len(want) == 5
   ids = [int(next(it)["index"][0]) for _ in range(10)]
   assert set(ids[:5]) == set(ids[5:]) == want and ids[:5] != ids[5:]
+
+
+# ----------------------------------------------------------------------------- tfds files
+
+TFDS_N, TFDS_SHARDS = 40, 4
+
+
+def _tfds_builder_cls():
+  import tensorflow_datasets as tfds
+
+  class SeekDigits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """40 distinct 8x8 PNG images in 4 TFRecord shards (``DownloadConfig(num_shards=4)``)."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(8, 8, 3)),
+          "label": tfds.features.ClassLabel(num_classes=5)}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      rng = np.random.default_rng(0)
+      for i in range(TFDS_N):
+        yield i, {"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "label": i % 5}
+
+  return SeekDigits
+
+
+def _prepare_tfds(data_dir, file_format="tfrecord"):
+  import tensorflow_datasets as tfds
+  builder = _tfds_builder_cls()(data_dir=data_dir, file_format=file_format)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      compute_stats=tfds.download.ComputeStatsMode.SKIP, num_shards=TFDS_SHARDS))
+  return builder
+
+
+@pytest.fixture(scope="module")
+def seek_tfds(tmp_path_factory):
+  """A real tfds data_dir (files on disk, not mocked) of ``seek_digits``, in 4 shards."""
+  data_dir = str(tmp_path_factory.mktemp("tfds_seek"))
+  builder = _prepare_tfds(data_dir)
+  assert builder.info.splits["train"].num_shards == TFDS_SHARDS
+  return data_dir
+
+
+def _tfds_config(data_dir, split="train"):
+  return common.data_config("tfds", name="seek_digits", data_dir=data_dir, train_split=split,
+                            image_size=8, recipe="clip", shuffle_buffer=6, cycle_length=1)
+
+
+def _tfds_iter(c, p, start_step=0):
+  return pipeline.train_iterator(c, mode="views", global_batch=4, seed=5, start_step=start_step,
+                                 process_index=p, process_count=2)
+
+
+def test_tfds_files_read_as_tfds_reads_them(seek_tfds):
+  """A sub-split covering parts of files (train[5:37]: 5, 10, 10 and 7 records of the 4 files)
+  on 2 processes: the two read every example of the sub-split once, with tfds' own ids and
+  labels; the training stream's epoch is made of them (less each process's remainder)."""
+  import tensorflow_datasets as tfds
+  split = "train[5:37]"
+  ds = tfds.builder("seek_digits", data_dir=seek_tfds).as_dataset(
+      split=split, read_config=tfds.ReadConfig(add_tfds_id=True))
+  want = {int(tf.strings.to_hash_bucket_fast(ex["tfds_id"], 2**62)): int(ex["label"])
+          for ex in ds}
+  assert len(want) == 32
+  read = {}
+  for p in range(2):
+    stream = S.tfds_file_stream("seek_digits", split, seek_tfds, p, 2)
+    assert stream.shards.offsets == ((5, 0), (0, 0))[p]
+    for ex in stream.dataset.as_numpy_iterator():
+      assert ex["id"] not in read
+      read[ex["id"]] = ex["label"]
+  assert read == want
+  # The record indices that name a skipped corrupt record are the ones read, strided too
+  # (8 processes over 4 files: every 8th record of each file's part).
+  files = [i.filename for i in tfds.builder("seek_digits", data_dir=seek_tfds).info.splits[
+      split].file_instructions]
+  for shards in (S.tfds_file_stream("seek_digits", split, seek_tfds, 0, 2).shards,
+                 S.assign_files(files, [5, 10, 10, 7], 3, 8, [5, 0, 0, 0])):
+    for i, n in enumerate(shards.counts):
+      recs = [r for _, r, _ in shards.record_dataset(i).as_numpy_iterator()]
+      assert recs == [shards.record_index(i, k) for k in range(n)]
+  assert [r for _, r, _ in S.assign_files(files, [5, 10, 10, 7], 3, 8, [5, 0, 0, 0])
+          .record_dataset(0).as_numpy_iterator()] == [8]
+  got = {}
+  for p in range(2):
+    it = _tfds_iter(_tfds_config(seek_tfds, split), p)
+    assert it.stats["resume"] == "seek"
+    assert it.stats["steps_per_epoch"] == (15 // 2, 17 // 2)[p]
+    for _ in range(it.stats["steps_per_epoch"]):
+      b = next(it)
+      got.update(zip(b["index"].tolist(), b["label"].tolist()))
+  assert len(got) == 30 and all(want[i] == label for i, label in got.items())
+
+
+def test_tfds_resume_seeks_and_is_bit_exact(seek_tfds, tmp_path):
+  """2 processes over 4 shards (2 files each, read one after the other: cycle_length=1):
+  a resume in the second file of an epoch gives the batches of the uninterrupted stream, and
+  it never opens the epoch's first file: overwritten with garbage, it would fail the read."""
+  import shutil
+  for p in range(2):
+    data_dir = str(tmp_path / f"p{p}")
+    shutil.copytree(seek_tfds, data_dir)
+    c = _tfds_config(data_dir)
+    it = _tfds_iter(c, p)
+    spe = it.stats["steps_per_epoch"]
+    assert it.stats["resume"] == "seek" and spe == 20 // 2
+    full = [next(it) for _ in range(2 * spe)]
+    it = _tfds_iter(c, p, 3)  # inside a window of epoch 0
+    for a in full[3:6]:
+      _assert_same(a, next(it))
+    # Epoch 1, step 7: kept record 14 of 20, window 2 (records 12..17), in the second file.
+    s = spe + 7
+    order = streaming.StreamOrder(S.tfds_file_stream("seek_digits", "train", data_dir, p, 2)
+                                  .shards, 5, 1, 6)
+    group, skip = order.seek(1, 2)
+    assert group == 1 and skip == 2  # the first file (10 records) is passed over unread
+    first = order.shards.files[int(order.file_order(1).numpy()[0])]
+    with open(first, "wb") as fh:
+      fh.write(b"garbage, not a TFRecord file" * 10)
+    it = _tfds_iter(c, p, s)
+    # Re-read: the 2 records of the second file before window 2, and window 2's first 2.
+    assert it.stats["resume_groups_skipped"] == 1 and it.stats["resume_records_skipped"] == 4
+    for a in full[s:2 * spe]:
+      _assert_same(a, next(it))
+
+
+def test_tfds_mock_data_replays_and_says_so(caplog):
+  import tensorflow_datasets as tfds
+  c = common.data_config("tfds", name="mnist", image_size=8, recipe="clip", shuffle_buffer=8)
+  with tfds.testing.mock_data(num_examples=16):
+    with caplog.at_level(logging.WARNING):
+      it = pipeline.train_iterator(c, mode="views", global_batch=4, seed=0, process_index=0,
+                                   process_count=1)
+    assert it.stats["resume"] == "replay"
+    assert "cannot be read by seeking" in caplog.text and "REPLAYS" in caplog.text
+    full = [next(it) for _ in range(6)]
+    it = pipeline.train_iterator(c, mode="views", global_batch=4, seed=0, start_step=4,
+                                 process_index=0, process_count=1)
+    for a in full[4:]:
+      _assert_same(a, next(it))
+
+
+def test_tfds_files_missing_on_disk_fall_back_to_replay(seek_tfds, tmp_path, caplog):
+  import shutil
+  data_dir = str(tmp_path / "copy")
+  shutil.copytree(seek_tfds, data_dir)
+  stream = S.tfds_file_stream("seek_digits", "train", data_dir, 0, 1)
+  os.remove(stream.shards.files[0])
+  with caplog.at_level(logging.WARNING):
+    assert S.tfds_file_stream("seek_digits", "train", data_dir, 0, 1) is None
+  assert "is not on disk" in caplog.text and "REPLAYS" in caplog.text
+
+
+def test_tfds_array_record_refused_with_fix(tmp_path):
+  _prepare_tfds(str(tmp_path), file_format="array_record")
+  with pytest.raises(ValueError, match=r"array_record files.*file_format=tfrecord"):
+    _tfds_iter(_tfds_config(str(tmp_path)), 0)

@@ -14,8 +14,12 @@ Training order (``train_iterator``):
   files before the resume point are not opened and at most one interleave group and one
   window are read again. With ``skip_corrupt``, undecodable records are skipped as they are
   met, counted in ``stats`` and named in the log.
-* Streaming tfds sources: process ``p`` reads its even sub-split; each epoch is a buffer
-  shuffle seeded by (seed, e); a resume reads and discards the records before it.
+* Streaming tfds sources prepared as TFRecord files (``tfds build``'s default): read as
+  TFRecord shards are, with the files and their record counts from the split's metadata
+  (``sources.tfds_file_stream``), so ``start_step`` seeks in the same way. Where a split has
+  no such files (``tfds.testing.mock_data``, ArrayRecord) process ``p`` reads its even
+  sub-split through ``as_dataset``; each epoch is a buffer shuffle seeded by (seed, e), and a
+  resume reads and discards the records before it (replay; a log line says so).
 
 Each example's augmentation is seeded by (seed, epoch, example id, view) (see augment.py), so
 a batch is a pure function of (seed, step): ``start_step=s`` computes the epoch and offset of
@@ -165,8 +169,9 @@ class DataIterator:
   split's size otherwise), ``steps_per_epoch``, ``local_batch``, ``corrupt_skipped`` and
   ``corrupt_files`` (images dropped by ``skip_corrupt=True``: found before step 0 for
   in-memory sources; for streaming TFRecord sources counted as they are met, so both grow
-  while iterating, and ``corrupt_files`` keeps the first 1000 names). Streaming TFRecord
-  sources add ``resume_position`` (epoch, window, offset), ``resume_groups_skipped`` and
+  while iterating, and ``corrupt_files`` keeps the first 1000 names). Streaming sources add
+  ``resume``: ``"seek"`` or ``"replay"``; seeking ones (TFRecord, tfds TFRecord files) add
+  ``resume_position`` (epoch, window, offset), ``resume_groups_skipped`` and
   ``resume_records_skipped`` (records read again to seek). ``step`` is the global step of the
   next batch.
   """
@@ -274,23 +279,30 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
   orders = []
   if _is_streaming(c):
     if c.source == "tfds":
-      source = src_lib.tfds_stream(c.name, c.train_split, c.data_dir or None, p, num_p,
-                                   c.image_key, c.label_key,
-                                   c.caption_key or None)
-      n = source.num_examples
-      spe = n // b
+      streams = [src_lib.tfds_file_stream(c.name, c.train_split, c.data_dir or None, p, num_p,
+                                          c.image_key, c.label_key, c.caption_key or None)]
+      weights = [1.0]
+      if streams[0] is None:  # no TFRecord files (mock data, ArrayRecord): replay, logged
+        streams = []
+        source = src_lib.tfds_stream(c.name, c.train_split, c.data_dir or None, p, num_p,
+                                     c.image_key, c.label_key, c.caption_key or None)
+        n = source.num_examples
+        spe = n // b
     else:
       paths = [c.path, *c.mix_paths]
       weights = _mix_weights(c, len(paths))
-      reserve = float(c.corrupt_reserve) if c.skip_corrupt else 0.0
-      for i, path in enumerate(paths):
-        stream = src_lib.tfrecord_stream(_split_path(path, c.train_split), p, num_p)
-        orders.append(streaming.StreamOrder(
-            stream.shards, seed, int(c.cycle_length), int(c.shuffle_buffer),
-            reserve, source_index=i))
-        source = stream if i == 0 else source
+      streams = [src_lib.tfrecord_stream(_split_path(path, c.train_split), p, num_p)
+                 for path in paths]
+    reserve = float(c.corrupt_reserve) if c.skip_corrupt else 0.0
+    for i, stream in enumerate(streams):
+      orders.append(streaming.StreamOrder(
+          stream.shards, seed, int(c.cycle_length), int(c.shuffle_buffer),
+          reserve, source_index=i, parse=stream.parse))
+    if orders:
+      source = streams[0]
       n = sum(o.num_records for o in orders)
       spe = sum(o.usable for o in orders) // b
+    stats["resume"] = "seek" if orders else "replay"
     what = f"this process's {n} examples"
   else:
     source = indexed_source(c, c.train_split)

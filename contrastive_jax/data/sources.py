@@ -621,7 +621,10 @@ class StreamSource:
   """This process's shard as a sequential dataset of records (not decoded).
 
   ``dataset`` yields ``{image_bytes, label, id[, caption]}`` in a fixed order; ``num_examples``
-  is its length. TFRecord streams also carry their shard layout for seeking (``ShardedFiles``).
+  is its length. Seekable streams (TFRecord, tfds splits prepared as TFRecord files) also carry
+  their shard layout (``ShardedFiles``) and ``parse``: ``(names [F] string, file index, record
+  index, serialized record) -> {image_bytes, label, id[, caption]}``, ``names`` being the
+  files' base names (``tfrecord_record`` when None).
   """
   name: str
   dataset: tf.data.Dataset
@@ -630,6 +633,7 @@ class StreamSource:
   train_templates: tuple[str, ...] = GENERIC_TEMPLATES
   eval_templates: tuple[str, ...] = GENERIC_TEMPLATES
   shards: ShardedFiles | None = None
+  parse: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -638,21 +642,46 @@ class ShardedFiles:
 
   ``files`` are read whole (``stride == 1``) or, when there are fewer files than processes,
   every ``stride``-th record from record ``start`` of each file. ``counts[i]`` is the number of
-  records this process reads from ``files[i]``.
+  records this process reads from ``files[i]``. ``offsets[i]`` (empty: all 0) is the first
+  record of ``files[i]`` that belongs to the split, for tfds sub-splits such as
+  ``train[:10%]`` that cover part of a file; the part is then read from there, strided, and cut
+  after ``counts[i]`` records.
   """
   files: tuple[str, ...]
   counts: tuple[int, ...]
   stride: int = 1
   start: int = 0
+  offsets: tuple[int, ...] = ()
+
+  def record_index(self, i: int, k: int) -> int:
+    """Index in ``files[i]`` of this process's ``k``-th record of that file."""
+    return (self.offsets[i] if self.offsets else 0) + self.start + self.stride * k
 
   def record_dataset(self, i) -> tf.data.Dataset:
     """``(file index, record index in the file, serialized record)`` of file ``i`` (a scalar
     tensor), in file order; nothing is parsed."""
     i = tf.cast(i, tf.int64)
     ds = tf.data.TFRecordDataset(tf.gather(tf.constant(self.files), i)).enumerate()
+    if self.offsets:
+      ds = ds.skip(tf.gather(tf.constant(self.offsets, tf.int64), i))
     if self.stride > 1:
       ds = ds.shard(self.stride, self.start)
+    if self.offsets:
+      ds = ds.take(tf.gather(tf.constant(self.counts, tf.int64), i))
     return ds.map(lambda r, x: (i, r, x))
+
+
+def assign_files(files: Sequence[str], counts: Sequence[int], process_index: int,
+                 process_count: int, offsets: Sequence[int] = ()) -> ShardedFiles:
+  """Process ``p``'s part of ``files`` (``counts`` records each, from ``offsets``): whole files
+  when there are at least as many files as processes (file ``i`` goes to process ``i mod P``),
+  else every ``P``-th record of each file from record ``p``."""
+  p, num_p = process_index, process_count
+  if len(files) >= num_p:
+    return ShardedFiles(tuple(files[p::num_p]), tuple(counts[p::num_p]),
+                        offsets=tuple(offsets[p::num_p]))
+  return ShardedFiles(tuple(files), tuple(max(0, -(-(n - p) // num_p)) for n in counts),
+                      stride=num_p, start=p, offsets=tuple(offsets))
 
 
 def tfrecord_record(names: tf.Tensor, file_index, record_index, serialized
@@ -664,10 +693,27 @@ def tfrecord_record(names: tf.Tensor, file_index, record_index, serialized
           "id": _record_id(tf.gather(names, file_index), record_index)}
 
 
+def _tfds_record_fn(image_key: str, label_key: str, caption_key: str | None):
+  """A decoded tfds example (image left encoded) -> ``{image_bytes, label[, caption]}``."""
+  def to_record(ex):
+    rec = {"image_bytes": ex[image_key],
+           "label": tf.cast(ex[label_key], tf.int64) if label_key in ex else tf.constant(
+               -1, tf.int64)}
+    if caption_key:  # "a/b" reads a nested feature (coco_captions: "captions/text")
+      value = ex
+      for part in caption_key.split("/"):
+        value = value[part]
+      rec["caption"] = value
+    return rec
+  return to_record
+
+
 def tfds_stream(name: str, split: str, data_dir: str | None, process_index: int,
                 process_count: int, image_key: str = "image", label_key: str = "label",
                 caption_key: str | None = None) -> StreamSource:
-  """This process's even sub-split of a tfds split, images left encoded."""
+  """This process's even sub-split of a tfds split (``builder.as_dataset``), images left
+  encoded: a sequential stream without a shard layout (evaluation, and training where
+  ``tfds_file_stream`` cannot serve)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   sub = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
   ds, info = _tfds_as_dataset(
@@ -681,21 +727,80 @@ def tfds_stream(name: str, split: str, data_dir: str | None, process_index: int,
                     "process's examples by reading them all, a full pass over the split at "
                     "every start", name, sub)
     num = count_examples(ds)
+  to_record = _tfds_record_fn(image_key, label_key, caption_key)
 
-  def to_record(ex):
-    rec = {"image_bytes": ex[image_key],
-           "label": tf.cast(ex[label_key], tf.int64) if label_key in ex else tf.constant(
-               -1, tf.int64),
-           "id": tf.strings.to_hash_bucket_fast(ex["tfds_id"], 2**62)}
-    if caption_key:  # "a/b" reads a nested feature (coco_captions: "captions/text")
-      value = ex
-      for part in caption_key.split("/"):
-        value = value[part]
-      rec["caption"] = value
-    return rec
+  def record(ex):
+    return {**to_record(ex), "id": tf.strings.to_hash_bucket_fast(ex["tfds_id"], 2**62)}
 
-  return StreamSource(name=f"tfds:{name}/{sub}", dataset=ds.map(to_record),
+  return StreamSource(name=f"tfds:{name}/{sub}", dataset=ds.map(record),
                       num_examples=num, class_names=_class_names(info, label_key))
+
+
+def tfds_file_stream(name: str, split: str, data_dir: str | None, process_index: int,
+                     process_count: int, image_key: str = "image", label_key: str = "label",
+                     caption_key: str | None = None) -> StreamSource | None:
+  """This process's part of a prepared tfds split read from its TFRecord files, seekable as a
+  TFRecord stream; None (with a log line saying why) where the split cannot be read so.
+
+  The files and the per-file record ranges come from the split's metadata
+  (``builder.info.splits[split].file_instructions``: shard lengths, and the parts of files
+  that a sub-split such as ``train[:10%]`` covers), so nothing is read here. Files go to
+  processes as TFRecord shards do (``assign_files``); records are decoded by the dataset's
+  own features (``info.features.deserialize_example``, image left encoded), and ``id`` hashes
+  ``<file name>__<record index>``, tfds's own ``tfds_id``, so an example has the same id (and
+  the same augmentation) as on the ``as_dataset`` path.
+
+  None for splits that have no files on disk (``tfds.testing.mock_data`` patches
+  ``as_dataset`` and writes nothing): they are read by ``tfds_stream``, and resume by replay.
+  Datasets prepared as ArrayRecord files raise a DataError naming the fix: neither this
+  reader nor tfds' ``as_dataset`` reads them with tf.data.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder, _ = _tfds_builder(name, data_dir)
+  info = builder.info
+  why = None
+  try:
+    instructions = list(info.splits[split].file_instructions)
+  except Exception as e:  # pylint: disable=broad-except  # no split / no file metadata
+    instructions, why = [], (f"its split metadata names no files, as under "
+                             f"tfds.testing.mock_data ({type(e).__name__}: {e})")
+  if not why and not instructions:
+    why = "its split metadata names no files"
+  elif not why and not tf.io.gfile.exists(instructions[0].filename):
+    why = (f"its file {instructions[0].filename} is not on disk (tfds.testing.mock_data, or "
+           "not prepared)")
+  if why:
+    logging.warning("tfds %s split %r cannot be read by seeking: %s. Reading it through "
+                    "tfds as_dataset instead, where a resume REPLAYS the records before the "
+                    "resume point (bit-exact, but it reads them again).", name, split, why)
+    return None
+  fmt = getattr(info, "file_format", None)
+  fmt = getattr(fmt, "value", fmt) or "tfrecord"
+  if fmt != "tfrecord":  # tfds' own as_dataset cannot read ArrayRecord either
+    raise DataError(f"tfds dataset {name!r} in data.data_dir={data_dir!r} is prepared as "
+                    f"{fmt} files, which tf.data cannot read (tfds as_dataset does not read "
+                    "them either). Fix: prepare it as TFRecord files (`tfds build "
+                    f"{name} --file_format=tfrecord`, or file_format='tfrecord' in "
+                    "tfds.builder).")
+  instructions = [i for i in instructions if i.take > 0]
+  shards = assign_files([i.filename for i in instructions], [i.take for i in instructions],
+                        process_index, process_count, [i.skip for i in instructions])
+  names = tf.constant([os.path.basename(f) for f in shards.files])
+  to_record = _tfds_record_fn(image_key, label_key, caption_key)
+  decoders = {image_key: tfds.decode.SkipDecoding()}
+  features = info.features
+
+  def parse(names, file_index, record_index, serialized):
+    ex = features.deserialize_example(serialized, decoders=decoders)
+    key = tf.strings.join([tf.gather(names, file_index), tf.strings.as_string(record_index)],
+                          "__")
+    return {**to_record(ex), "id": tf.strings.to_hash_bucket_fast(key, 2**62)}
+
+  ds = tf.data.Dataset.range(len(shards.files)).flat_map(shards.record_dataset).map(
+      lambda i, r, x: parse(names, i, r, x))
+  return StreamSource(name=f"tfds:{name}/{split}[{process_index}/{process_count}]",
+                      dataset=ds, num_examples=sum(shards.counts),
+                      class_names=_class_names(info, label_key), shards=shards, parse=parse)
 
 
 def tfrecord_stream(pattern: str, process_index: int, process_count: int) -> StreamSource:
@@ -703,16 +808,10 @@ def tfrecord_stream(pattern: str, process_index: int, process_count: int) -> Str
   processes (file ``i`` goes to process ``i mod P``), else every ``P``-th record of each file.
   Counts come from the files' index (``read_tfrecord_index``); no record is read here."""
   files = tfrecord_files(pattern)
-  counts = tfrecord_counts(files)
-  if len(files) >= process_count:
-    shards = ShardedFiles(tuple(files[process_index::process_count]),
-                          tuple(counts[process_index::process_count]))
-  else:
-    shards = ShardedFiles(tuple(files), tuple(
-        max(0, -(-(n - process_index) // process_count)) for n in counts),
-                          stride=process_count, start=process_index)
+  shards = assign_files(files, tfrecord_counts(files), process_index, process_count)
   names = tf.constant([os.path.basename(f) for f in shards.files])
   ds = tf.data.Dataset.range(len(shards.files)).flat_map(shards.record_dataset).map(
       lambda i, r, x: tfrecord_record(names, i, r, x))
   return StreamSource(name=f"tfrecord:{pattern}[{process_index}/{process_count}]",
-                      dataset=ds, num_examples=sum(shards.counts), shards=shards)
+                      dataset=ds, num_examples=sum(shards.counts), shards=shards,
+                      parse=tfrecord_record)

@@ -1,5 +1,8 @@
 """A seekable training order for TFRecord shards: seeded file order, interleave, windowed shuffle.
 
+Serves TFRecord shards with a shard index and tfds splits prepared as TFRecord files (counts
+from the split's shard lengths, ``sources.tfds_file_stream``) alike.
+
 The order of process ``p``'s records in epoch ``e`` is a pure function of (seed, e) and the
 per-file record counts of the shard index (``sources.read_tfrecord_index``):
 
@@ -57,10 +60,12 @@ class StreamOrder:
       ``skip_corrupt``).
     source_index: position in a mix; ids of source ``i > 0`` hash ``mix<i>/<file>:<record>``
       so that equal file names in two sources give different examples.
+    parse: ``(names, file index, record index, serialized) -> {image_bytes, label, id[,
+      caption]}`` (``StreamSource.parse``); default ``sources.tfrecord_record``.
   """
 
   def __init__(self, shards: src_lib.ShardedFiles, seed: int, cycle: int, window: int,
-               reserve: float = 0.0, source_index: int = 0):
+               reserve: float = 0.0, source_index: int = 0, parse=None):
     if cycle < 1 or window < 1:
       raise ValueError(f"data.cycle_length={cycle} and data.shuffle_buffer={window} must be "
                        ">= 1")
@@ -83,6 +88,7 @@ class StreamOrder:
     if source_index:
       names = [f"mix{source_index}/{f}" for f in names]
     self._names = tf.constant(names)
+    self._parse = parse or src_lib.tfrecord_record
 
   def keep(self, size: int) -> int:
     """Records a window of ``size`` records yields."""
@@ -147,7 +153,7 @@ class StreamOrder:
 
   def parse(self, rec) -> dict[str, tf.Tensor]:
     """A ``records`` element -> ``{image_bytes, caption, label, id, _epoch, _window, _slot}``."""
-    out = src_lib.tfrecord_record(self._names, rec["file"], rec["record"], rec["serialized"])
+    out = self._parse(self._names, rec["file"], rec["record"], rec["serialized"])
     out.update(_source=tf.constant(self.source_index, tf.int64), _epoch=rec["epoch"],
                _window=rec["window"], _slot=rec["slot"])
     return out
@@ -182,7 +188,7 @@ class StreamOrder:
       rem = x - int(np.minimum(n, lo).sum())
       live = np.flatnonzero(n > lo)
       i = g0 + int(live[rem])
-      return self.shards.files[order[i]], self.shards.start + self.shards.stride * lo
+      return self.shards.files[order[i]], self.shards.record_index(int(order[i]), lo)
     raise IndexError(f"slot {slot} of window {window} is past the end of epoch {epoch}")
 
 
