@@ -529,7 +529,8 @@ def eval_iterator(data_config, split: str, batch_size: int, *,
     ds = source.dataset.map(_eval_example_fn(source, cfg, tokenizer,
                                              c.get("captions_per_image", 0)),
                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    num_batches = math.ceil(math.ceil(total / num_p) / b)
+    largest = source.max_process_examples or math.ceil(total / num_p)
+    num_batches = math.ceil(largest / b)
   else:
     source = indexed_source(c, split)
     if c.skip_corrupt:

@@ -634,6 +634,9 @@ class StreamSource:
   eval_templates: tuple[str, ...] = GENERIC_TEMPLATES
   shards: ShardedFiles | None = None
   parse: Any = None
+  # The most examples any process's shard holds (None: at most ceil(total / P)). Evaluation
+  # runs that many batches on every process, so that all hosts stay in lockstep.
+  max_process_examples: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -808,10 +811,14 @@ def tfrecord_stream(pattern: str, process_index: int, process_count: int) -> Str
   processes (file ``i`` goes to process ``i mod P``), else every ``P``-th record of each file.
   Counts come from the files' index (``read_tfrecord_index``); no record is read here."""
   files = tfrecord_files(pattern)
-  shards = assign_files(files, tfrecord_counts(files), process_index, process_count)
+  counts = tfrecord_counts(files)
+  shards = assign_files(files, counts, process_index, process_count)
+  # Whole files go to processes, so shards differ in size: every process knows all of them.
+  largest = max(sum(assign_files(files, counts, q, process_count).counts)
+                for q in range(process_count))
   names = tf.constant([os.path.basename(f) for f in shards.files])
   ds = tf.data.Dataset.range(len(shards.files)).flat_map(shards.record_dataset).map(
       lambda i, r, x: tfrecord_record(names, i, r, x))
   return StreamSource(name=f"tfrecord:{pattern}[{process_index}/{process_count}]",
                       dataset=ds, num_examples=sum(shards.counts), shards=shards,
-                      parse=tfrecord_record)
+                      parse=tfrecord_record, max_process_examples=largest)
