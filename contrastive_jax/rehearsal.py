@@ -125,12 +125,12 @@ def derive(config: ml_collections.ConfigDict, *, spec: str = "", processes: int 
     raise ConfigError(f"--steps={steps} must exceed --checkpoint_every={checkpoint_every} by "
                       "2 or more, so that the killed run has steps left after its checkpoint")
   image_size = image_size or default_image_size(c)
-  if "init_from" in c and c.init_from.get("path"):
-    # A pretrained tower (LiT) needs a weights file of the real architecture: not written yet.
-    raise ConfigError(f"init_from.path={c.init_from.path!r}: rehearse.py does not yet write a "
-                      "stand-in weights file for a pretrained tower; rehearse the config with "
-                      "--config.init_from.path pointing at a converted checkpoint on a machine "
-                      "that has one, or without init_from")
+  if c.data.get("tokenizer") == "clip_bpe" and not c.data.get("bpe_vocab"):
+    from contrastive_jax.data import clip_bpe  # pylint: disable=g-import-not-at-top
+    if not clip_bpe.default_vocab_path():
+      raise ConfigError("data.tokenizer='clip_bpe' needs CLIP's BPE vocabulary: install "
+                        "open_clip_torch (it ships bpe_simple_vocab_16e6.txt.gz) or set "
+                        "--config.data.bpe_vocab")
   c.global_batch = batch
   c.total_steps = steps
   c.total_epochs = None
@@ -161,6 +161,10 @@ def derive(config: ml_collections.ConfigDict, *, spec: str = "", processes: int 
       c.data.spm_model = os.path.join(data_dir, "spm.model")
       if "text" in c:
         c.text.kwargs.vocab_size = SPM_PIECES + 3
+  if "init_from" in c and c.init_from.get("path"):
+    # A pretrained tower (LiT): a stand-in file of the real architecture, written by
+    # ``write_data`` from a random initialisation in the converted format init_from reads.
+    c.init_from.path = os.path.join(data_dir, "pretrained.safetensors")
   flat_real, flat = _flatten(real.to_dict()), _flatten(c.to_dict())
   shrunk = [(k, flat_real.get(k), v) for k, v in flat.items() if flat_real.get(k) != v]
   kept = [(k, v) for k, v in flat.items()
@@ -169,6 +173,11 @@ def derive(config: ml_collections.ConfigDict, *, spec: str = "", processes: int 
   if real.eval.enabled:
     not_rehearsed.append(("in-training evaluation", "turned off: the evaluators need the "
                           "real evaluation split"))
+  if c.init_from.get("path"):
+    not_rehearsed.append(("the pretrained weights", f"init_from.path={real.init_from.path!r} "
+                          "is replaced by a random initialisation of the same architecture "
+                          "in the same converted format; locking and loading are rehearsed, "
+                          "the checkpoint's own values are not"))
   if data_kind not in ("tfds", "tfrecord"):
     not_rehearsed.append((f"data.source={data_kind!r}", "read from the config's own paths"))
   return Plan(spec=spec, config=c, shrunk=shrunk, kept=kept, not_rehearsed=not_rehearsed,
@@ -249,11 +258,33 @@ def _photos(size: int = 96) -> list:
   return out
 
 
+def write_pretrained(plan: Plan) -> str:
+  """For a config that starts from converted weights (``init_from``): writes a random
+  initialisation (seed 123, not the run's) of its own architecture to ``init_from.path`` with
+  ``convert.core.save_converted``, the format ``init_from`` reads. Returns the path."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from contrastive_jax import distributed, methods  # pylint: disable=g-import-not-at-top
+  from contrastive_jax.convert import core  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(plan.config.to_dict())
+  config.num_devices = 1
+  method = methods.build_method(config, distributed.make_mesh(1))
+  variables = jax.jit(lambda k: method.model.init(k, *method.example_inputs(), train=False))(
+      jax.random.key(123))
+  flat = {k: np.asarray(v) for k, v in core.flatten(dict(variables)).items()}
+  core.save_converted(config.init_from.path, {"kind": config.method}, flat)
+  return config.init_from.path
+
+
 def write_data(plan: Plan, data_dir: str) -> dict[str, Any]:
-  """Writes the rehearsal's files (TFRecord configs: shards, index, SentencePiece model);
-  returns what was written."""
+  """Writes the rehearsal's files (TFRecord configs: shards, index, SentencePiece model; a
+  stand-in pretrained file for ``init_from``); returns what was written."""
+  out: dict[str, Any] = {}
+  if plan.config.get("init_from") and plan.config.init_from.get("path"):
+    os.makedirs(data_dir, exist_ok=True)
+    out["pretrained"] = write_pretrained(plan)
   if plan.data_kind != "tfrecord":
-    return {}
+    return out
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from contrastive_jax.data import sources  # pylint: disable=g-import-not-at-top
@@ -277,7 +308,7 @@ def write_data(plan: Plan, data_dir: str) -> dict[str, Any]:
     examples.append((buf.getvalue(), caption))
   files = sources.write_image_text_tfrecords(
       examples, os.path.join(data_dir, plan.config.data.train_split), TFRECORD_SHARDS)
-  out = {"tfrecord_files": files, "corrupt_records": sorted(corrupt_at)}
+  out.update(tfrecord_files=files, corrupt_records=sorted(corrupt_at))
   if plan.config.data.tokenizer == "sentencepiece":
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     model = io.BytesIO()

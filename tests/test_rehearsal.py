@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 
 from contrastive_jax import configs, rehearsal
-from contrastive_jax.data import pipeline
+from contrastive_jax.data import clip_bpe, pipeline
 from contrastive_jax.errors import ConfigError
 
 FULL_SCALE = ("simclr_resnet50_imagenet", "mocov2_resnet50_imagenet", "mocov3_resnet50_imagenet",
-              "mocov3_vit_base_imagenet", "clip_vit_b32", "siglip_vit_b16")
+              "mocov3_vit_base_imagenet", "clip_vit_b32", "siglip_vit_b16", "lit_vit_b32")
 # The only keys a rehearsal may change (sizes, paths, run length, logging).
 SHRINKABLE = {"global_batch", "total_steps", "total_epochs", "log_every", "checkpoint.every_steps",
               "data.image_size", "data.shuffle_buffer", "data.cycle_length", "data.path",
               "data.spm_model", "data.data_dir", "optim.warmup_steps", "text.kwargs.vocab_size",
-              "moco.schedule_steps", "eval.enabled"}
+              "moco.schedule_steps", "eval.enabled", "init_from.path"}
 
 
 def test_scripts_rehearse_every_full_scale_config():
@@ -27,13 +27,14 @@ def test_scripts_rehearse_every_full_scale_config():
   for name in FULL_SCALE:
     assert name in text
   full_scale = {n for n in configs.names() if not n.endswith(("_mnist", "_cifar10"))}
-  # lit_vit_b32 starts from a converted checkpoint (init_from), which derive() refuses for now.
-  assert full_scale - set(FULL_SCALE) <= {"lit_vit_b32"}, "a new full-scale config needs its rehearsal"
+  assert full_scale == set(FULL_SCALE), "a new full-scale config needs its rehearsal"
 
 
 @pytest.mark.parametrize("name", FULL_SCALE)
 def test_derive_keeps_architecture_and_shrinks_only_sizes(name, tmp_path):
   real = configs.load_config(f"configs/{name}.py")
+  if real.data.tokenizer == "clip_bpe" and not clip_bpe.default_vocab_path():
+    pytest.skip("CLIP's BPE vocabulary ships with open_clip (requirements-test.txt)")
   plan = rehearsal.derive(real, spec=name, data_dir=str(tmp_path))
   flat_real = rehearsal._flatten(real.to_dict())
   flat = rehearsal._flatten(plan.config.to_dict())
@@ -52,8 +53,12 @@ def test_derive_keeps_architecture_and_shrinks_only_sizes(name, tmp_path):
   assert f"{real.global_batch} -> 8" in table.replace("  ", " ").replace("  ", " ")
   if real.data.source == "tfrecord":
     assert plan.config.data.path.startswith(str(tmp_path))
+  if real.data.tokenizer == "sentencepiece":
     assert plan.config.text.kwargs.vocab_size == rehearsal.SPM_PIECES + 3
     assert "not architecture" in table
+  if real.init_from.path:  # a stand-in of the real architecture replaces the weights file
+    assert plan.config.init_from.path.startswith(str(tmp_path))
+    assert "pretrained weights" in table
   # The shorter run is a valid run: warmup shorter than it.
   from contrastive_jax import optim
   assert optim.resolve_warmup_steps(plan.config.optim, 4) < 4
