@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 
 from contrastive_jax.convert import core
@@ -75,6 +76,8 @@ def apply_init_from(config, method, tx, state, rng: jax.Array):
          if tuple(v.shape) != tuple(ours[k].shape)]
   if bad:
     raise ValueError(f"init_from: mis-shaped tensors (source != model): {bad[:8]}")
+  logging.info("init_from: %d of the model's %d tensors from %s (patterns %s)", len(loaded),
+               len(ours), init.path, tuple(init.patterns) or "all")
   merged = {k: (np.asarray(loaded[k]).astype(ours[k].dtype) if k in loaded else ours[k])
             for k in ours}
   tree: dict[str, Any] = core.unflatten(merged)
