@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from tiny_tfds import digits_builder_cls
 from PIL import Image
 from skimage import data as skdata
 
@@ -297,24 +298,7 @@ def tiny_tfds(tmp_path_factory):
   ``tfds.testing.mock_data`` makes up fresh examples for every sub-split it is asked for, so it
   cannot show whether two processes read the same examples."""
   import tensorflow_datasets as tfds
-
-  class StreamDigits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(8, 8, 3)),
-          "label": tfds.features.ClassLabel(num_classes=3)}))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {"train": self._generate_examples(16)}
-
-    def _generate_examples(self, n):
-      rng = np.random.default_rng(0)
-      for i in range(n):
-        yield i, {"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "label": i % 3}
-
+  StreamDigits = digits_builder_cls("StreamDigits", 16, num_classes=3)
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   StreamDigits(data_dir=data_dir).download_and_prepare(download_config=tfds.download.DownloadConfig(
       compute_stats=tfds.download.ComputeStatsMode.SKIP))

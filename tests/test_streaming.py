@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from tiny_tfds import digits_builder_cls
 
 from contrastive_jax.configs import common
 from contrastive_jax.data import pipeline
@@ -252,27 +253,8 @@ TFDS_N, TFDS_SHARDS = 40, 4
 
 
 def _tfds_builder_cls():
-  import tensorflow_datasets as tfds
-
-  class SeekDigits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """40 distinct 8x8 PNG images in 4 TFRecord shards (``DownloadConfig(num_shards=4)``)."""
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(8, 8, 3)),
-          "label": tfds.features.ClassLabel(num_classes=5)}))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-      rng = np.random.default_rng(0)
-      for i in range(TFDS_N):
-        yield i, {"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "label": i % 5}
-
-  return SeekDigits
+  """40 distinct images in 4 TFRecord shards (``DownloadConfig(num_shards=4)``)."""
+  return digits_builder_cls("SeekDigits", TFDS_N, num_classes=5)
 
 
 def _prepare_tfds(data_dir, file_format="tfrecord"):
