@@ -254,3 +254,31 @@ def test_slurm_job_runs_two_nodes_requeues_and_resumes(tmp_path):
     assert "resumed from checkpoint step 2" in log, log[-3000:]
   losses = [re.findall(r"step (\d+): .*?\bloss=([-\d.e+]+)", log) for log in logs()]
   assert losses[0] == losses[1] and [s for s, _ in losses[0]] == ["1", "2", "3"]
+
+
+# ----------------------------------------------------------------------------- local pod
+
+
+def test_local_multiprocess_returns_as_soon_as_any_process_fails(tmp_path):
+  """Process 1 fails at once while process 0 would run for 300 s: the launcher stops process 0
+  and exits with process 1's code (the old launcher waited for process 0 first)."""
+  stand_in = tmp_path / "python"
+  _write_exe(stand_in, f"""#!/usr/bin/env bash
+case " $* " in
+  *" --process_id=1 "*)  # fails once process 0 runs
+    for i in $(seq 100); do [ -f {tmp_path}/process_0.pid ] && break; sleep 0.1; done
+    echo "bad config" >&2; exit 3 ;;
+  *) echo $$ > {tmp_path}/process_0.pid; exec sleep 300 ;;
+esac
+""")
+  env = dict(os.environ, PYTHON=str(stand_in), PORT="1", GRACE_S="5")
+  proc = subprocess.run(
+      ["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", "1",
+       str(tmp_path / "run"), "configs/simclr_mnist.py:quick"],
+      env=env, capture_output=True, text=True, timeout=120)  # bound: far below process 0's 300 s
+  assert proc.returncode == 3, proc.stdout + proc.stderr
+  assert "process 1 exited with code 3" in proc.stderr
+  assert "bad config" in proc.stdout  # the tails of the logs are still printed
+  pid = int((tmp_path / "process_0.pid").read_text())
+  with pytest.raises(ProcessLookupError):  # process 0 was stopped and reaped, not left behind
+    os.kill(pid, 0)
