@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import stat
 import subprocess
@@ -168,25 +169,37 @@ def test_slurm_batch_script_directives(tmp_path):
                          GPUS_PER_NODE="8", PARTITION="gpu", TIME="2:00:00")
   directives = re.findall(r"^#SBATCH (\S+)$", script, re.M)
   for d in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--time=2:00:00",
-            "--requeue", "--signal=TERM@120", "--partition=gpu"):
+            "--requeue", "--signal=TERM@300", "--partition=gpu"):
     assert d in directives, (d, directives)
   assert not any(d.startswith("--account") for d in directives)
   assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in script
   (srun,) = [shlex.split(line) for line in script.splitlines() if line.startswith("srun ")]
-  assert srun[srun.index("-m") + 1:] == [
+  assert srun[-1] == "&"  # in the background, so that the shell's SIGTERM trap runs at once
+  # SLURM >= 22.05: srun does not inherit sbatch's --cpus-per-task; it is passed explicitly.
+  assert "--cpus-per-task=$SLURM_CPUS_PER_TASK" in srun[:srun.index("-m")]
+  assert srun[srun.index("-m") + 1:-1] == [
       "contrastive_jax.main", "--multihost", "--config=configs/simclr_mnist.py:quick",
       "--workdir=/shared/run", "--config.note=a b"]
+  assert "#SBATCH --signal=TERM@90" in _slurm_script(tmp_path, "/r", SIGNAL_S="90")
+  bad = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sh"), "c.py", "/r"],
+                       env=dict(os.environ, DRY_RUN="1", SIGNAL_S="2m"), capture_output=True,
+                       text=True, timeout=60)
+  assert bad.returncode == 2 and "SIGNAL_S=2m must be whole seconds" in bad.stderr
 
 
 _FAKE_SRUN = """#!{python}
-# Stands in for srun on one machine: one process per task, SLURM's variables set as on a node.
-import os, subprocess, sys
+# Stands in for srun on one machine: one process per task, SLURM's variables set as on a node;
+# records its options in $FAKE_SRUN_OPTS and, like srun, forwards SIGTERM to the tasks.
+import os, signal, subprocess, sys
 args = sys.argv[1:]
 opts = []
 while args[0].startswith("--"):
   opts.append(args.pop(0))
+with open(os.environ.get("FAKE_SRUN_OPTS", os.devnull), "a") as f:
+  f.write(" ".join(opts) + "\\n")
 log = dict(o[2:].split("=", 1) for o in opts if "=" in o)["output"]
 procs = []
+signal.signal(signal.SIGTERM, lambda *_: [p.send_signal(signal.SIGTERM) for p in procs])
 for i in range(int(os.environ["SLURM_NTASKS"])):
   env = dict(os.environ, SLURM_PROCID=str(i), SLURM_LOCALID="0", SLURM_NODEID=str(i))
   path = log.replace("%x", "job").replace("%j", os.environ["SLURM_JOB_ID"]).replace("%n", str(i))
@@ -194,6 +207,55 @@ for i in range(int(os.environ["SLURM_NTASKS"])):
 codes = [p.wait(timeout=400) for p in procs]
 sys.exit(max(codes))
 """
+
+
+def _fake_slurm(tmp_path):
+  """A bin directory with the stand-in srun and an scontrol that records its arguments."""
+  bindir = tmp_path / "bin"
+  bindir.mkdir()
+  (tmp_path / "logs").mkdir()
+  _write_exe(bindir / "srun", _FAKE_SRUN.format(python=sys.executable))
+  _write_exe(bindir / "scontrol", f"#!/usr/bin/env bash\necho \"$@\" >> {tmp_path}/scontrol\n")
+  return bindir
+
+
+def test_slurm_preemption_sigterm_saves_then_requeues(tmp_path):
+  """Preemption as SLURM does it: SIGTERM to every process of the job, the batch shell included.
+  The shell must outlive the trainer's save (here a stand-in that takes 1 s to "save" and exits
+  0), then requeue. srun gets the job's CPUs per task. (The old script's shell died of the
+  SIGTERM at once, exit 143, and never requeued; its srun had no --cpus-per-task.)"""
+  bindir = _fake_slurm(tmp_path)
+  trainer = tmp_path / "python"
+  _write_exe(trainer, f"""#!/usr/bin/env bash
+[ "$1" = -c ] && exec {sys.executable} "$@"   # the script's summary.json check
+trap 'sleep 1; echo saved >> {tmp_path}/saved_$SLURM_PROCID; exit 0' TERM
+touch {tmp_path}/ready_$SLURM_PROCID
+for i in $(seq 600); do sleep 0.1; done
+exit 9
+""")
+  script = _slurm_script(tmp_path, tmp_path / "run", GPUS_PER_NODE="2", PYTHON=str(trainer))
+  env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
+             SLURM_NTASKS="2", SLURM_CPUS_PER_TASK="32",
+             FAKE_SRUN_OPTS=str(tmp_path / "srun_opts"))
+  job = subprocess.Popen(["bash", "-c", script], env=env, cwd=tmp_path, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+  try:
+    for _ in range(300):
+      if all((tmp_path / f"ready_{i}").exists() for i in range(2)):
+        break
+      time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGTERM)  # the batch shell, srun and the tasks, as SLURM does
+    out, _ = job.communicate(timeout=60)
+  finally:
+    if job.poll() is None:
+      os.killpg(job.pid, signal.SIGKILL)
+  assert job.returncode == 0, out
+  for i in range(2):  # every task saved (once per SIGTERM it got) before the shell moved on
+    assert "saved" in (tmp_path / f"saved_{i}").read_text(), out
+  assert "SIGTERM (preemption or scancel)" in out and "requeueing job 4242" in out
+  assert (tmp_path / "scontrol").read_text().split() == ["requeue", "4242"]
+  assert "--cpus-per-task=32" in (tmp_path / "srun_opts").read_text().split()
 
 
 def _free_slurm_job_id() -> int:
@@ -214,11 +276,7 @@ def test_slurm_job_runs_two_nodes_requeues_and_resumes(tmp_path):
   """The batch script, run as SLURM would: 2 'nodes' x 2 CPU devices on loopback, jax's SLURM
   auto-detection; a stop at step 2 requeues the job, the requeued job resumes and finishes."""
   workdir = tmp_path / "run"
-  bindir = tmp_path / "bin"
-  bindir.mkdir()
-  (tmp_path / "logs").mkdir()
-  _write_exe(bindir / "srun", _FAKE_SRUN.format(python=sys.executable))
-  _write_exe(bindir / "scontrol", f"#!/usr/bin/env bash\necho \"$@\" >> {tmp_path}/scontrol\n")
+  bindir = _fake_slurm(tmp_path)
   flags = ["--cpu_collectives=gloo", "--config.eval.enabled=False",
            "--config.data.image_size=16", "--config.log_every=1", "--config.total_steps=3",
            "--config.checkpoint.async_save=False"]
