@@ -29,7 +29,7 @@ TPU_ENV = {"PROJECT": "my-project", "ZONE": "us-central2-b", "TPU_NAME": "pod-1"
 
 
 def _tpu(action, *args, **env):
-  full = dict(os.environ, **TPU_ENV, **env)
+  full = dict(os.environ, **{**TPU_ENV, **env})
   return subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), action, *args],
                         env=full, capture_output=True, text=True, timeout=60)
 
@@ -84,11 +84,146 @@ def test_tpu_pod_setup_ships_this_checkout_and_builds_a_python_311_venv():
   assert "tar -xzf ~/contrastive_jax.tar.gz" in remote
   assert "uv venv" in remote and "--python 3.11" in remote
   assert "'jax[tpu]==0.10.2'" in remote and "-r requirements.txt" in remote
-  assert "sys.version_info[:2] == (3, 11)" in remote  # the setup fails loudly otherwise
+  assert "sys.version_info >= (3, 11)" in remote  # the setup fails loudly otherwise
   # With REPO_URL the workers clone it instead (the ref quoted).
   (ssh,) = _printed(_tpu("setup", REPO_URL="https://example.com/x.git", REF="v1 2"))
   assert "git clone --quiet https://example.com/x.git" in _remote(ssh)
   assert "git checkout --quiet v1\\ 2" in _remote(ssh)
+
+
+def test_tpu_pod_image_follows_the_accelerator_generation():
+  """Cloud TPU runtime images per generation (cloud.google.com/tpu/docs/runtimes); v5e slices
+  are named v5litepod-N by the API."""
+  for accelerator, api_name, image in [
+      ("v4-64", "v4-64", "tpu-ubuntu2204-base"),
+      ("v5e-64", "v5litepod-64", "v2-alpha-tpuv5-lite"),
+      ("v5litepod-16", "v5litepod-16", "v2-alpha-tpuv5-lite"),
+      ("v5p-128", "v5p-128", "v2-alpha-tpuv5"),
+      ("v6e-256", "v6e-256", "v2-alpha-tpuv6e")]:
+    for env in ({}, {"QUEUED": "1"}):
+      create = _printed(_tpu("create", ACCELERATOR=accelerator, **env))[0]
+      assert f"--accelerator-type={api_name}" in create, (accelerator, create)
+      version_flag = "--runtime-version" if env else "--version"
+      assert f"{version_flag}={image}" in create, (accelerator, create)
+  (create,) = _printed(_tpu("create", ACCELERATOR="v5e-8", TPU_SOFTWARE_VERSION="my-image"))
+  assert "--version=my-image" in create and "--accelerator-type=v5litepod-8" in create
+  unknown = _tpu("create", ACCELERATOR="v9x-8")
+  assert unknown.returncode == 2 and "set TPU_SOFTWARE_VERSION" in unknown.stderr
+  (create,) = _printed(_tpu("create", ACCELERATOR="v9x-8", TPU_SOFTWARE_VERSION="v2-alpha-x"))
+  assert "--accelerator-type=v9x-8" in create and "--version=v2-alpha-x" in create
+  malformed = _tpu("create", ACCELERATOR="v5e")
+  assert malformed.returncode == 2 and "GENERATION-SIZE" in malformed.stderr
+  both = _tpu("create", SPOT="1", RESERVED="1")
+  assert both.returncode == 2 and "exclude each other" in both.stderr
+
+
+def test_tpu_pod_queued_resource_create_wait_and_delete_dry_run():
+  create, describe = _printed(_tpu("create", ACCELERATOR="v5e-64", QUEUED="1", RESERVED="1",
+                                   VALID_UNTIL="6h", INTERNAL_IPS="1"))
+  assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "pod-1-qr"]
+  for flag in ("--node-id=pod-1", "--zone=us-central2-b", "--project=my-project",
+               "--accelerator-type=v5litepod-64", "--runtime-version=v2-alpha-tpuv5-lite",
+               "--reserved", "--valid-until-duration=6h", "--internal-ips"):
+    assert flag in create, (flag, create)
+  assert "--spot" not in create
+  assert describe[:6] == ["gcloud", "compute", "tpus", "queued-resources", "describe", "pod-1-qr"]
+  assert "--format=value(state.state)" in describe
+  (create,) = _printed(_tpu("create", ACCELERATOR="v6e-16", QUEUED="1", SPOT="1",
+                            QUEUED_RESOURCE="my-request"))[:1]
+  assert create[5] == "my-request" and "--spot" in create and "--reserved" not in create
+  (delete,) = _printed(_tpu("delete", QUEUED="1"))
+  assert delete[3:6] == ["queued-resources", "delete", "pod-1-qr"]
+  assert "--force" in delete and "--quiet" in delete  # the slice goes with the request
+  refused = _tpu("wait")
+  assert refused.returncode == 2 and "QUEUED=1" in refused.stderr
+
+
+def _stand_in_gcloud(tmp_path, states):
+  """A gcloud on PATH that records its arguments and answers `describe` with the next state."""
+  bindir = tmp_path / "bin"
+  bindir.mkdir(exist_ok=True)
+  (tmp_path / "states").write_text("".join(f"{s}\n" for s in states))
+  _write_exe(bindir / "gcloud", f"""#!/usr/bin/env bash
+echo "$*" >> {tmp_path}/gcloud_calls
+if [ "$4" = describe ]; then head -n 1 {tmp_path}/states; sed -i 1d {tmp_path}/states; fi
+""")
+  return dict(DRY_RUN="0", PATH=f"{bindir}:{os.environ['PATH']}", POLL_S="0")
+
+
+def test_tpu_pod_queued_create_polls_until_active(tmp_path):
+  env = _stand_in_gcloud(tmp_path, ["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"])
+  proc = _tpu("create", ACCELERATOR="v5p-8", QUEUED="1", SPOT="1", **env)
+  assert proc.returncode == 0, proc.stderr
+  calls = (tmp_path / "gcloud_calls").read_text().splitlines()
+  assert calls[0].startswith("compute tpus queued-resources create pod-1-qr --node-id=pod-1")
+  assert [c.split()[3] for c in calls[1:]] == ["describe"] * 3
+  assert "PROVISIONING" in proc.stdout and "is ACTIVE" in proc.stdout
+
+
+@pytest.mark.parametrize("states,code,message", [
+    (["ACCEPTED", "FAILED"], 4, "is FAILED"),
+    (["WAITING_FOR_RESOURCES"] * 3, 5, "still WAITING_FOR_RESOURCES after 0 s")])
+def test_tpu_pod_queued_wait_is_bounded(tmp_path, states, code, message):
+  """A failed request stops the wait; an unserved one stops it after QUEUE_WAIT_S (here 0:
+  one look) and stays queued."""
+  env = _stand_in_gcloud(tmp_path, states)
+  proc = _tpu("wait", QUEUED="1", QUEUE_WAIT_S="0" if code == 5 else "60", **env)
+  assert proc.returncode == code and message in proc.stderr, proc.stderr
+  n = len((tmp_path / "gcloud_calls").read_text().splitlines())
+  assert n == (2 if code == 4 else 1)
+
+
+def test_tpu_pod_setup_without_internet():
+  """WHEELHOUSE: the workers copy it from gs:// and install with pip --no-index; the
+  interpreter is the wheelhouse's CPython (or the image's python3). No PyPI, no astral.sh."""
+  (ssh,) = _printed(_tpu("setup", REPO_URL="https://example.com/x.git",
+                         WHEELHOUSE="gs://b/wheelhouse/", INTERNAL_IPS="1"))
+  assert "--internal-ip" in ssh
+  remote = _remote(ssh)
+  assert "gcloud storage cp -r gs://b/wheelhouse/\\* ~/contrastive_jax_wheelhouse/" in remote
+  assert "tar -xzf ~/contrastive_jax_wheelhouse/python.tar.gz" in remote
+  assert "--no-index --find-links ~/contrastive_jax_wheelhouse/wheels" in remote
+  assert "-r requirements.txt 'jax[tpu]==0.10.2'" in remote
+  for online in ("astral.sh", "uv venv", "curl"):
+    assert online not in remote, online
+  (ssh,) = _printed(_tpu("setup", REPO_URL="u", WHEELHOUSE="gs://b/w", PYTHON_FROM="image"))
+  assert "python3 -m venv" in _remote(ssh) and "--no-index" in _remote(ssh)
+  bad = _tpu("setup", PYTHON_FROM="wheelhouse")
+  assert bad.returncode == 2 and "needs WHEELHOUSE" in bad.stderr
+  _, scp, _ = _printed(_tpu("setup", INTERNAL_IPS="1"))
+  assert "--internal-ip" in scp
+
+
+def test_tpu_pod_setup_image_python_too_old_fails_clearly(tmp_path):
+  """PYTHON_FROM=image on an image whose python3 is 3.10: the remote command stops with a
+  message naming the fixes, before it makes a venv."""
+  (ssh,) = _printed(_tpu("setup", REPO_URL="u", PYTHON_FROM="image"))
+  remote = _remote(ssh)
+  step = remote[remote.index("python3 -c"):remote.index(" && python3 -m venv")]
+  bindir = tmp_path / "bin"
+  bindir.mkdir()
+  _write_exe(bindir / "python3", "#!/usr/bin/env bash\n"
+             "[ \"$1\" = -V ] && { echo Python 3.10.12; exit 0; }; exit 1\n")
+  proc = subprocess.run(["bash", "-c", step], env=dict(os.environ, PATH=f"{bindir}:/usr/bin:/bin"),
+                        capture_output=True, text=True, timeout=30)
+  assert proc.returncode == 4
+  assert "Python 3.10.12 is older than 3.11: use PYTHON_FROM=uv" in proc.stderr
+
+
+def test_tpu_pod_wheelhouse_is_built_for_the_workers(tmp_path):
+  pip, uv, tar, cp = _printed(_tpu("wheelhouse", "gs://b/wheelhouse"))
+  assert pip[:4] == ["python3", "-m", "pip", "download"]
+  for flag in ("--only-binary=:all:", "--python-version=3.11", "--implementation=cp",
+               "--platform=manylinux_2_17_x86_64", "--platform=manylinux_2_35_x86_64",
+               "-r", "requirements.txt", "jax[tpu]==0.10.2"):
+    assert flag in pip, (flag, pip)
+  wheels = next(a for a in pip if a.startswith("--dest="))[len("--dest="):]
+  assert uv[-4:] == ["uv", "python", "install", "3.11"]
+  assert tar[:2] == ["tar", "-czf"] and tar[2].endswith("/python.tar.gz")
+  assert cp[:4] == ["gcloud", "storage", "cp", "-r"]
+  assert cp[4:] == [wheels, tar[2], "gs://b/wheelhouse/"]
+  bad = _tpu("wheelhouse", "/local/dir")
+  assert bad.returncode == 2 and "gs://" in bad.stderr
 
 
 def test_tpu_pod_run_refuses_a_local_workdir():
@@ -104,13 +239,29 @@ def test_tpu_pod_run_is_detached_quoted_and_stoppable(tmp_path):
   # The fake trainer records its argv, then waits; SIGTERM makes it write a marker and exit 0.
   _write_exe(home / "contrastive_jax_venv" / "bin" / "python", f"""#!/usr/bin/env bash
 printf '%s\\n' "$PWD" "$@" > {home}/argv
-trap 'echo saved > {home}/got_term; exit 0' TERM
+trap 'echo saved > {home}/got_term; echo "saved a checkpoint"; exit 0' TERM
 echo training
 for i in $(seq 300); do sleep 0.1; done
 """)
+  # The workers' gcloud, standing in for `gcloud storage cp SRC gs://b/...` with a local bucket.
+  bucket = tmp_path / "bucket"
+  (home / "bin").mkdir()
+  _write_exe(home / "bin" / "gcloud", f"""#!/usr/bin/env bash
+[ "$1 $2 $3" = "storage cp --quiet" ] || exit 64
+dst={bucket}/${{5#gs://}}; mkdir -p "$(dirname "$dst")"; cp "$4" "$dst.tmp" && mv "$dst.tmp" "$dst"
+""")
   flags = ["--config.note=two words", "--config.quote=it's", "--config.glob=*"]
-  (ssh,) = _printed(_tpu("run", "configs/simclr_mnist.py:quick", "gs://b/run", *flags))
-  env = dict(os.environ, HOME=str(home))
+  (ssh,) = _printed(_tpu("run", "configs/simclr_mnist.py:quick", "gs://b/run", *flags,
+                         LOG_SYNC_S="0.2"))
+  env = dict(os.environ, HOME=str(home), PATH=f"{home / 'bin'}:{os.environ['PATH']}")
+  copied = bucket / "b" / "run" / "worker_logs" / f"{socket.gethostname()}.log"
+
+  def wait_for(condition):
+    for _ in range(300):  # a bound, not a timing: each check is immediate
+      if condition():
+        return True
+      time.sleep(0.1)
+    return False
   sh = lambda remote: subprocess.run(["bash", "-c", remote], env=env, capture_output=True,
                                      text=True, timeout=30)
   t0 = time.time()
@@ -128,6 +279,8 @@ for i in $(seq 300); do sleep 0.1; done
     assert argv == [str(home / "contrastive_jax"), "-m", "contrastive_jax.main", "--multihost",
                     "--config=configs/simclr_mnist.py:quick", "--workdir=gs://b/run", *flags]
     assert os.getsid(pid) == pid  # its own session: a closed ssh connection does not hang it up
+    # The log reaches the bucket while the job runs (a preempted worker's disk is gone).
+    assert wait_for(lambda: copied.exists() and "training" in copied.read_text())
 
     again = sh(_remote(_printed(_tpu("run", "configs/simclr_mnist.py", "gs://b/run"))[0]))
     assert again.returncode == 3 and "already running" in again.stderr
@@ -143,6 +296,8 @@ for i in $(seq 300); do sleep 0.1; done
         break
       time.sleep(0.1)
     assert (home / "got_term").read_text().strip() == "saved"
+    # ... and once more after it ended, with its last lines.
+    assert wait_for(lambda: "saved a checkpoint" in copied.read_text()), copied.read_text()
     time.sleep(0.3)
     assert "not running" in sh(_remote(status)).stdout
   finally:
