@@ -30,7 +30,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-[[ $# -ge 2 ]] || { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+[[ $# -ge 2 ]] || { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 CONFIG=$1; WORKDIR=$2; shift 2
 NODES=${NODES:-2}; GPUS_PER_NODE=${GPUS_PER_NODE:-8}; CPUS_PER_NODE=${CPUS_PER_NODE:-32}
 SIGNAL_S=${SIGNAL_S:-300}
@@ -70,7 +70,7 @@ signals=0
 trap 'signals=\$((signals + 1)); echo "\$(date -u +%FT%TZ) SIGTERM (preemption or scancel): waiting for the trainer to save and exit"' TERM
 # srun no longer inherits --cpus-per-task from sbatch (SLURM 22.05+): without it the task that
 # feeds all the node's GPUs would get one CPU. Each node's task writes its own log (%n).
-srun --kill-on-bad-exit=1 --cpus-per-task="\$SLURM_CPUS_PER_TASK" --output=$(q "$LOG_DIR")/%x-%j-node%n.log $job &
+srun --kill-on-bad-exit=1 --cpus-per-task="\${SLURM_CPUS_PER_TASK:-$CPUS_PER_NODE}" --output=$(q "$LOG_DIR")/%x-%j-node%n.log $job &
 srun_pid=\$!
 # A trapped signal interrupts \`wait\` (status > 128): wait again until srun itself has ended.
 while :; do

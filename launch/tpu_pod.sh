@@ -44,7 +44,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,44p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,43p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 ACTION=${1:-}; [[ -n $ACTION ]] || usage; shift
 PYVER=3.11

@@ -331,7 +331,7 @@ def test_slurm_batch_script_directives(tmp_path):
   (srun,) = [shlex.split(line) for line in script.splitlines() if line.startswith("srun ")]
   assert srun[-1] == "&"  # in the background, so that the shell's SIGTERM trap runs at once
   # SLURM >= 22.05: srun does not inherit sbatch's --cpus-per-task; it is passed explicitly.
-  assert "--cpus-per-task=$SLURM_CPUS_PER_TASK" in srun[:srun.index("-m")]
+  assert "--cpus-per-task=${SLURM_CPUS_PER_TASK:-32}" in srun[:srun.index("-m")]
   assert srun[srun.index("-m") + 1:-1] == [
       "contrastive_jax.main", "--multihost", "--config=configs/simclr_mnist.py:quick",
       "--workdir=/shared/run", "--config.note=a b"]
