@@ -116,7 +116,7 @@ wait_active() {
   local describe=("${QR[@]}" describe "$QUEUED_RESOURCE" "${WHERE[@]}" --format='value(state.state)')
   if [[ ${DRY_RUN:-0} == 1 ]]; then run_cmd "${describe[@]}"; return; fi
   while :; do
-    state=$("${describe[@]}")
+    state=$("${describe[@]}") || state='unknown (describe failed)'  # transient: poll on
     case $state in
       ACTIVE) echo "tpu_pod.sh: queued resource $QUEUED_RESOURCE is ACTIVE: $TPU_NAME is ready"; return ;;
       FAILED | SUSPENDING | SUSPENDED)
