@@ -139,3 +139,15 @@ def initialize_distributed(coordinator_address: str | None = None,
   jax.distributed.initialize(
       coordinator_address=coordinator_address, num_processes=num_processes,
       process_id=process_id, **timeouts)
+
+
+def sum_over_processes(value: int) -> int:
+  """The sum of an integer over all processes (e.g. the corrupt records each host skipped).
+
+  A collective: every process must call it at the same point (the trainer does at its log
+  steps). One process: ``value`` itself, no communication.
+  """
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))

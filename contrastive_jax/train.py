@@ -308,7 +308,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
         check_finite(step, last_scalars, since=checked_step)
         checked_step = step
         writer.write_scalars(step, {f"train/{k}": v for k, v in last_scalars.items()})
-        writer.write_scalars(step, {"data/corrupt_skipped": train_iter.stats["corrupt_skipped"]})
+        # Summed over the hosts (a collective: every host logs at the same steps).
+        corrupt_all = distributed.sum_over_processes(train_iter.stats["corrupt_skipped"])
+        writer.write_scalars(step, {"data/corrupt_skipped": corrupt_all})
         history.append({"step": step, **last_scalars})
         train_metrics = None
         logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}"
@@ -341,10 +343,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
                              "train_seconds_this_run": round(train_time, 1),
                              "final_train": last_scalars, "train_history": history,
                              "nonfinite_skipped": int(round(float(skipped))),
-                             # This host's input: undecodable records skipped (skip_corrupt)
-                             # since this process started, and the first of their names.
-                             "data": {k: train_iter.stats[k]
-                                      for k in ("corrupt_skipped", "corrupt_files")}}
+                             # Undecodable records skipped (skip_corrupt) since this process
+                             # started: by all hosts, by this host, and the first of this
+                             # host's names.
+                             "data": {"corrupt_skipped_all_hosts": distributed.sum_over_processes(
+                                          train_iter.stats["corrupt_skipped"]),
+                                      **{k: train_iter.stats[k]
+                                         for k in ("corrupt_skipped", "corrupt_files")}}}
   if evaluators is not None:
     final = evaluators.final()
     summary["eval"], test_f = evaluators.run(state, final, keep_features=True,

@@ -67,6 +67,8 @@ def main():
     results[f"{name}/loss"] = np.asarray(value.addressable_data(0))  # replicated
     results[f"{name}/da"] = np.asarray(multihost_utils.process_allgather(da, tiled=True))
     results[f"{name}/db"] = np.asarray(multihost_utils.process_allgather(db, tiled=True))
+  # A host-side count (e.g. corrupt records skipped) summed over the hosts: 1 + 2.
+  results["sum_over_processes"] = np.asarray(distributed.sum_over_processes(process_id + 1))
   if process_id == 0:
     np.savez(out, **results)
   multihost_utils.sync_global_devices("done")

@@ -332,19 +332,19 @@ def test_tfds_missing_dataset_says_how_to_prepare(tmp_path):
 
 
 def test_streaming_eval_keeps_hosts_in_lockstep(tmp_path):
-  """Whole files go to processes: 3 files of 6, 5 and 5 records on 2 processes give shards of
-  11 and 5. A jitted eval step is collective, so both must run the same number of batches (the
-  larger shard's), and together cover every example once."""
-  crops = _photo_crops(16)
+  """17 records in 3 files on 2 processes give record ranges of 8 and 9. A jitted eval step is
+  collective, so both must run the same number of batches (the larger range's), and together
+  cover every example once."""
+  crops = _photo_crops(17)
   pairs = [(tf.io.encode_png(im).numpy(), f"caption {i}", i % 3) for i, im in enumerate(crops)]
   S.write_image_text_tfrecords(pairs, str(tmp_path / "pairs"), num_shards=3)
   c = _config(source="tfrecord", path=str(tmp_path / "pairs-*.tfrecord"), recipe="clip")
   per = [list(pipeline.eval_iterator(c, "train", 4, process_index=p, process_count=2))
          for p in range(2)]
-  assert [sum(int(b["mask"].sum()) for b in batches) for batches in per] == [11, 5]
-  assert len(per[0]) == len(per[1]) == 6  # ceil(11 / 2 rows per process and batch)
+  assert [sum(int(b["mask"].sum()) for b in batches) for batches in per] == [8, 9]
+  assert len(per[0]) == len(per[1]) == 5  # ceil(9 / 2 rows per process and batch)
   seen = [i for batches in per for b in batches for i in b["index"][b["mask"]].tolist()]
-  assert len(seen) == len(set(seen)) == 16
+  assert len(seen) == len(set(seen)) == 17
 
 
 def test_tfrecord_stream_shards_and_resume(tmp_path):

@@ -57,6 +57,7 @@ def test_two_processes_match_single_process_loss_and_grads(tmp_path):
   run_processes(lambda i: [sys.executable, os.path.join(HERE, "multihost_loss_worker.py"),
                            str(i), "2", str(port), str(out)], 2)
   got = np.load(out)
+  assert int(got["sum_over_processes"]) == 3  # distributed.sum_over_processes
   cases = {
       "nt_xent": lambda x, y: losses.nt_xent(x, y, 0.1),
       "clip": lambda x, y: losses.clip_loss(x, y, 14.3),

@@ -65,12 +65,16 @@ def test_counts_from_index_without_reading(tmp_path, monkeypatch, caplog):
   with monkeypatch.context() as m:
     m.setattr(S, "count_examples", no_reading)
     pattern = str(tmp_path / "s*")  # also matches the index files: they are left out
-    for p in range(2):
-      s = S.tfrecord_stream(pattern, p, 2)
-      assert s.num_examples == sum(SIZES[p::2]) and s.shards.files == tuple(files[p::2])
-    # More processes than files: every 8th record of each file, from record p.
+    # Consecutive record ranges of the files in order: 16 records each, file 2 split 4 + 1.
+    s0, s1 = (S.tfrecord_stream(pattern, p, 2) for p in range(2))
+    assert s0.num_examples == s1.num_examples == 16
+    assert (s0.shards.files, s0.shards.counts, s0.shards.offsets) == (
+        tuple(files[:3]), (3, 9, 4), (0, 0, 0))
+    assert (s1.shards.files, s1.shards.counts, s1.shards.offsets) == (
+        tuple(files[2:]), (1, 1, 8, 6), (4, 0, 0, 0))
+    # More processes than files: process 2 of 8 reads records 8-11 only (of file 1).
     s = S.tfrecord_stream(pattern, 2, 8)
-    assert s.shards.counts == tuple(len(range(2, n, 8)) for n in SIZES)
+    assert (s.shards.files, s.shards.counts, s.shards.offsets) == ((files[1],), (4,), (5,))
   os.remove(tmp_path / "s1.index.json")
   with caplog.at_level(logging.WARNING):
     s = S.tfrecord_stream(str(tmp_path / "s*"), 0, 1)
@@ -235,16 +239,36 @@ def test_damaged_tfrecord_file_is_named_not_skipped(tmp_path):
       next(it)
 
 
-def test_more_processes_than_files_stride_records(tmp_path):
-  """Process 2 of 8 over 6 files reads records 2, 10, ... of each file; ids name them."""
+def test_more_processes_than_files_split_by_record_ranges(tmp_path):
+  """8 processes over 6 files: each reads its own 4 consecutive records (not every file,
+  strided); together they read every record once, with ids naming them, and every
+  process has the same epoch."""
   files = _write(str(tmp_path))
-  want = {int(S._record_id(tf.constant(os.path.basename(f)), tf.constant(r, tf.int64)))
-          for f, n in zip(files, SIZES) for r in range(2, n, 8)}
-  it = pipeline.train_iterator(_config(str(tmp_path)), mode="views", global_batch=8, seed=0,
-                        process_index=2, process_count=8)
-  assert it.stats["num_examples"] == it.stats["steps_per_epoch"] == len(want) == 5
-  ids = [int(next(it)["index"][0]) for _ in range(10)]
-  assert set(ids[:5]) == set(ids[5:]) == want and ids[:5] != ids[5:]
+  names = [(os.path.basename(f), r) for f, n in zip(files, SIZES) for r in range(n)]
+  seen = []
+  for p in range(8):
+    it = pipeline.train_iterator(_config(str(tmp_path)), mode="views", global_batch=8, seed=0,
+                                 process_index=p, process_count=8)
+    shards = S.tfrecord_stream(str(tmp_path / "s*.tfrecord"), p, 8).shards
+    assert sum(shards.counts) == 4 and len(shards.files) < len(files)
+    want = {int(S._record_id(tf.constant(f), tf.constant(r, tf.int64)))
+            for f, r in names[4 * p:4 * p + 4]}
+    assert it.stats["num_examples"] == it.stats["steps_per_epoch"] == 4
+    ids = [int(next(it)["index"][0]) for _ in range(8)]
+    assert set(ids[:4]) == set(ids[4:]) == want and ids[:4] != ids[4:]
+    seen += ids[:4]
+  assert len(set(seen)) == len(seen) == 32
+
+
+def test_epochs_equal_on_every_process(tmp_path):
+  """3 processes over 32 records (10, 11 and 11 of them; batch 1 per process): every
+  process's epoch has the smallest process's 10 steps, so all start their epochs together
+  (whole files per process gave 4, 17 and 11)."""
+  _write(str(tmp_path))
+  spe = [pipeline.train_iterator(_config(str(tmp_path)), mode="views", global_batch=3, seed=0,
+                                 process_index=p, process_count=3).stats["steps_per_epoch"]
+         for p in range(3)]
+  assert spe == [10, 10, 10]
 
 
 # ----------------------------------------------------------------------------- tfds files
@@ -298,13 +322,14 @@ def test_tfds_files_read_as_tfds_reads_them(seek_tfds):
   read = {}
   for p in range(2):
     stream = S.tfds_file_stream("seek_digits", split, seek_tfds, p, 2)
-    assert stream.shards.offsets == ((5, 0), (0, 0))[p]
+    assert stream.shards.offsets == ((5, 0, 0), (1, 0))[p]
+    assert stream.shards.counts == ((5, 10, 1), (9, 7))[p]
     for ex in stream.dataset.as_numpy_iterator():
       assert ex["id"] not in read
       read[ex["id"]] = ex["label"]
   assert read == want
-  # The record indices that name a skipped corrupt record are the ones read, strided too
-  # (8 processes over 4 files: every 8th record of each file's part).
+  # The record indices that name a skipped corrupt record are the ones read, in record
+  # ranges too (8 processes over 4 files: process 3 reads records 7-9 of file 1, 0 of file 2).
   files = [i.filename for i in tfds.builder("seek_digits", data_dir=seek_tfds).info.splits[
       split].file_instructions]
   for shards in (S.tfds_file_stream("seek_digits", split, seek_tfds, 0, 2).shards,
@@ -313,16 +338,16 @@ def test_tfds_files_read_as_tfds_reads_them(seek_tfds):
       recs = [r for _, r, _ in shards.record_dataset(i).as_numpy_iterator()]
       assert recs == [shards.record_index(i, k) for k in range(n)]
   assert [r for _, r, _ in S.assign_files(files, [5, 10, 10, 7], 3, 8, [5, 0, 0, 0])
-          .record_dataset(0).as_numpy_iterator()] == [8]
+          .record_dataset(0).as_numpy_iterator()] == [7, 8, 9]
   got = {}
   for p in range(2):
     it = _tfds_iter(_tfds_config(seek_tfds, split), p)
     assert it.stats["resume"] == "seek"
-    assert it.stats["steps_per_epoch"] == (15 // 2, 17 // 2)[p]
+    assert it.stats["steps_per_epoch"] == 16 // 2
     for _ in range(it.stats["steps_per_epoch"]):
       b = next(it)
       got.update(zip(b["index"].tolist(), b["label"].tolist()))
-  assert len(got) == 30 and all(want[i] == label for i, label in got.items())
+  assert len(got) == 32 and all(want[i] == label for i, label in got.items())
 
 
 def test_tfds_resume_seeks_and_is_bit_exact(seek_tfds, tmp_path):

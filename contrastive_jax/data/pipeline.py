@@ -301,7 +301,13 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
     if orders:
       source = streams[0]
       n = sum(o.num_records for o in orders)
-      spe = sum(o.usable for o in orders) // b
+      # Every process's epoch has the same number of steps, the smallest process's (record
+      # ranges differ by at most one record per source, so at most one batch is cut): hosts
+      # start their epochs together and see their records equally often.
+      spe = min(sum(streaming.usable_records(hi - lo, o.window, o.reserve)
+                    for o, stream in zip(orders, streams)
+                    for lo, hi in [src_lib.process_records(stream.split_examples, q, num_p)])
+                for q in range(num_p)) // b
     stats["resume"] = "seek" if orders else "replay"
     what = f"this process's {n} examples"
   else:

@@ -637,54 +637,67 @@ class StreamSource:
   # The most examples any process's shard holds (None: at most ceil(total / P)). Evaluation
   # runs that many batches on every process, so that all hosts stay in lockstep.
   max_process_examples: int | None = None
+  # Examples of the split over all processes (seekable streams; None: unknown).
+  split_examples: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardedFiles:
-  """This process's part of a set of TFRecord files.
-
-  ``files`` are read whole (``stride == 1``) or, when there are fewer files than processes,
-  every ``stride``-th record from record ``start`` of each file. ``counts[i]`` is the number of
-  records this process reads from ``files[i]``. ``offsets[i]`` (empty: all 0) is the first
-  record of ``files[i]`` that belongs to the split, for tfds sub-splits such as
-  ``train[:10%]`` that cover part of a file; the part is then read from there, strided, and cut
-  after ``counts[i]`` records.
-  """
+  """This process's part of a set of TFRecord files: ``counts[i]`` consecutive records of
+  ``files[i]`` from record ``offsets[i]`` (empty: all 0). A file can be shared with the
+  neighbouring processes, each reading its own record range (``assign_files``)."""
   files: tuple[str, ...]
   counts: tuple[int, ...]
-  stride: int = 1
-  start: int = 0
   offsets: tuple[int, ...] = ()
 
   def record_index(self, i: int, k: int) -> int:
     """Index in ``files[i]`` of this process's ``k``-th record of that file."""
-    return (self.offsets[i] if self.offsets else 0) + self.start + self.stride * k
+    return (self.offsets[i] if self.offsets else 0) + k
 
   def record_dataset(self, i) -> tf.data.Dataset:
     """``(file index, record index in the file, serialized record)`` of file ``i`` (a scalar
-    tensor), in file order; nothing is parsed."""
+    tensor), in file order; nothing is parsed. The records before the range are skipped by
+    TFRecord framing (read past, not copied or checked)."""
     i = tf.cast(i, tf.int64)
-    ds = tf.data.TFRecordDataset(tf.gather(tf.constant(self.files), i)).enumerate()
+    ds = tf.data.TFRecordDataset(tf.gather(tf.constant(self.files), i))
+    first = tf.constant(0, tf.int64)
     if self.offsets:
-      ds = ds.skip(tf.gather(tf.constant(self.offsets, tf.int64), i))
-    if self.stride > 1:
-      ds = ds.shard(self.stride, self.start)
-    if self.offsets:
-      ds = ds.take(tf.gather(tf.constant(self.counts, tf.int64), i))
-    return ds.map(lambda r, x: (i, r, x))
+      first = tf.gather(tf.constant(self.offsets, tf.int64), i)
+    ds = ds.skip(first).take(tf.gather(tf.constant(self.counts, tf.int64), i))
+    return ds.enumerate(first).map(lambda r, x: (i, r, x))
+
+
+def process_records(total: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """``[start, end)``: process ``p``'s range of a split's ``total`` records, counted across
+  its files in order; the ranges of the ``P`` processes differ in length by at most one."""
+  return (process_index * total // process_count,
+          (process_index + 1) * total // process_count)
 
 
 def assign_files(files: Sequence[str], counts: Sequence[int], process_index: int,
                  process_count: int, offsets: Sequence[int] = ()) -> ShardedFiles:
-  """Process ``p``'s part of ``files`` (``counts`` records each, from ``offsets``): whole files
-  when there are at least as many files as processes (file ``i`` goes to process ``i mod P``),
-  else every ``P``-th record of each file from record ``p``."""
-  p, num_p = process_index, process_count
-  if len(files) >= num_p:
-    return ShardedFiles(tuple(files[p::num_p]), tuple(counts[p::num_p]),
-                        offsets=tuple(offsets[p::num_p]))
-  return ShardedFiles(tuple(files), tuple(max(0, -(-(n - p) // num_p)) for n in counts),
-                      stride=num_p, start=p, offsets=tuple(offsets))
+  """Process ``p``'s part of ``files`` (``counts`` records each, from ``offsets``): the
+  consecutive record range ``process_records(sum(counts), p, P)`` of the files taken in order,
+  as pieces of files.
+
+  Balanced by records, not by files, so that (1) every process has the same number of records
+  to within one, hence the same epoch (whole files would give the hosts of 1,024 equal shards
+  on 48 hosts 21 or 22 files: epochs about 5% apart), and (2) with fewer files than processes
+  each record is read by one process only (a strided ``Dataset.shard`` of every file made
+  every host read every file whole). A process reads one to ``ceil(F / P) + 1`` files.
+  """
+  offsets = tuple(offsets) or (0,) * len(files)
+  lo, hi = process_records(sum(counts), process_index, process_count)
+  out_files, out_counts, out_offsets = [], [], []
+  start = 0
+  for f, n, off in zip(files, counts, offsets):
+    a, b = max(lo, start), min(hi, start + n)
+    if b > a:
+      out_files.append(f)
+      out_counts.append(b - a)
+      out_offsets.append(off + a - start)
+    start += n
+  return ShardedFiles(tuple(out_files), tuple(out_counts), tuple(out_offsets))
 
 
 def tfrecord_record(names: tf.Tensor, file_index, record_index, serialized
@@ -747,8 +760,8 @@ def tfds_file_stream(name: str, split: str, data_dir: str | None, process_index:
 
   The files and the per-file record ranges come from the split's metadata
   (``builder.info.splits[split].file_instructions``: shard lengths, and the parts of files
-  that a sub-split such as ``train[:10%]`` covers), so nothing is read here. Files go to
-  processes as TFRecord shards do (``assign_files``); records are decoded by the dataset's
+  that a sub-split such as ``train[:10%]`` covers), so nothing is read here. Record ranges go
+  to processes as for TFRecord shards (``assign_files``); records are decoded by the dataset's
   own features (``info.features.deserialize_example``, image left encoded), and ``id`` hashes
   ``<file name>__<record index>``, tfds's own ``tfds_id``, so an example has the same id (and
   the same augmentation) as on the ``as_dataset`` path.
@@ -803,22 +816,21 @@ def tfds_file_stream(name: str, split: str, data_dir: str | None, process_index:
       lambda i, r, x: parse(names, i, r, x))
   return StreamSource(name=f"tfds:{name}/{split}[{process_index}/{process_count}]",
                       dataset=ds, num_examples=sum(shards.counts),
-                      class_names=_class_names(info, label_key), shards=shards, parse=parse)
+                      class_names=_class_names(info, label_key), shards=shards, parse=parse,
+                      split_examples=sum(i.take for i in instructions))
 
 
 def tfrecord_stream(pattern: str, process_index: int, process_count: int) -> StreamSource:
-  """This process's TFRecord shards: whole files when there are at least as many files as
-  processes (file ``i`` goes to process ``i mod P``), else every ``P``-th record of each file.
-  Counts come from the files' index (``read_tfrecord_index``); no record is read here."""
+  """This process's record range of the TFRecord shards (``assign_files``). Counts come from
+  the files' index (``read_tfrecord_index``); no record is read here."""
   files = tfrecord_files(pattern)
   counts = tfrecord_counts(files)
   shards = assign_files(files, counts, process_index, process_count)
-  # Whole files go to processes, so shards differ in size: every process knows all of them.
-  largest = max(sum(assign_files(files, counts, q, process_count).counts)
-                for q in range(process_count))
+  largest = -(-sum(counts) // process_count)  # ranges differ by at most one record
   names = tf.constant([os.path.basename(f) for f in shards.files])
   ds = tf.data.Dataset.range(len(shards.files)).flat_map(shards.record_dataset).map(
       lambda i, r, x: tfrecord_record(names, i, r, x))
   return StreamSource(name=f"tfrecord:{pattern}[{process_index}/{process_count}]",
                       dataset=ds, num_examples=sum(shards.counts), shards=shards,
-                      parse=tfrecord_record, max_process_examples=largest)
+                      parse=tfrecord_record, max_process_examples=largest,
+                      split_examples=sum(counts))

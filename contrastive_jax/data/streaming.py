@@ -48,6 +48,18 @@ MIX_BLOCK = 1000  # records of the mixed stream over which the weights hold exac
 POSITION_KEYS = ("_source", "_epoch", "_window", "_slot")
 
 
+def _keep(size: int, reserve: float) -> int:
+  return size - math.ceil(reserve * size)
+
+
+def usable_records(num_records: int, window: int, reserve: float) -> int:
+  """Kept records of an epoch of ``num_records`` records in windows of ``window`` with a
+  ``reserve`` fraction for corrupt records (``StreamOrder.usable``)."""
+  num_windows = max(1, math.ceil(num_records / window))
+  last = num_records - (num_windows - 1) * window
+  return (num_windows - 1) * _keep(window, reserve) + _keep(last, reserve)
+
+
 class StreamOrder:
   """The seekable order of one process's TFRecord shards (module docstring).
 
@@ -80,9 +92,8 @@ class StreamOrder:
     self.window = int(window)
     self.reserve = float(reserve)
     self.num_windows = max(1, math.ceil(self.num_records / self.window))
-    last = self.num_records - (self.num_windows - 1) * self.window
     self.keep_full = self.keep(self.window)
-    self.usable = (self.num_windows - 1) * self.keep_full + self.keep(last)
+    self.usable = usable_records(self.num_records, self.window, self.reserve)
     self.source_index = int(source_index)
     names = [os.path.basename(f) for f in shards.files]
     if source_index:
@@ -92,7 +103,7 @@ class StreamOrder:
 
   def keep(self, size: int) -> int:
     """Records a window of ``size`` records yields."""
-    return size - math.ceil(self.reserve * size)
+    return _keep(size, self.reserve)
 
   # ----------------------------------------------------------------- order (graph and eager)
 
