@@ -1,4 +1,4 @@
-"""The README results table: every embedded config trained, evaluated and compared with baselines.
+"""The results table of docs/results.md: every embedded config trained, evaluated and compared with baselines.
 
   python launch/results_table.py --out=results.md \
       [--configs=simclr_mnist,mocov2_mnist,mocov3_mnist,clip_mnist] [--workdir=DIR] \

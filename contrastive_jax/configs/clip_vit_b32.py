@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 2 if a.quick else 2000
   # ImageNet zero-shot (10k-image subset every 5000 steps, all 50k at the end; also
   # ImageNet-v2 and -Sketch at the end) and COCO 5k retrieval (every 5000 steps and at the
-  # end), read from tfds in a.tfds_dir; cost in README (Evaluation). Off in :quick (no ImageNet).
+  # end), read from tfds in a.tfds_dir; cost in docs/evaluation.md. Off in :quick (no ImageNet).
   c.evals = common.image_text_evals(a.tfds_dir, every_steps=5000)
   # Also ImageNet-R and -A (200 classes each) and Flickr30k 1k test from Karpathy's split file:
   #   c.evals = common.image_text_evals(
