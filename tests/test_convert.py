@@ -52,14 +52,14 @@ def _images(n, size, seed=0):
   return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)
 
 
-def _texts(n, length=77, seed=1):
+def _texts(n, length=77, seed=1, vocab=49408):
   """SOT, random ids, EOT (the largest id, where open_clip's argmax pools), zero padding."""
   rng = np.random.default_rng(seed)
   out = np.zeros((n, length), np.int64)
-  for i, k in enumerate(rng.integers(3, 20, n)):
-    out[i, 0] = 49406
-    out[i, 1:k] = rng.integers(1, 49405, k - 1)
-    out[i, k] = 49407
+  for i, k in enumerate(rng.integers(3, min(20, length), n)):
+    out[i, 0] = vocab - 2
+    out[i, 1:k] = rng.integers(1, vocab - 3, k - 1)
+    out[i, k] = vocab - 1
   return out
 
 
@@ -73,9 +73,9 @@ def _peer_clip(model, images, tokens):
 def _ours_clip(spec, flat, images, tokens):
   model = core.build_from_spec(spec)
   variables = core.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
-  img = jax.jit(lambda v, x: model.apply(v, x, method=CLIP.encode_image))(variables, images)
-  txt = jax.jit(lambda v, t: model.apply(v, t, method=CLIP.encode_text))(
-      variables, tokens.astype(np.int32))
+  both = jax.jit(lambda v, x, t: (model.apply(v, x, method=CLIP.encode_image),
+                                  model.apply(v, t, method=CLIP.encode_text)))
+  img, txt = both(variables, images, tokens.astype(np.int32))  # one compile
   return np.asarray(img), np.asarray(txt)
 
 
@@ -101,14 +101,17 @@ def _rel_err(ours, peer):
 # --- open_clip: the peer's own config JSON, reduced to 2 layers and a few heads -----------------
 
 
-def _openclip_cfg(name, heads=None):
+def _openclip_cfg(name, heads=None, small_text=True):
   """open_clip's config for ``name``; with ``heads``: 2 layers, ``heads`` heads at the real head
-  width and MLP ratio, a 2-patch image, a 2-layer text tower of 2 heads of 64, embed_dim 48."""
+  width and MLP ratio, a 2-patch image, a 2-layer text tower of 2 heads of 64 (its real head
+  width and MLP ratio) over 16 positions and 512 ids, embed_dim 48."""
   cfg = copy.deepcopy(open_clip.get_model_config(name))
   if heads:
     v = cfg["vision_cfg"]
     v.update(layers=2, width=heads * v.get("head_width", 64), image_size=2 * v["patch_size"])
     cfg["text_cfg"].update(width=128, heads=2, layers=2)
+    if small_text:
+      cfg["text_cfg"].update(context_length=16, vocab_size=512)
     cfg["embed_dim"] = 48
   return cfg
 
@@ -145,7 +148,7 @@ def _zeros(shapes) -> dict[str, np.ndarray]:
   return {k: np.broadcast_to(np.zeros((), np.float32), s) for k, s in shapes.items()}
 
 
-def _reduced_spec(name, heads):
+def _reduced_spec(name, heads, small_text=True):
   """Our table's architecture for ``name`` with the reductions of ``_openclip_cfg`` /
   ``_timm_reduced`` (head width, MLP ratio, activation, norms as in the table)."""
   spec = mappings.named_spec(name)
@@ -156,22 +159,27 @@ def _reduced_spec(name, heads):
   spec["image_size"] = 2 * tower["patch_size"]
   if spec["kind"] == "clip":
     spec["text_kwargs"].update(width=128, num_heads=2, depth=2, mlp_dim=512)
+    if small_text:
+      spec["text_kwargs"].update(context_length=16, vocab_size=512)
     spec["embed_dim"] = 48
   spec["peer"]["model"] = f"{name} (reduced)"
   return spec
 
 
-def _small_openclip(name="ViT-B-16", heads=2, seed=0):
-  cfg = _openclip_cfg(name, heads)
+def _small_openclip(name="ViT-B-16", heads=2, seed=0, small_text=True):
+  cfg = _openclip_cfg(name, heads, small_text)
   torch.manual_seed(seed)
-  return _perturb(open_clip.model.CLIP(**cfg), seed), _reduced_spec(name, heads)
+  return _perturb(open_clip.model.CLIP(**cfg), seed), _reduced_spec(name, heads, small_text)
 
 
-# The families of open_clip's table: head width 64 (B, L; QuickGELU and GELU), 80 (H/14), 88 with
-# MLP ratio 4.3637 (g/14), 104 with 4.9231 (bigG/14). Four heads: width // 64 != heads, so a
-# guessed head count cannot pass.
-OPEN_CLIP_FAMILIES = ["ViT-B-32-quickgelu", "ViT-B-16", "ViT-H-14", "ViT-g-14",
-                      "ViT-bigG-14-quickgelu"]
+def _small_texts(n):
+  return _texts(n, 16, vocab=512)
+
+
+# The families of open_clip's table: head width 64 (S, M, B, L; QuickGELU at full size in the
+# ViT-B/32 test below), 80 (H/14), 88 with MLP ratio 4.3637 (g/14), 104 with 4.9231 (bigG/14,
+# QuickGELU). Four heads: width // 64 != heads, so a guessed head count cannot pass.
+OPEN_CLIP_FAMILIES = ["ViT-B-16", "ViT-H-14", "ViT-g-14", "ViT-bigG-14-quickgelu"]
 
 
 @pytest.mark.parametrize("name", OPEN_CLIP_FAMILIES)
@@ -181,7 +189,7 @@ def test_openclip_family_parity_both_directions(name):
   assert {k: v.shape for k, v in sd.items()} == _openclip_shapes(_openclip_cfg(name, 4))
   spec, flat = convert.import_state_dict(sd, spec=spec)
   size = spec["image_size"]
-  images, tokens = _images(2, size), _texts(3)
+  images, tokens = _images(2, size), _small_texts(3)
   peer_img, peer_txt = _peer_clip(model, images, tokens)
   img, txt = _ours_clip(spec, flat, images, tokens)
   assert _rel_err(img, peer_img) < 1e-5 and _rel_err(txt, peer_txt) < 1e-5
@@ -425,6 +433,12 @@ def test_check_against_model_refuses_what_shapes_cannot_show(tmp_path):
   guessed = core.build_from_spec({**spec, "image_kwargs": {**iv, "num_heads": 5}})
   with pytest.raises(ConfigError, match=r"image_encoder.num_heads: file 4, config 5"):
     core.check_against_model(path, guessed)
+  # init_from refuses it before touching the state (no optimizer or state needed to see it).
+  from types import SimpleNamespace
+  from contrastive_jax.convert import init as init_lib
+  config = SimpleNamespace(init_from=SimpleNamespace(path=path, patterns=(), prefix=""))
+  with pytest.raises(ConfigError, match=r"image_encoder.num_heads: file 4, config 5"):
+    init_lib.apply_init_from(config, SimpleNamespace(model=guessed), None, None, None)
   quick = core.build_from_spec({**spec, "text_kwargs": {**spec["text_kwargs"],
                                                         "activation": "quick_gelu"}})
   with pytest.raises(ConfigError, match=r"text_encoder.activation: file 'gelu'"):
@@ -483,7 +497,7 @@ def test_cli_import_export_and_jax_export(tmp_path):
   assert set(again) == set(sd)
   for k in sd:
     np.testing.assert_array_equal(again[k], sd[k], err_msg=k)
-  images, tokens = _images(3, 32), _texts(3)
+  images, tokens = _images(3, 32), _small_texts(3)
   peer_img, peer_txt = _peer_clip(model, images, tokens)
   for tower, x, want in (("image", images, peer_img), ("text", tokens.astype(np.int32), peer_txt)):
     path = str(tmp_path / f"{tower}.jaxexport")
@@ -502,7 +516,7 @@ def test_zero_shot_logits_equal_open_clip():
   pytest.importorskip("ftfy")
   from contrastive_jax.data import clip_bpe
   from contrastive_jax.evaluate import zero_shot
-  model, spec = _small_openclip("ViT-B-16-quickgelu")
+  model, spec = _small_openclip("ViT-B-16-quickgelu", small_text=False)
   spec, flat = convert.import_state_dict(_sd(model), spec=spec)
   ours = core.build_from_spec(spec)
   variables = core.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
