@@ -2,8 +2,9 @@
 
 For each family of the converter's table (``contrastive_jax.convert.mappings.MODELS``): the
 peer's model (open_clip ``CLIP`` / timm ``VisionTransformer``) at its real head width, MLP ratio,
-activation and norm placement, reduced to 2 layers of 4 heads (text: 2 of 64, 16 positions, 512 ids), values moved off their defaults
-(the same models as tests/test_convert.py), imported, and the embeddings compared:
+activation and norm placement, reduced to 2 layers of 4 heads (text: 2 of 64, 16 positions, 512
+ids), values moved off their defaults (the same models as tests/test_convert.py), imported, and
+the embeddings compared:
 max |ours - peer| / max |peer| (image and text; L2-normalised for CLIP, features for timm).
 
   PYTHONPATH=.:tests python benchmarks/convert_parity.py

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 from unittest import mock
 
 import numpy as np
@@ -446,9 +447,10 @@ def test_check_against_model_refuses_what_shapes_cannot_show(tmp_path):
   # Only the towers that receive weights are checked (LiT loads the image tower alone).
   core.check_against_model(path, quick, ["params/image_encoder/ln_pre/scale"])
   # An encoder file placed in a CLIP tower with init_from.prefix.
-  tmodel = _perturb(__import__("timm").models.vision_transformer.VisionTransformer(
+  tmodel = _perturb(timm.models.vision_transformer.VisionTransformer(
       img_size=28, patch_size=14, embed_dim=320, depth=2, num_heads=4, num_classes=0))
-  tspec, tflat = convert.import_state_dict(_sd(tmodel), spec=_reduced_spec("vit_huge_patch14_224", 4))
+  tspec, tflat = convert.import_state_dict(_sd(tmodel),
+                                           spec=_reduced_spec("vit_huge_patch14_224", 4))
   tpath = str(tmp_path / "timm.safetensors")
   convert.save_converted(tpath, tspec, tflat)
   clip = core.build_from_spec({**spec, "image_model": "vit", "image_kwargs": {
@@ -466,7 +468,7 @@ def test_older_files_warn_and_upgrade(tmp_path, caplog):
   spec, flat = convert.import_state_dict(_sd(model), spec=spec)
   old = str(tmp_path / "old.safetensors")
   old_spec = {k: v for k, v in spec.items() if k != "peer"}
-  tensor_io.write_safetensors(old, flat, {core.SPEC_KEY: __import__("json").dumps(old_spec),
+  tensor_io.write_safetensors(old, flat, {core.SPEC_KEY: json.dumps(old_spec),
                                           core.FORMAT_KEY: "open_clip"})
   with caplog.at_level("WARNING"):
     convert.load_converted(old)
@@ -487,7 +489,7 @@ def test_cli_import_export_and_jax_export(tmp_path):
   model, spec = _small_openclip()
   save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "peer.safetensors")
   ours, back = str(tmp_path / "ours.safetensors"), str(tmp_path / "back.safetensors")
-  (tmp_path / "spec.json").write_text(__import__("json").dumps(spec))
+  (tmp_path / "spec.json").write_text(json.dumps(spec))
   peer = str(tmp_path / "peer.safetensors")
   assert cli.main(["import", "--spec", str(tmp_path / "spec.json"), "--input", peer,
                    "--output", ours]) == 0

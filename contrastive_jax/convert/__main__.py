@@ -72,7 +72,8 @@ def main(argv=None) -> int:
       custom = json.loads(epath.Path(a.spec).read_text()) if a.spec else None
       spec, flat = core.import_state_dict(sd, a.model, spec=custom)
       core.save_converted(a.output, spec, flat)
-      print(f"wrote {a.output}: {len(flat)} tensors of {spec['peer'].get('model', 'a custom model')}")
+      peer = spec["peer"].get("model", "a custom model")
+      print(f"wrote {a.output}: {len(flat)} tensors of {peer}")
     elif a.cmd == "export":
       meta = core.read_metadata(a.input)
       fmt = a.format or meta["format"]
