@@ -477,8 +477,16 @@ def test_older_files_warn_and_upgrade(tmp_path, caplog):
   assert cli.main(["jax-export", "--input", old, "--tower", "image",
                    "--output", str(tmp_path / "x")]) == 2
   # upgrade checks the name: this reduced file is no published model
-  assert cli.main(["upgrade", "--model", "ViT-B-16", "--input", old,
-                   "--output", str(tmp_path / "new.safetensors")]) == 2
+  new = str(tmp_path / "new.safetensors")
+  assert cli.main(["upgrade", "--model", "ViT-B-16", "--input", old, "--output", new]) == 2
+  (tmp_path / "spec.json").write_text(json.dumps(spec))
+  assert cli.main(["upgrade", "--spec", str(tmp_path / "spec.json"), "--input", old,
+                   "--output", new]) == 0
+  assert core.read_metadata(new)["version"] == core.FILE_VERSION
+  spec2, flat2 = convert.load_converted(new)
+  assert spec2 == spec
+  for k in flat:
+    np.testing.assert_array_equal(flat2[k], np.asarray(flat[k]), err_msg=k)
 
 
 def test_cli_import_export_and_jax_export(tmp_path):

@@ -51,7 +51,8 @@ def main(argv=None) -> int:
   exp.add_argument("--input", required=True)
   exp.add_argument("--output", required=True)
   up = sub.add_parser("upgrade", help="converted file of the older format -> current format")
-  up.add_argument("--model", required=True)
+  up.add_argument("--model", help="the peer's model name, as for import")
+  up.add_argument("--spec", help="instead of --model: a JSON architecture, as for import")
   up.add_argument("--input", required=True)
   up.add_argument("--output", required=True)
   jx = sub.add_parser("jax-export", help="converted file -> serialized jax.export tower")
@@ -83,16 +84,23 @@ def main(argv=None) -> int:
       tensor_io.write_safetensors(a.output, core.export_state_dict(fmt, spec, flat))
       print(f"wrote {a.output} in the {fmt} layout")
     elif a.cmd == "upgrade":
+      if bool(a.model) == bool(a.spec):
+        raise ValueError("upgrade needs --model NAME (or --spec arch.json), the architecture "
+                         "the file's weights were trained with")
       meta = core.read_metadata(a.input)
-      fmt = mappings.named_spec(a.model)["peer"]["format"]
+      custom = json.loads(epath.Path(a.spec).read_text()) if a.spec else None
+      target = custom or mappings.named_spec(a.model)
+      fmt = target["peer"]["format"]
       if meta["format"] and meta["format"] != fmt:
-        raise ValueError(f"{a.input} holds {meta['format']} weights, but {a.model} is {fmt}")
+        raise ValueError(f"{a.input} holds {meta['format']} weights, not {fmt}")
       spec, flat = core.load_converted(a.input)
-      peer_sd = core.export_state_dict(fmt, spec, flat)  # exact: layout changes only
-      new_spec, new_flat = core.import_state_dict(peer_sd, a.model)
+      # Back to the peer's layout (exact: transposes and reshapes only) and imported again, so
+      # the file is checked against the architecture as an import is.
+      peer_sd = core.export_state_dict(fmt, spec, flat)
+      new_spec, new_flat = core.import_state_dict(peer_sd, a.model, spec=custom)
       core.save_converted(a.output, new_spec, new_flat)
-      print(f"wrote {a.output}: {len(new_flat)} tensors of {a.model} (was format "
-            f"{meta['version'] or 1})")
+      print(f"wrote {a.output}: {len(new_flat)} tensors of {new_spec['peer'].get('model')} "
+            f"(file version {meta['version'] or 1} -> {core.FILE_VERSION})")
     elif a.cmd == "jax-export":
       if not core.read_metadata(a.input)["version"]:
         raise ValueError(f"{a.input} is of the older format, whose head count may have been "
