@@ -28,6 +28,20 @@ CAPTIONS = [
 ]
 
 
+# Special tokens written in the text, HTML entities, fullwidth forms, combining accents (NFC vs
+# NFD) and truncation at the special tokens' boundary: where a re-implementation can drift.
+SPECIAL_CAPTIONS = [
+    "<start_of_text> literal special tokens <end_of_text>",
+    "<START_OF_TEXT>Upper-case specials<End_Of_Text> and a <end_of_text><end_of_text> pair",
+    "half <start_of_text without its bracket, <end_of_text>> one too many, <<start_of_text>",
+    "tom &amp; jerry &lt;3 &#x1F431; &eacute;t&eacute; &nbsp;non-breaking&nbsp;space &bogus;",
+    "ＦＵＬＬＷＩＤＴＨ　ｔｅｘｔ，ｗｉｔｈ　ｄｉｇｉｔｓ　１２３　ａｎｄ　ｐｕｎｃｔｕａｔｉｏｎ！",
+    "cafe\u0301 vs caf\u00e9, n\u0303 vs \u00f1, a\u030a vs \u00e5, e\u0301\u0300 stacked",
+    "<end_of_text> " * 80,  # special ids up to the end: truncated, the last overwritten by EOT
+    "<start_of_text>" + " long caption" * 60,
+]
+
+
 @pytest.fixture(scope="module")
 def tokenizers():
   ours = clip_bpe.ClipBPETokenizer(clip_bpe.default_vocab_path(), context_length=77)
@@ -45,6 +59,17 @@ def test_same_ids_as_open_clip(tokenizers):
   assert got[-2, -1] == ours.eot_id == 49407 and got[0, 0] == ours.sot_id == 49406
   assert ours.vocab_size == 49408
   assert ours.decode(got[0]) == "a photo of a cat ."
+
+
+def test_special_tokens_and_hard_text_as_open_clip(tokenizers):
+  ours, theirs = tokenizers
+  got = ours.encode(SPECIAL_CAPTIONS)
+  expected = theirs(SPECIAL_CAPTIONS, context_length=77).numpy()
+  for caption, e, g in zip(SPECIAL_CAPTIONS, expected, got):
+    np.testing.assert_array_equal(g, e, err_msg=repr(caption))
+  # The issue's example, spelled out: the literal tokens are the special ids.
+  np.testing.assert_array_equal(got[0][:2], [49406, 49406])
+  assert got[0][np.flatnonzero(got[0])[-2]] == 49407
 
 
 def test_tf_data_and_make_tokenizer(tokenizers):

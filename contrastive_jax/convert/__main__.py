@@ -1,22 +1,29 @@
-"""CLI: ``python -m contrastive_jax.convert {import,export,jax-export} ...``.
+"""CLI: ``python -m contrastive_jax.convert {import,export,upgrade,jax-export,models} ...``.
 
-  # a peer checkpoint -> our converted file (safetensors with the architecture in its metadata)
-  python -m contrastive_jax.convert import --format open_clip --activation quick_gelu \
+  # a peer checkpoint -> our converted file; the peer's model name fixes the architecture
+  # (head width, MLP ratio, activation, ...): OpenAI's weights are the '-quickgelu' names
+  python -m contrastive_jax.convert import --model ViT-B-32-quickgelu \
       --input open_clip_model.safetensors --output clip_b32.safetensors
-  # our converted file (or a run's workdir with --spec-from) -> the peer's state dict layout
-  python -m contrastive_jax.convert export --format open_clip --input clip_b32.safetensors \
-      --output back.safetensors
+  # our converted file -> the peer's state dict layout (the format recorded in the file)
+  python -m contrastive_jax.convert export --input clip_b32.safetensors --output back.safetensors
+  # a file of the older format (no model name recorded) -> the current format, checked
+  python -m contrastive_jax.convert upgrade --model ViT-H-14 --input old.safetensors \
+      --output new.safetensors
   # a tower as a serialized jax.export function (see convert/export.py for the calling convention)
   python -m contrastive_jax.convert jax-export --input clip_b32.safetensors --tower image \
       --output image_tower.jaxexport
+  # the supported names and the refused families (docs/weights.md)
+  python -m contrastive_jax.convert models
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import jax.numpy as jnp
+from etils import epath
 
 from contrastive_jax.convert import core, export, mappings, tensor_io
 
@@ -26,38 +33,87 @@ def main(argv=None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="cmd", required=True)
   imp = sub.add_parser("import", help="peer checkpoint -> converted file")
-  imp.add_argument("--format", required=True, choices=mappings.FORMATS)
+  imp.add_argument("--model", help="the peer's model name: open_clip's ViT-H-14, "
+                   "ViT-B-32-quickgelu, ...; timm's vit_base_patch16_224, ...; resnet50 "
+                   "(torchvision); `models` lists them")
+  imp.add_argument("--spec", help="instead of --model: a JSON file with the complete "
+                   "architecture of a model outside the table (convert.mappings.named_spec's "
+                   "layout, with peer.format)")
   imp.add_argument("--input", required=True,
                    help=".safetensors, .npz, or .bin/.pt/.pth (torch installed)")
   imp.add_argument("--output", required=True, help="converted .safetensors")
-  imp.add_argument("--activation", choices=("gelu", "quick_gelu"),
-                   help="open_clip: quick_gelu for OpenAI weights and '-quickgelu' models")
+  # The older interface: the format and activation are now fixed by --model.
+  imp.add_argument("--format", help=argparse.SUPPRESS)
+  imp.add_argument("--activation", help=argparse.SUPPRESS)
   exp = sub.add_parser("export", help="converted file -> peer state dict (.safetensors)")
-  exp.add_argument("--format", required=True, choices=mappings.FORMATS)
+  exp.add_argument("--format", choices=mappings.FORMATS,
+                   help="default: the format recorded in the file")
   exp.add_argument("--input", required=True)
   exp.add_argument("--output", required=True)
+  up = sub.add_parser("upgrade", help="converted file of the older format -> current format")
+  up.add_argument("--model", help="the peer's model name, as for import")
+  up.add_argument("--spec", help="instead of --model: a JSON architecture, as for import")
+  up.add_argument("--input", required=True)
+  up.add_argument("--output", required=True)
   jx = sub.add_parser("jax-export", help="converted file -> serialized jax.export tower")
   jx.add_argument("--input", required=True)
   jx.add_argument("--tower", required=True, choices=("image", "text"))
   jx.add_argument("--output", required=True)
   jx.add_argument("--platforms", default="cpu", help="comma-separated: cpu,cuda,tpu")
+  sub.add_parser("models", help="list the supported peer model names")
   a = p.parse_args(argv)
   try:
     if a.cmd == "import":
+      if a.activation or a.format or not (a.model or a.spec):
+        raise ValueError("import takes the peer's model name, which fixes the format, the "
+                         "activation and the head count: --model NAME (e.g. ViT-B-32-quickgelu "
+                         "for OpenAI's weights, ViT-B-32 for LAION's); `python -m "
+                         "contrastive_jax.convert models` lists the names")
       sd, _ = tensor_io.read_tensors(a.input)
-      spec, flat = core.import_state_dict(a.format, sd, activation=a.activation)
-      core.save_converted(a.output, spec, flat, a.format)
-      print(f"wrote {a.output}: {len(flat)} tensors, spec {spec}")
+      custom = json.loads(epath.Path(a.spec).read_text()) if a.spec else None
+      spec, flat = core.import_state_dict(sd, a.model, spec=custom)
+      core.save_converted(a.output, spec, flat)
+      peer = spec["peer"].get("model", "a custom model")
+      print(f"wrote {a.output}: {len(flat)} tensors of {peer}")
     elif a.cmd == "export":
+      meta = core.read_metadata(a.input)
+      fmt = a.format or meta["format"]
+      if not fmt:
+        raise ValueError(f"{a.input} records no peer format; pass --format")
       spec, flat = core.load_converted(a.input)
-      tensor_io.write_safetensors(a.output, core.export_state_dict(a.format, spec, flat))
-      print(f"wrote {a.output} in the {a.format} layout")
-    else:
+      tensor_io.write_safetensors(a.output, core.export_state_dict(fmt, spec, flat))
+      print(f"wrote {a.output} in the {fmt} layout")
+    elif a.cmd == "upgrade":
+      if bool(a.model) == bool(a.spec):
+        raise ValueError("upgrade needs --model NAME (or --spec arch.json), the architecture "
+                         "the file's weights were trained with")
+      meta = core.read_metadata(a.input)
+      custom = json.loads(epath.Path(a.spec).read_text()) if a.spec else None
+      target = custom or mappings.named_spec(a.model)
+      fmt = target["peer"]["format"]
+      if meta["format"] and meta["format"] != fmt:
+        raise ValueError(f"{a.input} holds {meta['format']} weights, not {fmt}")
+      spec, flat = core.load_converted(a.input)
+      # Back to the peer's layout (exact: transposes and reshapes only) and imported again, so
+      # the file is checked against the architecture as an import is.
+      peer_sd = core.export_state_dict(fmt, spec, flat)
+      new_spec, new_flat = core.import_state_dict(peer_sd, a.model, spec=custom)
+      core.save_converted(a.output, new_spec, new_flat)
+      print(f"wrote {a.output}: {len(new_flat)} tensors of {new_spec['peer'].get('model')} "
+            f"(file version {meta['version'] or 1} -> {core.FILE_VERSION})")
+    elif a.cmd == "jax-export":
+      if not core.read_metadata(a.input)["version"]:
+        raise ValueError(f"{a.input} is of the older format, whose head count may have been "
+                         "guessed wrong; upgrade it first: python -m contrastive_jax.convert "
+                         f"upgrade --model NAME --input {a.input} --output NEW.safetensors")
       spec, flat = core.load_converted(a.input)
       variables = core.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
       exported = export.export_tower(spec, variables, a.tower, a.output,
                                      platforms=a.platforms.split(","))
       print(f"wrote {a.output}: {exported.in_avals} -> {exported.out_avals}")
+    else:
+      for name, fmt in mappings.MODELS.items():
+        print(f"{fmt:20s} {name}")
   except (ValueError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

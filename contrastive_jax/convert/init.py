@@ -66,6 +66,7 @@ def apply_init_from(config, method, tx, state, rng: jax.Array):
   if not init.path:
     return state
   loaded = select(_read_source(init.path), tuple(init.patterns), init.prefix or "")
+  core.check_against_model(init.path, method.model, loaded, init.prefix or "")
   ours = core.flatten({"params": state.params, "batch_stats": state.batch_stats})
   missing = sorted(set(loaded) - set(ours))
   if missing:

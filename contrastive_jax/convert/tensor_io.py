@@ -53,6 +53,20 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   return out, dict(meta)
 
 
+def read_safetensors_metadata(path: str) -> dict[str, str]:
+  """The ``__metadata__`` of a safetensors file, reading only its header."""
+  with epath.Path(path).open("rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+    (n,) = struct.unpack("<Q", head)
+    try:
+      header = json.loads(f.read(n))
+    except ValueError as e:
+      raise ValueError(f"{path}: not a safetensors file (header is not JSON)") from e
+  return dict(header.get("__metadata__") or {})
+
+
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> None:
   """Writes ``tensors`` (name -> array) and string ``metadata`` as a safetensors file."""

@@ -14,6 +14,10 @@ used), so that converted CLIP text towers see the tokens they were trained on:
    ``context_length``; a longer text keeps its first ``context_length - 2`` ids (open_clip
    truncates to 77 and overwrites the last with ``<end_of_text>``: the same ids).
 
+The literal strings ``<start_of_text>`` and ``<end_of_text>`` in a text are the special tokens
+(49406, 49407), not the characters ``<``, ``start``, ...: open_clip's pre-tokeniser matches them
+first and its BPE cache is seeded with them, so a caption that contains them gets those ids.
+
 EOT is the largest id, so the text tower's argmax pooling (``eot_id=None``) and pooling at the
 first ``eot_id=49407`` agree. The vocabulary is read from the file the user gives
 (``data.bpe_vocab``), or, when that is empty, from an installed ``open_clip`` package, which
@@ -100,7 +104,9 @@ class ClipBPETokenizer:
     self.sot_id, self.eot_id = self.encoder[SOT_TOKEN], self.encoder[EOT_TOKEN]
     self.pad_id = 0
     self.vocab_size = len(vocab)
-    self._cache: dict[str, str] = {}
+    # Seeded as open_clip seeds its cache: a special token is one symbol, never merged from
+    # its characters (its pre-token is already ASCII, so byte mapping leaves it unchanged).
+    self._cache: dict[str, str] = {SOT_TOKEN: SOT_TOKEN, EOT_TOKEN: EOT_TOKEN}
     ftfy, regex = _deps()
     self._ftfy = ftfy
     self._pattern = regex.compile(
