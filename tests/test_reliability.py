@@ -9,6 +9,9 @@ What is guaranteed, and tested here:
   exits 0; on two processes SIGTERM to one stops both at the same step.
 * A damaged newest checkpoint is logged, moved to ``checkpoints/damaged/`` and training resumes
   from the newest good one, which is never deleted.
+* Restoring a run while it trains (``restore.restore_run``: the standalone evaluator and
+  ``launch/results_table.py``) is read-only: the trainer's in-progress save completes and
+  every checkpoint stays where it was.
 * A non-finite loss stops the run naming the step and metric, without checkpointing the bad
   state; ``skip_nonfinite=True`` skips such steps instead.
 * A full disk fails with a clear error and leaves earlier checkpoints restorable; an
@@ -46,6 +49,7 @@ from contrastive_jax import checkpoint, configs, restore, train
 from contrastive_jax.data import pipeline
 from contrastive_jax.data import sources as S
 from contrastive_jax.data import tokenizer as T
+from test_checkpoint import hold_commits
 from test_multihost import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -518,6 +522,51 @@ def test_checkpoint_from_8_devices_continues_on_fewer(stopped_at_3, tmp_path, nu
   got, want = summary["train_history"][0], stopped_at_3["losses"][4]
   for key in ("loss", "grad_norm", "param_norm"):
     np.testing.assert_allclose(got[key], want[key], rtol=2e-5, err_msg=key)
+
+
+def test_restoring_a_run_while_it_trains_leaves_its_saves_alone(tmp_path, monkeypatch):
+  """The evaluator's restore (``restore.restore_run``) of a run whose trainer is writing its
+  last step: it gets step 1, and the trainer's save of step 2 (held in flight until the
+  restore is done) commits, the run finishes and every checkpoint is intact. A reader that
+  cleans orbax's temporary directories deletes that save and the trainer fails at its commit."""
+  import threading
+
+  workdir = str(tmp_path / "run")
+  release = hold_commits(monkeypatch, step=2)
+  trained = threading.Event()
+  seen = {}
+
+  def evaluate_mid_save():
+    try:
+      while not trained.is_set():
+        if any(n.startswith("2.") for n in _tmp_checkpoints(workdir)):
+          seen["tmp_before"] = _tmp_checkpoints(workdir)
+          seen["step"] = restore.restore_run(workdir).step
+          seen["tmp_after"] = _tmp_checkpoints(workdir)
+          return
+        time.sleep(0.005)
+    except BaseException as error:  # noqa: BLE001 -- reported by the main thread
+      seen["error"] = error
+    finally:
+      release.set()
+
+  reader = threading.Thread(target=evaluate_mid_save, daemon=True)
+  reader.start()
+  c = _config(total_steps=2)
+  c.checkpoint.async_save = True  # as the command line runs it: the save is in flight
+  try:
+    summary = train.train_and_evaluate(c, workdir).summary
+  finally:
+    trained.set()
+    release.set()
+    reader.join()
+  assert "step" in seen and "error" not in seen, seen
+  assert seen["step"] == 1 and seen["tmp_after"] == seen["tmp_before"], seen
+  assert summary["steps"] == 2 and _committed_steps(workdir) == [1, 2]
+  assert not _tmp_checkpoints(workdir)
+  assert not os.path.exists(os.path.join(workdir, "checkpoints", checkpoint.DAMAGED_SUBDIR))
+  for step in (1, 2):
+    assert restore.restore_run(workdir, step=step).step == step
 
 
 # ----------------------------------------------------------------------------- 4: NaN / inf
