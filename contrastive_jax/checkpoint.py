@@ -277,11 +277,12 @@ class Checkpointer:
     restore leaves TensorStore reads in flight that report into its closed event loop (a
     traceback each, after our error). A step that fails these checks on any process is
     skipped by all of them, so a host whose view of the newest step is damaged cannot restore
-    a different step from the others or wait alone at orbax's restore barrier. On one process, a step whose arrays then fail to restore is
-    skipped too. Damaged newer steps (proven damaged because an older step restores with the
-    same ``abstract_state``) are logged, recorded in ``damaged_steps`` and moved to
-    ``checkpoints/damaged/<step>``; a ``read_only`` Checkpointer only skips them. If no step
-    restores, nothing is moved and a ``CheckpointMismatchError`` reports each step's error.
+    a different step from the others or wait alone at orbax's restore barrier. On one
+    process, a step whose arrays then fail to restore is skipped too. Damaged newer steps
+    (proven damaged because an older step restores with the same ``abstract_state``) are
+    logged, recorded in ``damaged_steps`` and moved to ``checkpoints/damaged/<step>``; a
+    ``read_only`` Checkpointer only skips them. If no step restores, nothing is moved and a
+    ``CheckpointMismatchError`` reports each step's error.
     """
     self._manager.reload()  # see steps written or moved by others since construction
     steps = _common_steps(sorted(self._manager.all_steps(), reverse=True))

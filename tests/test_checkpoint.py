@@ -197,8 +197,9 @@ def test_all_steps_failing_moves_nothing(tmp_path):
       ck.save(step, _place(_state(float(step)), mesh), data_state={"step": step}, config={})
     wrong = _abstract(_state(1.0, queue_rows=8), mesh).replace(params={"other": jnp.zeros(2)})
     reads = []
-    restore = ck._manager.restore  # pylint: disable=protected-access
-    ck._manager.restore = lambda *a, **k: reads.append(a) or restore(*a, **k)  # pylint: disable=protected-access
+    manager = ck._manager  # pylint: disable=protected-access
+    restore = manager.restore
+    manager.restore = lambda *a, **k: reads.append(a) or restore(*a, **k)
     with pytest.raises(ckpt.CheckpointMismatchError, match="could be restored") as info:
       ck.restore_latest_good(wrong)
     assert "queue: saved (16, 2), this config (8, 2)" in str(info.value)
