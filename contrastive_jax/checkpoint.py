@@ -12,7 +12,7 @@ One step directory ``checkpoints/<step>/`` holds three items:
 Atomicity and damaged steps. orbax writes a step into a temporary directory and commits it
 (atomic rename, or a ``commit_success.txt`` marker on object stores) only after every item
 is written; an interrupted save leaves an uncommitted temporary directory that is never listed
-and is removed at the next start (``cleanup_tmp_directories=True``). Older steps beyond
+and is removed at the trainer's next start (``cleanup_tmp_directories=True``). Older steps beyond
 ``max_to_keep`` are deleted only after the new step has committed. A committed step can still
 be damaged afterwards (a truncated or deleted file, a disk or copy fault, garbage metadata).
 ``restore_latest_good`` tries steps from the newest down; when an older step restores with the
@@ -23,6 +23,22 @@ newest and later saves' garbage collection would delete good steps while keeping
 re-save of that step number would collide with it. When every step fails, nothing is moved
 and a ``CheckpointMismatchError`` (a ``RuntimeError``) lists the reasons (most often the abstract
 state does not match the checkpoint, e.g. after a change of model config).
+
+Readers. Only the trainer writes under ``checkpoints/``. Everything else that reads a run (the
+standalone evaluator, ``restore.py``, ``launch/results_table.py``) opens it with
+``Checkpointer(workdir, read_only=True)``: orbax's ``CheckpointManagerOptions(read_only=True)``
+(no directory creation, no temporary-directory cleanup, no save, no deletion) and no moving
+aside here, so a reader never touches a live run. A cleanup by a reader would delete the
+trainer's in-progress save (an uncommitted temporary directory looks the same whether its
+writer died or is still writing) and make the trainer fail at its commit. A read-only
+``restore_latest_good`` skips a damaged step (logged, recorded in ``damaged_steps``) and leaves
+it where it is: moving it is the trainer's job at its next start.
+
+Hosts agree on the step before reading any array: the candidates are the steps that *every*
+process lists. A newly committed step can be missing from one host's listing for a while (a
+shared or object-store filesystem lists with a lag); such a step is not a candidate, so all
+hosts restore the step before it, and nothing is moved aside (the step is not damaged, only
+not yet visible everywhere).
 
 Preemption. ``install_preemption_handler`` records SIGTERM in a flag (the handler does no
 other work: it may run between any two bytecodes of the training loop); the loop calls
@@ -128,26 +144,37 @@ class Checkpointer:
       ``InitialSavePolicy``), and so is a save at a preemption sync point.
     async_save: write in a background thread; ``save`` returns once the arrays are copied to
       host memory, so the caller may donate the state's buffers to the next step right away.
+    read_only: open the run for reading only (every reader of a run that may be training):
+      nothing is created, cleaned, written, deleted or moved under ``checkpoints/``; ``save``
+      raises and ``restore_latest_good`` skips damaged steps without moving them.
 
   Attributes:
     damaged_steps: ``{step: reason}`` of steps that ``restore_latest_good`` found damaged.
   """
 
-  def __init__(self, workdir: str | epath.PathLike, *, max_to_keep: int = 3,
-               save_interval_steps: int = 1, async_save: bool = True):
+  def __init__(self, workdir: str | epath.PathLike, *, max_to_keep: int | None = 3,
+               save_interval_steps: int = 1, async_save: bool = True, read_only: bool = False):
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep={max_to_keep} must be >= 1 (or None to keep all)")
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps={save_interval_steps} must be >= 1")
     self.directory = checkpoint_directory(workdir)
+    self.read_only = read_only
     self.damaged_steps: dict[int, str] = {}
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        save_interval_steps=save_interval_steps,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True,
-    )
+    if read_only:
+      # Every option that writes is off here already (orbax's read_only=True would reset
+      # them itself, with a warning for each).
+      options = ocp.CheckpointManagerOptions(
+          read_only=True, create=False, cleanup_tmp_directories=False, max_to_keep=None,
+          save_interval_steps=0, enable_async_checkpointing=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep,
+          save_interval_steps=save_interval_steps,
+          enable_async_checkpointing=async_save,
+          cleanup_tmp_directories=True,
+          create=True,
+      )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
   # -------------------------------------------------------------------------- saving
@@ -159,6 +186,9 @@ class Checkpointer:
     Returns whether a save was started (False between save intervals unless ``force``).
     Collective on multi-process runs: every process calls it with the same step.
     """
+    if self.read_only:
+      raise ValueError(f"this Checkpointer of {self.directory} is read-only (read_only=True); "
+                       "only the trainer saves")
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data_state=ocp.args.JsonSave(to_jsonable(data_state)),
@@ -203,6 +233,8 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: when there is no checkpoint (or not that step).
+      CheckpointMismatchError: when the step's saved state has other leaves or shapes than
+        ``abstract_state`` (checked on the metadata, before any array is read).
     """
     if step is None:
       step = self.latest_step()
@@ -211,6 +243,15 @@ class Checkpointer:
     elif step not in self._manager.all_steps():
       raise FileNotFoundError(
           f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}")
+    mismatch = self._mismatch(step, abstract_state)
+    if mismatch:
+      raise CheckpointMismatchError(
+          f"checkpoint step {step} in {self.directory} does not fit the state this config "
+          f"builds ({mismatch}); restore with the run's original config")
+    return self._restore_step(abstract_state, step)
+
+  def _restore_step(self, abstract_state: Any, step: int
+                    ) -> tuple[Any, dict[str, Any], dict[str, Any], int]:
     restored = self._manager.restore(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data_state=ocp.args.JsonRestore(),
@@ -218,19 +259,29 @@ class Checkpointer:
     ))
     return restored.state, dict(restored.data_state), dict(restored.config), int(step)
 
+  def restore_config(self, step: int) -> dict[str, Any]:
+    """The config saved with ``step`` (JSON), without reading the state."""
+    restored = self._manager.restore(int(step), args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))
+    return dict(restored.config)
+
   def restore_latest_good(self, abstract_state: Any
                           ) -> tuple[Any, dict[str, Any], dict[str, Any], int] | None:
     """Restores the newest step that reads back cleanly; ``None`` when there is no checkpoint.
 
     Every process restores the same step, agreed before any array is read: the candidates are
     the steps that every process lists, and a step is tried only when its metadata reads back
-    on every process (``_unreadable``, a cheap check of the JSON and manifest files). A step
-    that fails that check on any process is damaged for all of them, so a host whose view of
-    the newest step is damaged cannot restore a different step from the others or wait alone
-    at orbax's restore barrier. On one process, a step whose arrays then fail to restore is
-    skipped too. Damaged newer steps (proven damaged because an older step restores with the
-    same ``abstract_state``) are logged, recorded in ``damaged_steps`` and moved to
-    ``checkpoints/damaged/<step>``. If no step restores, nothing is moved and a
+    on every process (``_unreadable``, a cheap check of the JSON and manifest files) and its
+    saved leaves and shapes are those of ``abstract_state`` (``_mismatch``). Checking the
+    shapes first means that a changed model fails without reading any array: a failing orbax
+    restore leaves TensorStore reads in flight that report into its closed event loop (a
+    traceback each, after our error). A step that fails these checks on any process is
+    skipped by all of them, so a host whose view of the newest step is damaged cannot restore
+    a different step from the others or wait alone at orbax's restore barrier. On one
+    process, a step whose arrays then fail to restore is skipped too. Damaged newer steps
+    (proven damaged because an older step restores with the same ``abstract_state``) are
+    logged, recorded in ``damaged_steps`` and moved to ``checkpoints/damaged/<step>``; a
+    ``read_only`` Checkpointer only skips them. If no step restores, nothing is moved and a
     ``CheckpointMismatchError`` reports each step's error.
     """
     self._manager.reload()  # see steps written or moved by others since construction
@@ -240,14 +291,20 @@ class Checkpointer:
     failures: dict[int, str] = {}
     for step in steps:
       reason = self._unreadable(step)
+      if reason is None:
+        try:
+          reason = self._mismatch(step, abstract_state)
+        except Exception as error:  # noqa: BLE001 -- unreadable array metadata
+          reason = _state_summary(error)
       bad = _processes_where(reason is not None)
       if bad:
         failures[step] = reason or f"damaged as seen from process(es) {bad}"
-        logger.warning("checkpoint step %d in %s is damaged as seen from process(es) %s: %s",
-                       step, self.directory, bad, failures[step])
+        where = f" as seen from process(es) {bad}" if jax.process_count() > 1 else ""
+        logger.warning("checkpoint step %d in %s is damaged or does not fit%s: %s",
+                       step, self.directory, where, failures[step])
         continue
       try:
-        result = self.restore(abstract_state, step)
+        result = self._restore_step(abstract_state, step)
       except Exception as error:  # noqa: BLE001 -- any read/parse failure marks the step
         if jax.process_count() > 1:
           # The other processes may be inside orbax's collective restore: no safe way on.
@@ -260,7 +317,11 @@ class Checkpointer:
         logger.warning("checkpoint step %d in %s is damaged or unreadable: %s",
                        step, self.directory, failures[step])
         continue
-      if failures:
+      if failures and self.read_only:
+        self.damaged_steps.update(failures)
+        logger.warning("restored step %d, the newest good checkpoint; damaged steps %s left in "
+                       "place (read-only)", step, sorted(failures))
+      elif failures:
         self._quarantine(failures)
         logger.warning("resumed from step %d, the newest good checkpoint; damaged steps %s "
                        "moved to %s", step, sorted(failures), self.directory / DAMAGED_SUBDIR)
@@ -288,6 +349,33 @@ class Checkpointer:
     except Exception as error:  # noqa: BLE001 -- missing, truncated or garbage files
       return _state_summary(error)
     return None
+
+  def _mismatch(self, step: int, abstract_state: Any) -> str | None:
+    """How ``step``'s saved state differs from ``abstract_state``, or ``None`` if it does not.
+
+    Compares leaf names (orbax's dotted parameter names) and global shapes from the state's
+    array metadata, never the arrays; dtypes are not compared (orbax casts on restore) and
+    PRNG keys only by name (saved as their ``uint32`` key data). The first few differences,
+    e.g. ``params.head.kernel: saved (32, 32), this config (32, 16)``.
+    """
+    metadata = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+    saved = {leaf.name: tuple(leaf.shape)
+             for leaf in jax.tree.leaves(getattr(metadata, "tree", metadata))
+             if hasattr(leaf, "name") and hasattr(leaf, "shape")}
+    wanted = {".".join(ocp.tree.str_keypath(path)): leaf
+              for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    differences = [
+        f"{name}: saved {saved[name]}, this config {tuple(leaf.shape)}"
+        for name, leaf in wanted.items()
+        if name in saved and saved[name] != tuple(leaf.shape)
+        and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)]
+    differences += [f"{name}: not in the checkpoint" for name in wanted if name not in saved]
+    differences += [f"{name}: not in this config" for name in saved if name not in wanted]
+    if not differences:
+      return None
+    shown = "; ".join(differences[:4])
+    more = f"; and {len(differences) - 4} more" if len(differences) > 4 else ""
+    return f"{len(differences)} leaves differ: {shown}{more}"
 
   def _quarantine(self, failures: Mapping[int, str]) -> None:
     """Moves damaged step directories aside (process 0), then reloads the step list."""

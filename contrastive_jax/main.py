@@ -58,14 +58,14 @@ def _out_of_space(error: BaseException | None) -> bool:
 
 def main(argv):
   """Runs the training; a ``UserError`` (bad config, missing or corrupt data, a checkpoint that
-  does not fit the config, NaN, full disk) prints its message alone and exits with status 2.
-  Any other exception is a bug and keeps its traceback."""
+  does not fit the config, NaN, full disk) prints its message alone, as the last line, and
+  exits with status 2 (``errors.exit_process``). Any other exception is a bug and keeps its
+  traceback."""
   del argv
   try:
     _train()
   except errors.UserError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(errors.EXIT_CODE)
+    errors.exit_process(error)  # the message is the last line (see there)
 
 
 def _train():

@@ -16,6 +16,11 @@ the abstract ``TrainState`` with the shardings of ``config.sharding`` (replicate
 mesh over all devices, and orbax reads the arrays straight into those shardings, whatever the
 device count and strategy that wrote the checkpoint.
 
+Read-only: every function here opens the checkpoints with ``read_only=True`` (see
+``checkpoint.Checkpointer``), so a run can be evaluated while it trains: nothing under
+``checkpoints/`` is created, cleaned, moved or written, and the trainer's in-progress save is
+left alone.
+
 Layer: above the run builder (``runs.py``); it does not import the trainer.
 """
 
@@ -26,7 +31,6 @@ from typing import Any, NamedTuple
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 
 from contrastive_jax import checkpoint, distributed, runs
 # The config helpers live with the configs; re-exported for the tools that restore runs.
@@ -62,10 +66,8 @@ def saved_config(workdir: str | os.PathLike, step: int | None = None
   if not directory.exists():
     raise RunDirectoryError(f"{workdir} has no {checkpoint.CHECKPOINT_SUBDIR}/ directory; pass the "
                      "--workdir of a training run")
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(directory, options=options,
-                             item_names=("state", "data_state", "config")) as manager:
-    steps = sorted(manager.all_steps())
+  with checkpoint.Checkpointer(workdir, read_only=True) as ckpt:
+    steps = ckpt.all_steps()
     if not steps:
       raise RunDirectoryError(f"no checkpoint in {directory}; train first (or pass another "
                               "--workdir)")
@@ -73,8 +75,8 @@ def saved_config(workdir: str | os.PathLike, step: int | None = None
       step = steps[-1]
     elif step not in steps:
       raise RunDirectoryError(f"--step={step} has no checkpoint in {directory}; available: {steps}")
-    restored = manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return config_from_json(dict(restored.config)), int(step)
+    config = ckpt.restore_config(step)
+  return config_from_json(config), int(step)
 
 
 def restore_run(workdir: str | os.PathLike, step: int | None = None,
@@ -85,7 +87,7 @@ def restore_run(workdir: str | os.PathLike, step: int | None = None,
   Args:
     workdir: a training run's directory (holds ``checkpoints/``).
     step: a specific checkpoint step; ``None`` restores the newest good one (damaged newer
-      steps are moved aside by ``Checkpointer.restore_latest_good``, as a resumed run does).
+      steps are skipped and left where they are: only the trainer moves them aside).
     config: use this config instead of the one saved with the checkpoint (it must describe the
       same model and optimizer, or the restore fails with the checkpoint's shapes; its
       ``sharding`` may differ: a replicated run's checkpoint restores into FSDP and back).
@@ -101,13 +103,16 @@ def restore_run(workdir: str | os.PathLike, step: int | None = None,
     config, _ = saved_config(workdir, step)
   mesh = distributed.make_mesh(None) if mesh is None else mesh
   run = runs.build_run(config, mesh)
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=None, async_save=False)
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
     if step is None:
       restored = ckpt.restore_latest_good(run.abstract_state)
       if restored is None:
         raise RunDirectoryError(f"no checkpoint in {workdir}; train first (or pass another "
                                 "--workdir)")
+    elif step not in ckpt.all_steps():
+      raise RunDirectoryError(f"--step={step} has no checkpoint in {ckpt.directory}; "
+                              f"available: {ckpt.all_steps()}")
     else:
       restored = ckpt.restore(run.abstract_state, step)
   finally:

@@ -1,8 +1,9 @@
-"""One process of the 2-process restore test (run by test_multihost.py, not pytest).
+"""One process of the 2-process restore tests (run by test_multihost.py, not pytest).
 
-usage: python multihost_restore_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR OUT.json
-Each process restores from its own copy of one run's checkpoints (WORKDIR), as hosts whose views
-of a shared filesystem differ, and writes the step it restored and the value it read.
+usage: python multihost_restore_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.json WORKDIR...
+Each process restores from its own copy of each run's checkpoints (each WORKDIR in turn, one
+scenario each), as hosts whose views of a shared filesystem differ, and writes, per WORKDIR,
+the step it restored, the value it read and the steps it found damaged.
 """
 
 import json
@@ -23,20 +24,24 @@ from contrastive_jax import checkpoint, distributed  # noqa: E402
 
 
 def main():
-  process_id, num_processes, port, workdir, out = (
-      int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+  process_id, num_processes, port, out = (
+      int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+  workdirs = sys.argv[5:]
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                              num_processes=num_processes, process_id=process_id,
                              initialization_timeout=60, heartbeat_timeout_seconds=30)
   mesh = distributed.make_mesh()
   abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=distributed.replicated(mesh))}
-  ckpt = checkpoint.Checkpointer(workdir, async_save=False)
-  state, data_state, _, step = ckpt.restore_latest_good(abstract)
-  ckpt.close()
+  results = {}
+  for workdir in workdirs:
+    ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+    state, data_state, _, step = ckpt.restore_latest_good(abstract)
+    ckpt.close()
+    results[workdir] = {"step": step, "data_step": data_state["step"],
+                        "w": np.asarray(state["w"].addressable_data(0)).tolist(),
+                        "damaged": sorted(ckpt.damaged_steps)}
   with open(out, "w") as f:
-    json.dump({"step": step, "data_step": data_state["step"],
-               "w": np.asarray(state["w"].addressable_data(0)).tolist(),
-               "damaged": sorted(ckpt.damaged_steps)}, f)
+    json.dump(results, f)
 
 
 if __name__ == "__main__":

@@ -187,16 +187,102 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, caplog, how):
 
 
 def test_all_steps_failing_moves_nothing(tmp_path):
-  """A wrong abstract state fails every step: that is not damage, so nothing is moved."""
+  """A wrong abstract state fails every step: that is not damage, so nothing is moved. It
+  fails on the saved shapes, before any array is read: an orbax restore that fails part-way
+  leaves TensorStore reads in flight, whose callbacks each print a traceback ("Event loop is
+  closed") after the error, up to the end of the process."""
   mesh = make_mesh(1)
   with ckpt.Checkpointer(tmp_path, async_save=False) as ck:
     for step in (1, 2):
       ck.save(step, _place(_state(float(step)), mesh), data_state={"step": step}, config={})
     wrong = _abstract(_state(1.0, queue_rows=8), mesh).replace(params={"other": jnp.zeros(2)})
-    with pytest.raises(RuntimeError, match="could be restored"):
+    reads = []
+    manager = ck._manager  # pylint: disable=protected-access
+    restore = manager.restore
+    manager.restore = lambda *a, **k: reads.append(a) or restore(*a, **k)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="could be restored") as info:
       ck.restore_latest_good(wrong)
+    assert "queue: saved (16, 2), this config (8, 2)" in str(info.value)
+    assert "params.other: not in the checkpoint" in str(info.value)
+    assert "params.Dense_0.kernel: not in this config" in str(info.value)
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"step 2 .* does not fit"):
+      ck.restore(wrong, 2)
+    assert reads == []
     assert ck.all_steps() == [1, 2]
   assert not (tmp_path / "checkpoints" / "damaged").exists()
+
+
+def hold_commits(monkeypatch, step: int | None = None):
+  """Holds orbax's commit (the rename of a written temporary step directory) of ``step`` (of
+  every step when None) until the returned ``threading.Event`` is set: an asynchronous save
+  stays in flight, its temporary directory on disk, for as long as a test needs."""
+  import asyncio
+  import threading
+
+  from orbax.checkpoint._src.path import atomicity
+
+  release = threading.Event()
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def held_finalize(self, *args, **kwargs):
+    if step is None or self._final_path.name == str(step):  # pylint: disable=protected-access
+      await asyncio.to_thread(release.wait, 900)
+    return await finalize(self, *args, **kwargs)
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", held_finalize)
+  return release
+
+
+@pytest.fixture()
+def held_commits(monkeypatch):
+  release = hold_commits(monkeypatch)
+  yield release
+  release.set()
+
+
+def _tmp_dirs(tmp_path):
+  return sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
+                if "orbax-checkpoint-tmp" in p.name)
+
+
+def test_read_only_reader_leaves_a_live_save_and_damaged_steps_alone(tmp_path, held_commits):
+  """A reader opened while the trainer is writing a step restores the newest good committed
+  step and leaves everything as it was: the trainer's uncommitted temporary directory (a
+  cleaning reader deletes it and the trainer's commit fails), its commit, and a damaged step
+  (skipped, not moved: only the trainer moves steps aside)."""
+  import time
+
+  mesh = make_mesh(1)
+  writer = ckpt.Checkpointer(tmp_path, max_to_keep=None, async_save=True)
+  held_commits.set()
+  for step in (1, 2):
+    writer.save(step, _place(_state(float(step)), mesh), data_state={"step": step}, config={})
+  writer.wait()
+  held_commits.clear()
+  writer.save(3, _place(_state(3.0), mesh), data_state={"step": 3}, config={})
+  deadline = time.time() + 60
+  while not _tmp_dirs(tmp_path) and time.time() < deadline:
+    time.sleep(0.01)
+  in_flight = _tmp_dirs(tmp_path)
+  assert in_flight, "the held save of step 3 never wrote its temporary directory"
+  _damage(tmp_path / "checkpoints" / "2", "garbage_metadata")
+
+  reader = ckpt.Checkpointer(tmp_path, read_only=True)
+  restored, data_state, _, step = reader.restore_latest_good(_abstract(_state(1.0), mesh))
+  assert step == 1 and data_state == {"step": 1}
+  _assert_state_equal(restored, _state(1.0))
+  assert list(reader.damaged_steps) == [2]
+  with pytest.raises(ValueError, match="read-only"):
+    reader.save(4, restored, data_state={"step": 4}, config={})
+  reader.close()
+  assert _tmp_dirs(tmp_path) == in_flight                       # the live save is untouched
+  assert (tmp_path / "checkpoints" / "2").is_dir()              # skipped, not moved aside
+  assert not (tmp_path / "checkpoints" / ckpt.DAMAGED_SUBDIR).exists()
+
+  held_commits.set()
+  writer.wait()                                                 # the trainer's commit succeeds
+  assert writer.all_steps() == [1, 2, 3] and not _tmp_dirs(tmp_path)
+  writer.close()
 
 
 def test_preemption_flag_records_sigterm():

@@ -10,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from contrastive_jax import losses
 
@@ -84,36 +85,66 @@ def test_two_processes_match_single_process_loss_and_grads(tmp_path):
                                  err_msg=f"{name} {key}")
 
 
-def test_processes_agree_on_the_restore_step_when_one_sees_damage(tmp_path):
-  """Two hosts restore the same step when only one of them sees the newest step damaged.
+@pytest.fixture(scope="module")
+def two_host_restores(tmp_path_factory):
+  """One 2-process launch restores two runs, each from one copy per process (hosts whose
+  views of a shared filesystem differ) of the same checkpoints, steps 1 and 2:
 
-  Each process reads its own copy of the run's checkpoints (hosts whose views of a shared
-  filesystem differ); in process 1's copy, step 2's state metadata is garbage. Both must
-  restore step 1; restoring independently, process 0 would take step 2 and process 1 step 1.
+  * ``damaged``: in process 1's view, step 2's state metadata is garbage;
+  * ``lagging``: process 1's listing lacks step 2 (a newly committed step that a shared or
+    object-store filesystem does not list everywhere yet); process 0 sees it intact.
   """
   import json
   import shutil
 
   from contrastive_jax import checkpoint, distributed
 
-  base = tmp_path / "base"
+  root = tmp_path_factory.mktemp("two_host_restores")
+  base = root / "base"
   mesh = distributed.make_mesh()
   with checkpoint.Checkpointer(base, async_save=False) as ckpt:
     for step in (1, 2):
       w = jax.device_put(jnp.full((4,), float(step)), distributed.replicated(mesh))
       ckpt.save(step, {"w": w}, data_state={"step": step}, config={"step": step})
-  for i in range(2):
-    shutil.copytree(base, tmp_path / f"host{i}")
-  (tmp_path / "host1" / "checkpoints" / "2" / "state" / "_METADATA").write_text("{garbage")
+  scenarios = ("damaged", "lagging")
+  for scenario in scenarios:
+    for i in range(2):
+      shutil.copytree(base, root / scenario / f"host{i}")
+  (root / "damaged" / "host1" / "checkpoints" / "2" / "state" / "_METADATA").write_text("{garbage")
+  shutil.rmtree(root / "lagging" / "host1" / "checkpoints" / "2")
 
   port = free_port()
   worker = os.path.join(HERE, "multihost_restore_worker.py")
-  outs = [tmp_path / f"out{i}.json" for i in range(2)]
-  run_processes(lambda i: [sys.executable, worker, str(i), "2", str(port),
-                           str(tmp_path / f"host{i}"), str(outs[i])], 2, timeout=120)
+  outs = [root / f"out{i}.json" for i in range(2)]
+  run_processes(lambda i: [sys.executable, worker, str(i), "2", str(port), str(outs[i])] +
+                [str(root / scenario / f"host{i}") for scenario in scenarios], 2, timeout=120)
   results = [json.loads(o.read_text()) for o in outs]
-  for r in results:
-    assert (r["step"], r["data_step"], r["w"], r["damaged"]) == (1, 1, [1.0] * 4, [2]), results
+  return {scenario: {"views": [root / scenario / f"host{i}" for i in range(2)],
+                     "results": [r[str(root / scenario / f"host{i}")]
+                                 for i, r in enumerate(results)]}
+          for scenario in scenarios}
+
+
+def test_processes_agree_on_the_restore_step_when_one_sees_damage(two_host_restores):
+  """Two hosts restore the same step when only one of them sees the newest step damaged:
+  both restore step 1; restoring independently, process 0 would take step 2 and process 1
+  step 1."""
+  run = two_host_restores["damaged"]
+  for r in run["results"]:
+    assert (r["step"], r["data_step"], r["w"], r["damaged"]) == (1, 1, [1.0] * 4, [2]), run
   # Process 0 moved the step that process 1 saw damaged aside, in its own view too.
-  assert (tmp_path / "host0" / "checkpoints" / "damaged" / "2").exists()
-  assert not (tmp_path / "host0" / "checkpoints" / "2").exists()
+  host0 = run["views"][0] / "checkpoints"
+  assert (host0 / "damaged" / "2").exists() and not (host0 / "2").exists()
+
+
+def test_processes_agree_on_an_older_step_when_one_does_not_list_the_newest(two_host_restores):
+  """A step that one host does not list yet is not restored by any host, and it is not
+  damaged: both restore step 1, nothing is moved aside and step 2 stays where it is. Taking
+  the union of the hosts' listings instead of their intersection fails here: process 1
+  cannot read step 2, so process 0 would move the good step 2 into ``damaged/``."""
+  run = two_host_restores["lagging"]
+  for r in run["results"]:
+    assert (r["step"], r["data_step"], r["w"], r["damaged"]) == (1, 1, [1.0] * 4, []), run
+  host0 = run["views"][0] / "checkpoints"
+  assert (host0 / "2" / "state" / "_METADATA").is_file()
+  assert not (host0 / "damaged").exists()

@@ -133,13 +133,16 @@ def evaluate_checkpoint(workdir: str, evals: Sequence[str] | str = "all", *,
   return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, exit_process: bool = False) -> int:
   """The command line; a ``UserError`` prints its message alone and returns status 2 (other
-  exceptions are bugs and keep their traceback)."""
+  exceptions are bugs and keep their traceback). With ``exit_process`` (the ``python -m``
+  entry point) the process ends there, the message its last line (``errors.exit_process``)."""
   args = parse_args(argv)
   try:
     return _main(args)
   except errors.UserError as error:
+    if exit_process:
+      errors.exit_process(error)
     print(f"error: {error}", file=sys.stderr)
     return errors.EXIT_CODE
 
@@ -159,4 +162,4 @@ def _main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(exit_process=True))
