@@ -13,13 +13,31 @@ Keys (``configs.common.base_config``):
   ``params/patch_embed/...``; ``prefix="image_encoder/"`` loads them into a CLIP image tower.
 
 Every selected source tensor must exist in the model with the same shape (a ValueError names
-the ones that do not), and every pattern must select something. Loading happens once, when the
-run starts from scratch (a resumed run restores its own checkpoint); the optimizer state and
-method state (EMA copies, queue) are then rebuilt from the loaded parameters, as at init.
+the ones that do not), and every pattern must select something; both are checked on the
+source's index (the safetensors header, the checkpoint's metadata) before any tensor is read.
+Loading happens once, when the run starts from scratch (a resumed run restores its own
+checkpoint).
+
+No host holds a replica (the shape-first habit of big_vision's trainers, applied to loading):
+each selected tensor is read straight into its leaf's sharding in the run's abstract state
+(``runs.build_run(...).abstract_state``), so every host reads only the parts its devices hold.
+
+* converted file: ``jax.make_array_from_callback`` asks for each local device's shard, and
+  ``tensor_io.read_slice`` reads just those rows of the file (safetensors stores each tensor
+  C-ordered at a known offset: https://huggingface.co/docs/safetensors, "Format");
+* run directory: orbax restores only the ``params`` / ``batch_stats`` leaves that are selected
+  (``PyTreeRestore(partial_restore=True)``), each into its target sharding; the source's
+  optimizer moments, EMA copies and queue are never read.
+
+The optimizer state and the method state (EMA copies, queue) are then built by one jitted
+function from the loaded leaves with ``out_shardings`` = the state's shardings, as the random
+initialisation is: the AdamW moments of an FSDP run are created already split over the devices.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -27,26 +45,133 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from contrastive_jax.convert import core
+from contrastive_jax.convert import core, tensor_io
+
+COLLECTIONS = ("params", "batch_stats")
 
 
-def _read_source(path: str) -> dict[str, np.ndarray]:
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """An ``init_from`` source, opened without reading its tensors.
+
+  Attributes:
+    path: what the user gave (file or run directory).
+    kind: ``"converted"`` (a converted safetensors file) or ``"run"`` (a run's checkpoint).
+    tensors: flat source path (``params/...``, ``batch_stats/...``) -> ``ShapeDtypeStruct``.
+    location: the safetensors file, or the checkpoint step's ``state`` directory.
+    metadata: the converted file's metadata (``core.SPEC_KEY``: its architecture); ``{}`` for
+      a run.
+    header: ``tensor_io.read_safetensors_header`` of a converted file, else None.
+  """
+  path: str
+  kind: str
+  tensors: dict[str, jax.ShapeDtypeStruct]
+  location: epath.Path
+  metadata: dict[str, str]
+  header: tuple | None = None
+
+
+def newest_step_directory(path: str | epath.Path) -> epath.Path:
+  """The ``state`` item directory of the newest checkpoint step of a run directory."""
+  p = epath.Path(path)
+  ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+  steps = sorted(int(d.name) for d in ckpt_dir.iterdir() if d.name.isdigit())
+  if not steps:
+    raise ValueError(f"{path}: no checkpoint steps under {ckpt_dir}; pass a run directory "
+                     "that has saved a checkpoint, or a converted .safetensors file")
+  return ckpt_dir / str(steps[-1]) / "state"
+
+
+def open_source(path: str) -> Source:
+  """The index of ``path`` (shapes and dtypes of its params and batch_stats), no tensor read."""
   p = epath.Path(path)
   if p.is_dir():
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    steps = sorted(int(d.name) for d in ckpt_dir.iterdir() if d.name.isdigit())
-    if not steps:
-      raise ValueError(f"init_from.path={path!r}: no checkpoint steps under {ckpt_dir}")
-    state = ocp.StandardCheckpointer().restore(ckpt_dir / str(steps[-1]) / "state")
-    tree = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
-    return {k: np.asarray(v) for k, v in core.flatten(tree).items()}
-  _, flat = core.load_converted(str(p))
-  return flat
+    state_dir = newest_step_directory(p)
+    meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    tree = {c: tree.get(c) or {} for c in COLLECTIONS}
+    tensors = {k: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype))
+               for k, m in core.flatten(tree).items()}
+    return Source(str(path), "run", tensors, state_dir, {})
+  if not p.exists():
+    raise ValueError(f"init_from.path={path!r} does not exist; pass a converted .safetensors "
+                     "file or a run directory")
+  header = tensor_io.read_safetensors_header(str(p))
+  infos, metadata, _ = header
+  if core.SPEC_KEY not in metadata:
+    raise ValueError(f"{path} is not a converted file (no {core.SPEC_KEY!r} metadata); convert "
+                     "it first: python -m contrastive_jax.convert import ...")
+  tensors = {k: jax.ShapeDtypeStruct(tuple(i["shape"]), tensor_io.tensor_dtype(i))
+             for k, i in infos.items()}
+  return Source(str(path), "converted", tensors, p, metadata, header)
 
 
-def select(source: dict[str, np.ndarray], patterns, prefix: str) -> dict[str, np.ndarray]:
-  """The source tensors to load, renamed with ``prefix``, keyed by our flat paths."""
+def read_sharded(source: Source, targets: Mapping[str, jax.ShapeDtypeStruct]
+                 ) -> dict[str, jax.Array]:
+  """Source tensors as global arrays, each host reading only its devices' shards.
+
+  Args:
+    source: ``open_source(path)``.
+    targets: source path -> ``ShapeDtypeStruct`` with ``sharding`` (the shape must be the
+      source's; the dtype is the one wanted, cast from the file's shard by shard).
+
+  Returns:
+    ``{source path: jax.Array}`` laid out as ``targets`` says.
+  """
+  if source.kind == "run":
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    item = core.unflatten(dict(targets))
+    restored = ocp.PyTreeCheckpointer().restore(source.location, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+    return {k: v for k, v in core.flatten(restored).items() if k in targets}
+  out = {}
+  for key, target in targets.items():
+    shards: dict[tuple, np.ndarray] = {}  # devices holding the same shard share one read
+
+    def shard(index, key=key, target=target, shards=shards):
+      bounds = tuple((s.start, s.stop) for s in index)
+      if bounds not in shards:
+        shards[bounds] = tensor_io.read_slice(str(source.location), key, index,
+                                              header=source.header).astype(target.dtype)
+      return shards[bounds]
+
+    out[key] = jax.make_array_from_callback(target.shape, target.sharding, shard)
+  return out
+
+
+def read_host(source: Source, keys: Sequence[str], *, group_bytes: int = 2**30
+              ) -> Iterator[tuple[str, np.ndarray]]:
+  """``(key, numpy array)`` of each of ``keys`` in order, a few at a time (at most about
+  ``group_bytes`` in memory): whole tensors on this host, for tools that write files (the
+  exporter) and for tests. Single-process use."""
+  keys = list(keys)
+  if source.kind == "converted":
+    for key in keys:
+      yield key, tensor_io.read_slice(str(source.location), key, header=source.header)
+    return
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  checkpointer = ocp.PyTreeCheckpointer()
+  group: list[str] = []
+  size = 0
+  for i, key in enumerate(keys):
+    group.append(key)
+    t = source.tensors[key]
+    size += int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize
+    if size < group_bytes and i + 1 < len(keys):
+      continue
+    item = core.unflatten({k: np.zeros((), source.tensors[k].dtype) for k in group})
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = core.flatten(checkpointer.restore(source.location, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=args, partial_restore=True)))
+    for k in group:
+      yield k, np.asarray(restored[k])
+    group, size = [], 0
+
+
+def select(source: Mapping[str, Any], patterns, prefix: str) -> dict[str, Any]:
+  """The source entries to load, renamed with ``prefix``, keyed by our flat paths."""
   out = {}
   for key, value in source.items():
     collection, rest = key.split("/", 1)
@@ -60,28 +185,58 @@ def select(source: dict[str, np.ndarray], patterns, prefix: str) -> dict[str, np
   return out
 
 
-def apply_init_from(config, method, tx, state, rng: jax.Array):
-  """``state`` with the selected variables replaced, optimizer and method state rebuilt."""
+def model_leaves(abstract_state) -> dict[str, jax.ShapeDtypeStruct]:
+  """Flat ``params`` and ``batch_stats`` leaves of an abstract ``TrainState``."""
+  return core.flatten({"params": abstract_state.params,
+                       "batch_stats": abstract_state.batch_stats or {}})
+
+
+def load_params(config, abstract_state) -> dict[str, jax.Array]:
+  """The selected tensors of ``config.init_from``, keyed by our flat paths, each a global array
+  with its leaf's sharding and dtype in ``abstract_state`` (checked before anything is read)."""
   init = config.init_from
-  if not init.path:
-    return state
-  loaded = select(_read_source(init.path), tuple(init.patterns), init.prefix or "")
-  ours = core.flatten({"params": state.params, "batch_stats": state.batch_stats})
-  missing = sorted(set(loaded) - set(ours))
+  source = open_source(init.path)
+  chosen = select({k: k for k in source.tensors}, tuple(init.patterns), init.prefix or "")
+  ours = model_leaves(abstract_state)
+  missing = sorted(set(chosen) - set(ours))
   if missing:
     raise ValueError(f"init_from: source tensors {missing[:8]} have no place in the model "
                      f"(model paths look like {sorted(ours)[:3]}); fix init_from.prefix or "
                      "init_from.patterns")
-  bad = [f"{k}: {tuple(v.shape)} != {tuple(ours[k].shape)}" for k, v in loaded.items()
-         if tuple(v.shape) != tuple(ours[k].shape)]
+  bad = [f"{k}: {tuple(source.tensors[s].shape)} != {tuple(ours[k].shape)}"
+         for k, s in chosen.items() if tuple(source.tensors[s].shape) != tuple(ours[k].shape)]
   if bad:
     raise ValueError(f"init_from: mis-shaped tensors (source != model): {bad[:8]}")
-  logging.info("init_from: %d of the model's %d tensors from %s (patterns %s)", len(loaded),
+  logging.info("init_from: %d of the model's %d tensors from %s (patterns %s)", len(chosen),
                len(ours), init.path, tuple(init.patterns) or "all")
-  merged = {k: (np.asarray(loaded[k]).astype(ours[k].dtype) if k in loaded else ours[k])
-            for k in ours}
-  tree: dict[str, Any] = core.unflatten(merged)
-  params, batch_stats = tree["params"], tree.get("batch_stats", {})
-  _, *extra_rngs, _ = jax.random.split(rng, 2 + method.extra_state_rngs)  # as init_state
-  return state.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params),
-                       **method.extra_state(params, batch_stats, *extra_rngs))
+  loaded = read_sharded(source, {s: ours[k] for k, s in chosen.items()})
+  return {k: loaded[s] for k, s in chosen.items()}
+
+
+def init_state(run, seed: int | None = None):
+  """The run's step-0 ``TrainState``: random initialisation (``run.init_state``) with the
+  ``config.init_from`` tensors in place, and the optimizer and method state (EMA copies, queue)
+  built from the loaded parameters, all computed under ``jit`` with ``run.state_sharding``.
+
+  The random initialisation of the loaded leaves is dead code in that program (XLA drops it),
+  and the loaded arrays are donated: a device holds each of its shards once.
+  """
+  config = run.config
+  seed = config.seed if seed is None else seed
+  if not config.init_from.path:
+    return run.init_state(seed)
+  loaded = load_params(config, run.abstract_state)
+  method, tx = run.method, run.tx
+
+  def build(rng, loaded):
+    state = method.init_state(rng, tx)
+    flat = model_leaves(state)
+    flat.update(loaded)
+    tree = core.unflatten(flat)
+    params, batch_stats = tree["params"], tree.get("batch_stats", {})
+    _, *extra_rngs, _ = jax.random.split(rng, 2 + method.extra_state_rngs)  # as init_state
+    return state.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params),
+                         **method.extra_state(params, batch_stats, *extra_rngs))
+
+  return jax.jit(build, out_shardings=run.state_sharding, donate_argnums=(1,))(
+      jax.random.key(seed), loaded)
