@@ -136,7 +136,7 @@ def test_init_from_loads_shards_on_each_of_two_processes(tmp_path):
                       {k: np.asarray(v) for k, v in core.flatten(dict(variables)).items()})
   port = free_port()
   run_processes(lambda i: [sys.executable, worker.__file__, str(i), "2", str(port),
-                           str(tmp_path)], 2)
+                           str(tmp_path)], 2, timeout=2 * TIMEOUT_S)
   for i in range(2):
     out = json.loads((tmp_path / f"out_{i}.json").read_text())
     assert out["sharded"]

@@ -36,138 +36,16 @@ initialisation is: the AdamW moments of an FSDP run are created already split ov
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
-from etils import epath
 
-from contrastive_jax.convert import core, tensor_io
-
-COLLECTIONS = ("params", "batch_stats")
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-  """An ``init_from`` source, opened without reading its tensors.
-
-  Attributes:
-    path: what the user gave (file or run directory).
-    kind: ``"converted"`` (a converted safetensors file) or ``"run"`` (a run's checkpoint).
-    tensors: flat source path (``params/...``, ``batch_stats/...``) -> ``ShapeDtypeStruct``.
-    location: the safetensors file, or the checkpoint step's ``state`` directory.
-    metadata: the converted file's metadata (``core.SPEC_KEY``: its architecture); ``{}`` for
-      a run.
-    header: ``tensor_io.read_safetensors_header`` of a converted file, else None.
-  """
-  path: str
-  kind: str
-  tensors: dict[str, jax.ShapeDtypeStruct]
-  location: epath.Path
-  metadata: dict[str, str]
-  header: tuple | None = None
-
-
-def newest_step_directory(path: str | epath.Path) -> epath.Path:
-  """The ``state`` item directory of the newest checkpoint step of a run directory."""
-  p = epath.Path(path)
-  ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-  steps = sorted(int(d.name) for d in ckpt_dir.iterdir() if d.name.isdigit())
-  if not steps:
-    raise ValueError(f"{path}: no checkpoint steps under {ckpt_dir}; pass a run directory "
-                     "that has saved a checkpoint, or a converted .safetensors file")
-  return ckpt_dir / str(steps[-1]) / "state"
-
-
-def open_source(path: str) -> Source:
-  """The index of ``path`` (shapes and dtypes of its params and batch_stats), no tensor read."""
-  p = epath.Path(path)
-  if p.is_dir():
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    state_dir = newest_step_directory(p)
-    meta = ocp.PyTreeCheckpointer().metadata(state_dir)
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-    tree = {c: tree.get(c) or {} for c in COLLECTIONS}
-    tensors = {k: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype))
-               for k, m in core.flatten(tree).items()}
-    return Source(str(path), "run", tensors, state_dir, {})
-  if not p.exists():
-    raise ValueError(f"init_from.path={path!r} does not exist; pass a converted .safetensors "
-                     "file or a run directory")
-  header = tensor_io.read_safetensors_header(str(p))
-  infos, metadata, _ = header
-  if core.SPEC_KEY not in metadata:
-    raise ValueError(f"{path} is not a converted file (no {core.SPEC_KEY!r} metadata); convert "
-                     "it first: python -m contrastive_jax.convert import ...")
-  tensors = {k: jax.ShapeDtypeStruct(tuple(i["shape"]), tensor_io.tensor_dtype(i))
-             for k, i in infos.items()}
-  return Source(str(path), "converted", tensors, p, metadata, header)
-
-
-def read_sharded(source: Source, targets: Mapping[str, jax.ShapeDtypeStruct]
-                 ) -> dict[str, jax.Array]:
-  """Source tensors as global arrays, each host reading only its devices' shards.
-
-  Args:
-    source: ``open_source(path)``.
-    targets: source path -> ``ShapeDtypeStruct`` with ``sharding`` (the shape must be the
-      source's; the dtype is the one wanted, cast from the file's shard by shard).
-
-  Returns:
-    ``{source path: jax.Array}`` laid out as ``targets`` says.
-  """
-  if source.kind == "run":
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    item = core.unflatten(dict(targets))
-    restored = ocp.PyTreeCheckpointer().restore(source.location, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
-    return {k: v for k, v in core.flatten(restored).items() if k in targets}
-  out = {}
-  for key, target in targets.items():
-    shards: dict[tuple, np.ndarray] = {}  # devices holding the same shard share one read
-
-    def shard(index, key=key, target=target, shards=shards):
-      bounds = tuple((s.start, s.stop) for s in index)
-      if bounds not in shards:
-        shards[bounds] = tensor_io.read_slice(str(source.location), key, index,
-                                              header=source.header).astype(target.dtype)
-      return shards[bounds]
-
-    out[key] = jax.make_array_from_callback(target.shape, target.sharding, shard)
-  return out
-
-
-def read_host(source: Source, keys: Sequence[str], *, group_bytes: int = 2**30
-              ) -> Iterator[tuple[str, np.ndarray]]:
-  """``(key, numpy array)`` of each of ``keys`` in order, a few at a time (at most about
-  ``group_bytes`` in memory): whole tensors on this host, for tools that write files (the
-  exporter) and for tests. Single-process use."""
-  keys = list(keys)
-  if source.kind == "converted":
-    for key in keys:
-      yield key, tensor_io.read_slice(str(source.location), key, header=source.header)
-    return
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  checkpointer = ocp.PyTreeCheckpointer()
-  group: list[str] = []
-  size = 0
-  for i, key in enumerate(keys):
-    group.append(key)
-    t = source.tensors[key]
-    size += int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize
-    if size < group_bytes and i + 1 < len(keys):
-      continue
-    item = core.unflatten({k: np.zeros((), source.tensors[k].dtype) for k in group})
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    restored = core.flatten(checkpointer.restore(source.location, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=args, partial_restore=True)))
-    for k in group:
-      yield k, np.asarray(restored[k])
-    group, size = [], 0
+from contrastive_jax.convert import core
+# The readers live in ``sources``; re-exported for callers of ``init``.
+from contrastive_jax.convert.sources import (  # noqa: F401
+    Source, open_source, read_host, read_sharded)
 
 
 def select(source: Mapping[str, Any], patterns, prefix: str) -> dict[str, Any]:

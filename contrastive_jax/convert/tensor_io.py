@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -176,6 +176,47 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # the spec aligns the data on 8 bytes
   epath.Path(path).write_bytes(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
+
+
+def write_safetensors_streaming(path: str,
+                                entries: Sequence[tuple[str, Sequence[int], np.dtype]],
+                                arrays: Iterable[tuple[str, np.ndarray]],
+                                metadata: Mapping[str, str] | None = None) -> None:
+  """Writes a safetensors file whose tensors arrive one by one: the header from ``entries``
+  (``(name, shape, dtype)`` in file order, known before any data), then each array of
+  ``arrays`` (``(name, array)`` in the same order) as it comes, so only one is in memory."""
+  header: dict = {}
+  offset = 0
+  for name, shape, dtype in entries:
+    dtype = np.dtype(dtype)
+    if dtype not in _NAMES:
+      raise ValueError(f"tensor {name!r} has dtype {dtype}; safetensors here takes "
+                       f"{sorted(str(d) for d in _NAMES)}")
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    header[name] = {"dtype": _NAMES[dtype], "shape": [int(d) for d in shape],
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)
+  names = [e[0] for e in entries]
+  with epath.Path(path).open("wb") as f:
+    f.write(struct.pack("<Q", len(blob)) + blob)
+    count = 0
+    for name, arr in arrays:
+      if count >= len(names) or name != names[count]:
+        raise ValueError(f"write_safetensors_streaming: got {name!r}, expected "
+                         f"{names[count] if count < len(names) else 'no more tensors'}")
+      info = header[name]
+      arr = np.asarray(arr)
+      if list(arr.shape) != info["shape"] or _NAMES.get(arr.dtype) != info["dtype"]:
+        raise ValueError(f"tensor {name!r}: {arr.shape} {arr.dtype} does not match its header "
+                         f"entry {info['shape']} {info['dtype']}")
+      f.write(arr.astype(arr.dtype.newbyteorder("<")).tobytes())
+      count += 1
+  if count != len(names):
+    raise ValueError(f"write_safetensors_streaming: {len(names) - count} tensors never came")
 
 
 def read_tensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
