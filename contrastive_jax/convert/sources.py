@@ -180,7 +180,7 @@ def export_to_peer(fmt: str, spec: dict, source: Source, output: str) -> int:
     view = np.broadcast_to(np.zeros((), t.dtype), t.shape)  # a shape, no memory
     entries.append((r.peer, mappings.to_peer(view, r.kind).shape, t.dtype))
   by_ours = {r.ours: r for r in rules}
-  arrays = ((by_ours[k].peer, np.ascontiguousarray(mappings.to_peer(v, by_ours[k].kind)))
+  arrays = ((by_ours[k].peer, np.array(mappings.to_peer(v, by_ours[k].kind), order="C"))
             for k, v in read_host(source, [r.ours for r in rules]))
   tensor_io.write_safetensors_streaming(output, entries, arrays)
   return len(entries)
