@@ -97,3 +97,17 @@ def test_refuses_a_file_that_is_not_a_clip(tmp_path, capsys):
                       {"params/cls_token": np.zeros((1, 1, 8), np.float32)})
   assert zero_shot_imagenet.main(["--weights", path]) == 2
   assert "zero-shot needs a CLIP" in capsys.readouterr().err
+
+
+def test_convert_from_runs_the_importer_first(tmp_path, monkeypatch):
+  """``--convert_from`` hands the peer file to ``convert import`` (process 0) before loading."""
+  from contrastive_jax.convert import __main__ as convert_cli
+  calls = []
+  monkeypatch.setattr(convert_cli, "main", lambda argv: calls.append(argv) or 0)
+  monkeypatch.setattr(zero_shot_imagenet, "evaluate_weights",
+                      lambda weights, **kw: calls.append(weights) or {"top1": 0.5})
+  assert zero_shot_imagenet.main(["--weights", str(tmp_path / "w.safetensors"), "--convert_from",
+                                  "peer.safetensors", "--activation", "quick_gelu"]) == 0
+  assert calls == [["import", "--format", "open_clip", "--input", "peer.safetensors",
+                    "--output", str(tmp_path / "w.safetensors"), "--activation", "quick_gelu"],
+                   str(tmp_path / "w.safetensors")]
