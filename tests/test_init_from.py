@@ -69,7 +69,9 @@ def assert_state_sharded_like(state, run):
 def test_converted_file_loads_shard_by_shard_under_fsdp(tmp_path, monkeypatch):
   c = fsdp_config(clip_mnist)
   run = runs.build_run(c)
-  pretrained = host_values(run.init_state(seed=123))
+  variables = run.method.model.init(jax.random.key(123), *run.method.example_inputs(),
+                                    train=False)
+  pretrained = {k: np.asarray(v) for k, v in core.flatten(dict(variables)).items()}
   c.init_from.path = str(tmp_path / "pretrained.safetensors")
   core.save_converted(c.init_from.path, {"kind": "clip"}, pretrained)
 
@@ -144,13 +146,9 @@ def test_export_a_fsdp_run_directory_to_the_open_clip_layout(tmp_path, monkeypat
   from contrastive_jax.convert import __main__ as cli
   from contrastive_jax.evaluate import zero_shot_imagenet
 
-  spec_file = str(tmp_path / "arch.safetensors")
-  model = core.build_from_spec(SPEC)
-  variables = model.init(jax.random.key(0), *core.example_inputs(SPEC), train=False)
-  core.save_converted(spec_file, SPEC, {k: np.asarray(v) for k, v in
-                                        core.flatten(dict(variables)).items()})
+  spec_file = str(tmp_path / "arch.safetensors")  # --spec-from reads only the metadata
+  core.save_converted(spec_file, SPEC, {"params/logit_scale": np.zeros((), np.float32)})
   c = zero_shot_imagenet.weights_config(SPEC, "", batch_size=8)
-  c.optim = fsdp_config(clip_mnist).optim  # a training run: AdamW moments in the checkpoint
   c.sharding.min_size = 0
   run = runs.build_run(c, num_steps=1)
   state = run.init_state(seed=5)

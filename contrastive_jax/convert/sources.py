@@ -115,17 +115,20 @@ def read_sharded(source: Source, targets: Mapping[str, jax.ShapeDtypeStruct]
         partial_restore=True))
     return {k: v for k, v in core.flatten(restored).items() if k in targets}
   out = {}
-  for key, target in targets.items():
-    shards: dict[tuple, np.ndarray] = {}  # devices holding the same shard share one read
+  with source.location.open("rb") as f:  # one open for every slice (a request on gs://)
+    for key, target in targets.items():
+      shards: dict[tuple, np.ndarray] = {}  # devices holding the same shard share one read
 
-    def shard(index, key=key, target=target, shards=shards):
-      bounds = tuple((s.start, s.stop) for s in index)
-      if bounds not in shards:
-        shards[bounds] = tensor_io.read_slice(str(source.location), key, index,
-                                              header=source.header).astype(target.dtype)
-      return shards[bounds]
+      def shard(index, key=key, target=target, shards=shards):
+        bounds = tuple((s.start, s.stop) for s in index)
+        if bounds not in shards:
+          shards[bounds] = tensor_io.read_slice(str(source.location), key, index,
+                                                header=source.header,
+                                                file=f).astype(target.dtype)
+        return shards[bounds]
 
-    out[key] = jax.make_array_from_callback(target.shape, target.sharding, shard)
+      # The callback runs for each local device inside this call, so the file is still open.
+      out[key] = jax.make_array_from_callback(target.shape, target.sharding, shard)
   return out
 
 

@@ -13,6 +13,7 @@ internet can run arbitrary code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -121,7 +122,7 @@ def _fill(f, offset: int, shape: tuple[int, ...], dtype: np.dtype,
 
 def read_slice(path: str, name: str, index: tuple[slice, ...] = (), *,
                header: tuple[dict, dict, int] | None = None,
-               block_bytes: int | None = None) -> np.ndarray:
+               block_bytes: int | None = None, file=None) -> np.ndarray:
   """``tensor[index]`` of the safetensors tensor ``name``, reading only the rows it needs.
 
   Args:
@@ -131,6 +132,8 @@ def read_slice(path: str, name: str, index: tuple[slice, ...] = (), *,
       ``jax.make_array_from_callback`` passes a device's shard; missing dimensions are whole.
     header: ``read_safetensors_header(path)``, when the caller has it (one read per file).
     block_bytes: the largest single read (default ``READ_BLOCK_BYTES``).
+    file: an open binary handle of ``path`` to read from (many slices, one open: on gs://
+      every open is a request); default: opened and closed here.
 
   Returns:
     A new ``[...]`` array of the slice's shape and the file's dtype.
@@ -150,7 +153,7 @@ def read_slice(path: str, name: str, index: tuple[slice, ...] = (), *,
     bounds.append((start, max(start, stop)))
   out = np.empty(tuple(b - a for a, b in bounds), dtype)
   if out.size:
-    with epath.Path(path).open("rb") as f:
+    with contextlib.nullcontext(file) if file is not None else epath.Path(path).open("rb") as f:
       _fill(f, data_start + int(info["data_offsets"][0]), shape, dtype, tuple(bounds), out,
             int(block_bytes or READ_BLOCK_BYTES))
   return out.astype(tensor_dtype(info))
