@@ -237,11 +237,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     logging.info("resumed from checkpoint step %d (data position %s)", restored_step, data_state)
     start_step = int(data_state.get("step", restored_step))
   else:
-    state = run.init_state()
-    if config.init_from.path:  # pretrained weights (convert/init.py), once, at step 0
-      state = jax.device_put(
-          init_from.apply_init_from(config, method, run.tx, state, jax.random.key(config.seed)),
-          run.state_sharding)
+    # Random, or pretrained weights (config.init_from, once, at step 0) read straight into
+    # each device's shards: convert/init.py.
+    state = init_from.init_state(run)
     start_step = 0
   logging.info("method %s, %d parameters, %d devices, %d processes, global batch %d, %d steps, "
                "sharding %s (%.1f MiB of state per device)", config.method, run.num_params,

@@ -439,7 +439,7 @@ def test_check_against_model_refuses_what_shapes_cannot_show(tmp_path):
   from contrastive_jax.convert import init as init_lib
   config = SimpleNamespace(init_from=SimpleNamespace(path=path, patterns=(), prefix=""))
   with pytest.raises(ConfigError, match=r"image_encoder.num_heads: file 4, config 5"):
-    init_lib.apply_init_from(config, SimpleNamespace(model=guessed), None, None, None)
+    init_lib.load_params(config, None, guessed)
   quick = core.build_from_spec({**spec, "text_kwargs": {**spec["text_kwargs"],
                                                         "activation": "quick_gelu"}})
   with pytest.raises(ConfigError, match=r"text_encoder.activation: file 'gelu'"):

@@ -148,3 +148,35 @@ def test_processes_agree_on_an_older_step_when_one_does_not_list_the_newest(two_
   host0 = run["views"][0] / "checkpoints"
   assert (host0 / "2" / "state" / "_METADATA").is_file()
   assert not (host0 / "damaged").exists()
+
+
+def test_init_from_loads_shards_on_each_of_two_processes(tmp_path):
+  """``init_from`` under FSDP over 2 processes x 2 devices, from a run directory (the pair's
+  own checkpoint) and from a converted file: every local shard is bit-identical to the source,
+  the arrays span both processes, and each process reads only its shards of sharded leaves."""
+  import json
+
+  from contrastive_jax import methods
+  from contrastive_jax.convert import core
+
+  sys.path.insert(0, HERE)
+  import multihost_init_from_worker as worker  # pylint: disable=g-import-not-at-top
+  c = worker.config()
+  method = methods.build_method(c, jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)))
+  variables = method.model.init(jax.random.key(7), *method.example_inputs(), train=False)
+  core.save_converted(str(tmp_path / "pretrained.safetensors"), {"kind": "clip"},
+                      {k: np.asarray(v) for k, v in core.flatten(dict(variables)).items()})
+  port = free_port()
+  run_processes(lambda i: [sys.executable, worker.__file__, str(i), "2", str(port),
+                           str(tmp_path)], 2, timeout=2 * TIMEOUT_S)
+  for i in range(2):
+    out = json.loads((tmp_path / f"out_{i}.json").read_text())
+    assert out["sharded"]
+    for source in ("run", "file"):
+      assert out[source]["mismatched"] == [], (i, source, out[source])
+      assert set(out["sharded"]) <= set(out[source]["spread"])
+    reads = {name: (size, full) for name, size, full in out["slices"]}
+    assert set(out["sharded"]) <= set(reads)
+    for name in out["sharded"]:  # 4 devices: each process reads its 2 quarters, never all
+      size, full = reads[name]
+      assert size * 4 == full, (name, size, full)

@@ -3,7 +3,8 @@
 ``core``: import / export / converted files and their check against a config; ``mappings``: the
 table of named peer architectures and the per-tensor rules (docs/weights.md);
 ``tensor_io``: torch-free safetensors; ``export``: serialized ``jax.export`` encoders;
-``init``: ``config.init_from``. CLI: ``python -m contrastive_jax.convert --help``.
+``sources``: converted files and run directories read shard by shard (no host replica) and
+exported tensor by tensor; ``init``: ``config.init_from``. CLI: ``python -m contrastive_jax.convert --help``.
 """
 
 from contrastive_jax.convert.core import (

@@ -9,6 +9,10 @@
   # a file of the older format (no model name recorded) -> the current format, checked
   python -m contrastive_jax.convert upgrade --model ViT-H-14 --input old.safetensors \
       --output new.safetensors
+  # a run's newest checkpoint (FSDP or not) -> the peer's layout; the architecture comes from
+  # a converted file of the same model (e.g. the one the run started from)
+  python -m contrastive_jax.convert export --input /tmp/lit_b32 \
+      --spec-from clip_b32.safetensors --output lit_b32_open_clip.safetensors
   # a tower as a serialized jax.export function (see convert/export.py for the calling convention)
   python -m contrastive_jax.convert jax-export --input clip_b32.safetensors --tower image \
       --output image_tower.jaxexport
@@ -25,7 +29,7 @@ import sys
 import jax.numpy as jnp
 from etils import epath
 
-from contrastive_jax.convert import core, export, mappings, tensor_io
+from contrastive_jax.convert import core, export, mappings, sources, tensor_io
 
 
 def main(argv=None) -> int:
@@ -45,10 +49,15 @@ def main(argv=None) -> int:
   # The older interface: the format and activation are now fixed by --model.
   imp.add_argument("--format", help=argparse.SUPPRESS)
   imp.add_argument("--activation", help=argparse.SUPPRESS)
-  exp = sub.add_parser("export", help="converted file -> peer state dict (.safetensors)")
+  exp = sub.add_parser("export", help="converted file or run directory -> peer state dict "
+                       "(.safetensors), one tensor in memory at a time")
   exp.add_argument("--format", choices=mappings.FORMATS,
-                   help="default: the format recorded in the file")
-  exp.add_argument("--input", required=True)
+                   help="default: the format recorded in the converted file")
+  exp.add_argument("--input", required=True,
+                   help="a converted .safetensors, or a run's workdir (its newest checkpoint)")
+  exp.add_argument("--spec-from", dest="spec_from",
+                   help="converted file whose architecture the run in --input has (needed for "
+                   "a run directory; default: --input's own)")
   exp.add_argument("--output", required=True)
   up = sub.add_parser("upgrade", help="converted file of the older format -> current format")
   up.add_argument("--model", help="the peer's model name, as for import")
@@ -76,13 +85,25 @@ def main(argv=None) -> int:
       peer = spec["peer"].get("model", "a custom model")
       print(f"wrote {a.output}: {len(flat)} tensors of {peer}")
     elif a.cmd == "export":
-      meta = core.read_metadata(a.input)
-      fmt = a.format or meta["format"]
+      source = sources.open_source(a.input)
+      if a.spec_from:
+        spec_file = sources.open_source(a.spec_from)
+        if spec_file.kind != "converted":
+          raise ValueError(f"--spec-from={a.spec_from!r} must be a converted file (its metadata "
+                           "holds the architecture)")
+        spec = spec_file.spec
+      elif source.kind == "converted":
+        spec = source.spec
+      else:
+        raise ValueError(f"--input={a.input!r} is a run directory: its checkpoint holds tensors, "
+                         "not the architecture; add --spec-from=CONVERTED.safetensors of the "
+                         "same model (e.g. the file the run started from)")
+      fmt = a.format or (spec.get("peer") or {}).get("format")
       if not fmt:
-        raise ValueError(f"{a.input} records no peer format; pass --format")
-      spec, flat = core.load_converted(a.input)
-      tensor_io.write_safetensors(a.output, core.export_state_dict(fmt, spec, flat))
-      print(f"wrote {a.output} in the {fmt} layout")
+        raise ValueError("the converted file records no peer format (older format); pass "
+                         "--format or upgrade it: python -m contrastive_jax.convert upgrade")
+      n = sources.export_to_peer(fmt, spec, source, a.output)
+      print(f"wrote {a.output}: {n} tensors in the {fmt} layout")
     elif a.cmd == "upgrade":
       if bool(a.model) == bool(a.spec):
         raise ValueError("upgrade needs --model NAME (or --spec arch.json), the architecture "

@@ -13,40 +13,43 @@ Keys (``configs.common.base_config``):
   ``params/patch_embed/...``; ``prefix="image_encoder/"`` loads them into a CLIP image tower.
 
 Every selected source tensor must exist in the model with the same shape (a ValueError names
-the ones that do not), and every pattern must select something. Loading happens once, when the
-run starts from scratch (a resumed run restores its own checkpoint); the optimizer state and
-method state (EMA copies, queue) are then rebuilt from the loaded parameters, as at init.
+the ones that do not), and every pattern must select something; both are checked on the
+source's index (the safetensors header, the checkpoint's metadata) before any tensor is read.
+Loading happens once, when the run starts from scratch (a resumed run restores its own
+checkpoint).
+
+No host holds a replica (the shape-first habit of big_vision's trainers, applied to loading):
+each selected tensor is read straight into its leaf's sharding in the run's abstract state
+(``runs.build_run(...).abstract_state``), so every host reads only the parts its devices hold.
+
+* converted file: ``jax.make_array_from_callback`` asks for each local device's shard, and
+  ``tensor_io.read_slice`` reads just those rows of the file (safetensors stores each tensor
+  C-ordered at a known offset: https://huggingface.co/docs/safetensors, "Format");
+* run directory: orbax restores only the ``params`` / ``batch_stats`` leaves that are selected
+  (``PyTreeRestore(partial_restore=True)``), each into its target sharding; the source's
+  optimizer moments, EMA copies and queue are never read.
+
+The optimizer state and the method state (EMA copies, queue) are then built by one jitted
+function from the loaded leaves with ``out_shardings`` = the state's shardings, as the random
+initialisation is: the AdamW moments of an FSDP run are created already split over the devices.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
-from etils import epath
 
 from contrastive_jax.convert import core
+# The readers live in ``sources``; re-exported for callers of ``init``.
+from contrastive_jax.convert.sources import (  # noqa: F401
+    Source, open_source, read_host, read_sharded)
 
 
-def _read_source(path: str) -> dict[str, np.ndarray]:
-  p = epath.Path(path)
-  if p.is_dir():
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    steps = sorted(int(d.name) for d in ckpt_dir.iterdir() if d.name.isdigit())
-    if not steps:
-      raise ValueError(f"init_from.path={path!r}: no checkpoint steps under {ckpt_dir}")
-    state = ocp.StandardCheckpointer().restore(ckpt_dir / str(steps[-1]) / "state")
-    tree = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
-    return {k: np.asarray(v) for k, v in core.flatten(tree).items()}
-  _, flat = core.load_converted(str(p))
-  return flat
-
-
-def select(source: dict[str, np.ndarray], patterns, prefix: str) -> dict[str, np.ndarray]:
-  """The source tensors to load, renamed with ``prefix``, keyed by our flat paths."""
+def select(source: Mapping[str, Any], patterns, prefix: str) -> dict[str, Any]:
+  """The source entries to load, renamed with ``prefix``, keyed by our flat paths."""
   out = {}
   for key, value in source.items():
     collection, rest = key.split("/", 1)
@@ -60,29 +63,62 @@ def select(source: dict[str, np.ndarray], patterns, prefix: str) -> dict[str, np
   return out
 
 
-def apply_init_from(config, method, tx, state, rng: jax.Array):
-  """``state`` with the selected variables replaced, optimizer and method state rebuilt."""
+def model_leaves(abstract_state) -> dict[str, jax.ShapeDtypeStruct]:
+  """Flat ``params`` and ``batch_stats`` leaves of an abstract ``TrainState``."""
+  return core.flatten({"params": abstract_state.params,
+                       "batch_stats": abstract_state.batch_stats or {}})
+
+
+def load_params(config, abstract_state, model=None) -> dict[str, jax.Array]:
+  """The selected tensors of ``config.init_from``, keyed by our flat paths, each a global array
+  with its leaf's sharding and dtype in ``abstract_state`` (checked before anything is read:
+  names and shapes, and, given the run's flax ``model``, the converted file's recorded
+  architecture, ``core.check_against_model``)."""
   init = config.init_from
-  if not init.path:
-    return state
-  loaded = select(_read_source(init.path), tuple(init.patterns), init.prefix or "")
-  core.check_against_model(init.path, method.model, loaded, init.prefix or "")
-  ours = core.flatten({"params": state.params, "batch_stats": state.batch_stats})
-  missing = sorted(set(loaded) - set(ours))
+  source = open_source(init.path)
+  chosen = select({k: k for k in source.tensors}, tuple(init.patterns), init.prefix or "")
+  if model is not None:  # heads, activation, eps: what shapes cannot show
+    core.check_against_model(init.path, model, chosen, init.prefix or "")
+  ours = model_leaves(abstract_state)
+  missing = sorted(set(chosen) - set(ours))
   if missing:
     raise ValueError(f"init_from: source tensors {missing[:8]} have no place in the model "
                      f"(model paths look like {sorted(ours)[:3]}); fix init_from.prefix or "
                      "init_from.patterns")
-  bad = [f"{k}: {tuple(v.shape)} != {tuple(ours[k].shape)}" for k, v in loaded.items()
-         if tuple(v.shape) != tuple(ours[k].shape)]
+  bad = [f"{k}: {tuple(source.tensors[s].shape)} != {tuple(ours[k].shape)}"
+         for k, s in chosen.items() if tuple(source.tensors[s].shape) != tuple(ours[k].shape)]
   if bad:
     raise ValueError(f"init_from: mis-shaped tensors (source != model): {bad[:8]}")
-  logging.info("init_from: %d of the model's %d tensors from %s (patterns %s)", len(loaded),
+  logging.info("init_from: %d of the model's %d tensors from %s (patterns %s)", len(chosen),
                len(ours), init.path, tuple(init.patterns) or "all")
-  merged = {k: (np.asarray(loaded[k]).astype(ours[k].dtype) if k in loaded else ours[k])
-            for k in ours}
-  tree: dict[str, Any] = core.unflatten(merged)
-  params, batch_stats = tree["params"], tree.get("batch_stats", {})
-  _, *extra_rngs, _ = jax.random.split(rng, 2 + method.extra_state_rngs)  # as init_state
-  return state.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params),
-                       **method.extra_state(params, batch_stats, *extra_rngs))
+  loaded = read_sharded(source, {s: ours[k] for k, s in chosen.items()})
+  return {k: loaded[s] for k, s in chosen.items()}
+
+
+def init_state(run, seed: int | None = None):
+  """The run's step-0 ``TrainState``: random initialisation (``run.init_state``) with the
+  ``config.init_from`` tensors in place, and the optimizer and method state (EMA copies, queue)
+  built from the loaded parameters, all computed under ``jit`` with ``run.state_sharding``.
+
+  The random initialisation of the loaded leaves is dead code in that program (XLA drops it),
+  and the loaded arrays are donated: a device holds each of its shards once.
+  """
+  config = run.config
+  seed = config.seed if seed is None else seed
+  if not config.init_from.path:
+    return run.init_state(seed)
+  loaded = load_params(config, run.abstract_state, run.method.model)
+  method, tx = run.method, run.tx
+
+  def build(rng, loaded):
+    state = method.init_state(rng, tx)
+    flat = model_leaves(state)
+    flat.update(loaded)
+    tree = core.unflatten(flat)
+    params, batch_stats = tree["params"], tree.get("batch_stats", {})
+    _, *extra_rngs, _ = jax.random.split(rng, 2 + method.extra_state_rngs)  # as init_state
+    return state.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params),
+                         **method.extra_state(params, batch_stats, *extra_rngs))
+
+  return jax.jit(build, out_shardings=run.state_sharding, donate_argnums=(1,))(
+      jax.random.key(seed), loaded)
