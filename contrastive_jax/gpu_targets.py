@@ -126,7 +126,9 @@ def target_config(model: GpuModel) -> str:
 
   Fields not published per model are CUDA's limits for every compute capability >= 7.0
   (1,024 threads and 48 KB static shared memory per block, warps of 32, 64K 32-bit registers
-  per SM and per block, grid limits 2^31 - 1 x 65,535 x 65,535).
+  per SM and per block, grid limits 2^31 - 1 x 65,535 x 65,535). The cuDNN (9.8) and CUDA
+  runtime (12.8) versions are an assumed current CUDA 12 stack, not a measured one: XLA reads
+  them to decide which library features it may call.
   """
   major, minor = model.compute_capability
   return f"""gpu_device_info {{
