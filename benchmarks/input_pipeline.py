@@ -16,6 +16,15 @@ Parts (``--parts``, default all):
   process (``torchvision_simclr.py``). ``--rounds R`` runs every pipeline R times, alternating,
   and prints each round's ratio and the load average: on a shared machine the ratio of
   neighbouring runs is the figure to trust, not the absolute rates.
+* ``stages``: CPU milliseconds per source image (two views at 224 px) of each stage of a
+  recipe (``--recipes``, default simclr,mocov2,mocov3,clip) on one core: decode, crop and
+  resize, flip, colour jitter, grayscale, blur, solarize, normalisation, each switched on in
+  turn at the recipe's probability, so a row's increment is that stage's average cost. Every
+  row runs the library's own ``augment_view`` in a single-threaded tf.data map over the JPEG
+  folder and is timed in process CPU time (``time.process_time``), the minimum of ``--rounds``
+  rounds taken in turn: CPU time, unlike wall time, barely moves when other jobs share the
+  machine. With torchvision installed, the same for its SimCLR transforms on PIL images, one
+  thread, no DataLoader (``torchvision_simclr.py --cpu_time``): the per-core ratio.
 * ``mnist``: the embedded MNIST default (32x32, SimCLR recipe at strength 0.5, no blur).
 
 An "image" is one source example; each yields two augmented views. Usage:
@@ -28,6 +37,7 @@ Prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -41,6 +51,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from contrastive_jax.configs import common  # noqa: E402
+from contrastive_jax.data import augment as A  # noqa: E402
 from contrastive_jax.data import pipeline  # noqa: E402
 from contrastive_jax.data import sources as S  # noqa: E402
 
@@ -160,6 +171,72 @@ def torchvision_rate(folder: str, batch: int, steps: int, warmup: int, blur: boo
   return float(json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"])
 
 
+_STAGE_OFF = dict(flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0),
+                  solarize_prob=(0.0, 0.0), normalize=None)
+# (row name, the AugmentConfig fields that switch the stage on at the recipe's setting)
+_STAGES = (("crop + resize", ()), ("flip", ("flip_prob",)), ("colour jitter", ("jitter_prob",)),
+           ("grayscale", ("grayscale_prob",)), ("blur", ("blur_prob",)),
+           ("solarize", ("solarize_prob",)), ("normalise", ("normalize",)))
+
+
+def _cpu_ms_per_image(fn, datas: list[bytes], passes: int = 2) -> float:
+  """CPU ms per element of ``fn(jpeg_bytes, index)`` over ``datas`` in a one-thread tf.data
+  map (the best of ``passes`` passes after a warm-up pass)."""
+  ds = tf.data.Dataset.from_tensor_slices((tf.constant(datas),
+                                           tf.range(len(datas), dtype=tf.int64)))
+  ds = ds.map(fn, num_parallel_calls=1).batch(16)
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = 1
+  options.threading.max_intra_op_parallelism = 1
+  options.autotune.enabled = False
+  ds = ds.with_options(options)
+  for _ in ds:  # traces and warms up
+    pass
+  best = float("inf")
+  for _ in range(passes):
+    t0 = time.process_time()
+    for _ in ds:
+      pass
+    best = min(best, time.process_time() - t0)
+  return 1e3 * best / len(datas)
+
+
+def stage_rows(folder: str, recipe: str, rounds: int) -> list[tuple[str, float]]:
+  """Cumulative CPU ms per image (two views at 224) as each stage of ``recipe`` is switched
+  on: ``[(stage, ms)]``, the minimum over ``rounds``."""
+  files = sorted(tf.io.gfile.glob(os.path.join(folder, "photos", "*.jpg")))
+  datas = [tf.io.gfile.GFile(f, "rb").read() for f in files]
+  full = A.recipe_config(recipe, 224, {"blur": True})
+  fns = [("decode", lambda d, i: tf.shape(tf.io.decode_jpeg(d, channels=3)))]
+  cur = dict(_STAGE_OFF)
+  for name, fields in _STAGES:
+    cur.update({f: getattr(full, f) for f in fields})
+    if any(cur[f] == _STAGE_OFF[f] for f in fields):
+      continue  # the recipe does not have this stage
+    cfg = dataclasses.replace(full, **cur)
+
+    def fn(data, i, cfg=cfg):
+      image = tf.io.decode_jpeg(data, channels=3)
+      return tf.stack(A.two_views(image, A.example_seed(0, 0, i), cfg))
+    fns.append((name, fn))
+  best = {name: float("inf") for name, _ in fns}
+  for _ in range(rounds):
+    for name, fn in fns:
+      best[name] = min(best[name], _cpu_ms_per_image(fn, datas))
+  return [(name, best[name]) for name, _ in fns]
+
+
+def torchvision_cpu_ms(folder: str, blur: bool, rounds: int) -> float | None:
+  """CPU ms per image of torchvision's SimCLR transforms, one thread, in a child process."""
+  if importlib.util.find_spec("torchvision") is None:
+    return None
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchvision_simclr.py")
+  out = subprocess.run([sys.executable, script, "--folder", folder, "--blur", str(int(blur)),
+                        "--cpu_time", "1", "--rounds", str(rounds)],
+                       check=True, capture_output=True, text=True)
+  return float(json.loads(out.stdout.strip().splitlines()[-1])["cpu_ms_per_image"])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--parts", default="startup,simclr,mnist")
@@ -173,6 +250,7 @@ def main():
   parser.add_argument("--startup_batch", type=int, default=256)
   parser.add_argument("--resume_step", type=int, default=2000)
   parser.add_argument("--data_dir", default="/tmp/contrastive_jax_bench_input")
+  parser.add_argument("--recipes", default="simclr,mocov2,mocov3,clip")
   args = parser.parse_args()
   parts = set(args.parts.split(","))
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -233,6 +311,30 @@ def main():
         med = float(np.median(r))
         print(f"| {names[kind]} | {blur} | {med:.0f} | {med / cores:.0f} | {ratio} |")
     print(f"\nload average (1, 5, 15 min) before and after each round: {loads}")
+
+  if "stages" in parts:
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    folder = write_jpeg_folder(os.path.join(args.data_dir, "jpegs"), args.num_jpegs)
+    print(f"\nCPU ms per image (two views at 224 px, {args.num_jpegs} ~400x500 JPEGs, one "
+          f"thread, process CPU time, best of {args.rounds} round(s)); each row adds one "
+          "stage at the recipe's probability:\n")
+    loads = [_loadavg()]
+    for recipe in args.recipes.split(","):
+      rows = stage_rows(folder, recipe, args.rounds)
+      print(f"| {recipe} | cumulative ms | stage ms |\n|---|---:|---:|")
+      prev = 0.0
+      for name, ms in rows:
+        print(f"| {name} | {ms:.2f} | {ms - prev:+.2f} |")
+        prev = ms
+      print(f"| **images per CPU-second** | {1e3 / prev:.0f} | |\n", flush=True)
+    for blur in (False, True):
+      tv = torchvision_cpu_ms(folder, blur, args.rounds)
+      if tv is not None:
+        print(f"torchvision SimCLR transforms (PIL, one thread), blur={blur}: {tv:.2f} ms per "
+              f"image, {1e3 / tv:.0f} images per CPU-second")
+    loads.append(_loadavg())
+    print(f"\nload average (1, 5, 15 min) before and after: {loads}")
 
   if "mnist" in parts:
     c = common.data_config("mnist", recipe="simclr", image_size=32, augment={"strength": 0.5})

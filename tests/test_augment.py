@@ -180,3 +180,14 @@ def test_view1_always_blurred_in_byol(photos):
     assert not np.allclose(v_blur, v_plain)
     # Blur lowers the high-frequency energy.
     assert np.abs(np.diff(v_blur, axis=0)).mean() < np.abs(np.diff(v_plain, axis=0)).mean()
+
+
+def test_solarize_min_form_is_bit_identical_to_the_threshold_form():
+  # Every float32 in [0, 1] near the threshold, plus a grid: min(x, 1 - x) == where(x < 0.5).
+  near = np.nextafter(np.float32(0.5), np.float32([0.0, 1.0]))
+  x = np.concatenate([np.linspace(0, 1, 4097, dtype=np.float32), near,
+                      np.float32([0.5, 0.0, 1.0])]).reshape(-1, 1, 1) * np.ones(3, np.float32)
+  ref = np.where(x < 0.5, x, np.float32(1) - x)
+  np.testing.assert_array_equal(A.solarize(tf.constant(x)).numpy(), ref)
+  np.testing.assert_array_equal(A.solarize(tf.constant(x), 0.3).numpy(),
+                                np.where(x < 0.3, x, np.float32(1) - x))

@@ -231,19 +231,44 @@ def _resize(image: tf.Tensor, size, method: str) -> tf.Tensor:
 
 
 def random_resized_crop(image: tf.Tensor, seed, cfg: AugmentConfig) -> tf.Tensor:
-  """``[h, w, 3] float32`` -> ``[S, S, 3] float32`` crop of a sampled box, resized."""
+  """``[h, w, C] uint8|float`` -> ``[S, S, 3] float32`` crop of a sampled box, resized.
+
+  The crop is taken before the conversion to float, so only its pixels are converted.
+  """
   shape = tf.shape(image)
   box = sample_crop_box(seed, shape[0], shape[1], cfg.crop_area, cfg.crop_aspect,
                         cfg.crop_attempts)
-  crop = tf.image.crop_to_bounding_box(image, box[0], box[1], box[2], box[3])
-  return _resize(crop, [cfg.image_size, cfg.image_size], cfg.resize_method)
+  crop = image[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+  return _resize(_to_float(crop), [cfg.image_size, cfg.image_size], cfg.resize_method)
 
 
 # ----------------------------------------------------------------------------- colour
 
+# ITU-R 601 luma weights, as tf.image.rgb_to_grayscale and torchvision's rgb_to_grayscale.
+_LUMA = (0.2989, 0.587, 0.114)
+
+
+def _channel_matmul(image: tf.Tensor, matrix) -> tf.Tensor:
+  """``[h, w, 3] @ [3, 3]`` per pixel, as one ``[h*w, 3] x [3, 3]`` matmul.
+
+  The colour ops below are linear maps of each pixel's RGB vector. Written as one small
+  matmul they cost one pass over the image; the elementwise forms broadcast along a
+  3-wide last axis, which TensorFlow's CPU kernels do several times slower (profiled in
+  benchmarks/input_pipeline.py --parts stages).
+  """
+  shape = tf.shape(image)
+  out = tf.matmul(tf.reshape(image, [-1, 3]), tf.cast(matrix, image.dtype))
+  return tf.reshape(out, shape)
+
+
+def _gray_matrix(dtype=tf.float32) -> tf.Tensor:
+  """``[3, 3]``: every output channel is the luma of the input pixel."""
+  return tf.tile(tf.constant(_LUMA, dtype)[:, None], [1, 3])
+
+
 def to_grayscale(image: tf.Tensor) -> tf.Tensor:
   """ITU-R 601 luma replicated to 3 channels, ``[h, w, 3]``."""
-  return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
+  return _channel_matmul(image, _gray_matrix())
 
 
 def adjust_brightness(image, factor, mode: str = "multiplicative"):
@@ -259,9 +284,14 @@ def adjust_contrast(image, factor):
 
 
 def adjust_saturation(image, factor):
-  """Blend with the grayscale image (torchvision's definition)."""
-  gray = tf.image.rgb_to_grayscale(image)
-  return gray + factor * (image - gray)
+  """Blend with the grayscale image (torchvision's definition).
+
+  ``gray + f (x - gray)`` is the per-pixel linear map ``f I + (1 - f) G`` (``G`` the luma
+  matrix), applied as one matmul.
+  """
+  factor = tf.cast(factor, tf.float32)
+  matrix = factor * tf.eye(3) + (1.0 - factor) * _gray_matrix()
+  return _channel_matmul(image, matrix)
 
 
 def color_jitter(image: tf.Tensor, seed, brightness: float, contrast: float,
@@ -321,14 +351,24 @@ def gaussian_blur(image: tf.Tensor, sigma, kernel_size: int) -> tf.Tensor:
 
 
 def solarize(image: tf.Tensor, threshold: float = 0.5) -> tf.Tensor:
+  """Pixels at or above ``threshold`` inverted (``x -> 1 - x``), for images in [0, 1]."""
+  if threshold == 0.5:
+    # On [0, 1], x < 0.5 exactly when x < 1 - x, so this is the same map in one op; 1 - x is
+    # exact for x in [0.5, 1] (Sterbenz), so the values are bit-identical to the tf.where.
+    return tf.minimum(image, 1.0 - image)
   return tf.where(image < threshold, image, 1.0 - image)
 
 
 def normalize(image: tf.Tensor, which: str | None) -> tf.Tensor:
+  """``(x - mean) / std`` per channel, as ``x @ diag(1 / std) + (-mean / std)``."""
   if which is None:
     return image
   mean, std = NORMALIZATIONS[which]
-  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+  scale = [1.0 / v for v in std]
+  shift = tf.constant([-m / v for m, v in zip(mean, std)], tf.float32)
+  shape = tf.shape(image)
+  flat = tf.matmul(tf.reshape(image, [-1, 3]), tf.linalg.diag(tf.constant(scale, tf.float32)))
+  return tf.reshape(tf.nn.bias_add(flat, shift), shape)
 
 
 def _to_float(image: tf.Tensor) -> tf.Tensor:
@@ -416,7 +456,7 @@ def augment_view(image: tf.Tensor, seed, cfg: AugmentConfig, view: int = 1) -> t
   """
   if view not in (1, 2):
     raise ValueError(f"view must be 1 or 2, got {view}")
-  x = random_resized_crop(_to_float(image), seed, cfg)
+  x = random_resized_crop(image, seed, cfg)
   return _post_crop(x, seed, cfg, view)
 
 
