@@ -12,10 +12,10 @@ the order is a Hamiltonian cycle of the slice's chip grid: every hop, the closin
 is one ICI link (two cores of one chip, as libtpu lists v3/v4 chips, sit next to each other: no
 link at all). The cycle uses no wrap-around link, so it holds on a torus and on a mesh alike
 (Cloud TPU: v4/v5p slices of whole 4x4x4 cubes have wrap-around, smaller ones do not; v5e/v6e
-only the full 16x16 pod): a boustrophedon over all grid axes but one, folded into a cycle by the
-standard two-row construction (serpentine over columns ``1..b-1``, back along column ``0``),
-which exists whenever the grid has an even side, i.e. on every TPU slice shape (sides are 1 or
-powers of two). Multi-slice runs (devices with several ``slice_index`` values) take each
+only the full 16x16 pod): a boustrophedon over all grid axes but the last, closed into a cycle
+with the last axis by a serpentine over columns ``1..c-1`` and a return lane along column ``0``
+(``grid_cycle``), which exists whenever the grid has an even side, i.e. on every TPU slice shape
+(sides are 1 or powers of two). Multi-slice runs (devices with several ``slice_index`` values) take each
 slice's cycle, cut open, one slice after the other: one hop per slice boundary crosses the
 data-centre network (DCN), the closing hop included. Where no such cycle exists (a set of chips
 that does not fill its bounding box, e.g. a subset of a slice; a line of more than two chips; a
