@@ -209,6 +209,9 @@ def report(config, devices, chip: hardware.ChipSpec, *, name: str = "", target: 
   from contrastive_jax import distributed, runs, train  # pylint: disable=g-import-not-at-top
   if evals not in EVAL_CHOICES:
     raise errors.ConfigError(f"--evals={evals!r}; use one of {EVAL_CHOICES}")
+  if not 0.0 <= headroom < 1.0:
+    raise errors.ConfigError(f"--headroom={headroom} must be a fraction of HBM in [0, 1), "
+                             f"e.g. {DEFAULT_HEADROOM}")
   mesh = distributed.make_mesh(devices=devices)
   train.validate_config(config, mesh)  # the trainer's checks, before anything compiles
   # The schedules' length shapes no array: a run given in epochs needs no dataset here.
@@ -237,14 +240,14 @@ def report(config, devices, chip: hardware.ChipSpec, *, name: str = "", target: 
   usable = chip.hbm_bytes * (1.0 - headroom)
   step = programs[0].bound["step_s"]
   per_host = config.global_batch / hosts
-  needed = per_host / step if step else float("inf")
+  needed = per_host / step if step else float("nan")  # no bound: the step did not compile
   measured = input_rate is None
   if measured:
     from contrastive_jax.data import throughput  # pylint: disable=g-import-not-at-top
     input_rate = throughput.examples_per_core_second(config.data, run.method.input_mode,
                                                      seconds=measure_seconds)
   _, vcpus = chip.host(n)
-  cores = needed / input_rate if input_rate else float("inf")
+  cores = needed / input_rate if input_rate else float("nan")
   return dict(
       config=name, target=target, chips=n, hosts=hosts,
       chip=dataclasses.asdict(chip), headroom=headroom, usable_hbm_bytes=usable,
@@ -270,8 +273,13 @@ def _si(x: float, unit: str = "") -> str:
   return f"{x:.0f} {unit}"
 
 
+def cores_text(x: float) -> str:
+  """Whole cores, or "n/a" without a bound."""
+  return str(math.ceil(x)) if math.isfinite(x) else "n/a"
+
+
 def _ms(x: float) -> str:
-  return f"{x * 1e3:.1f} ms"
+  return f"{x * 1e3:.3g} ms"
 
 
 def format_report(rep: dict[str, Any]) -> str:
@@ -311,7 +319,7 @@ def format_report(rep: dict[str, Any]) -> str:
   lines.append(
       f"input: {i['examples_per_host_step']:.0f} {i['kind']} per host per step -> "
       f"{i['examples_per_host_second']:.0f}/s per host at the bound; one core decodes "
-      f"{i['per_core_rate']:.0f}/s ({how}) -> {math.ceil(i['cores_needed'])} cores of the "
+      f"{i['per_core_rate']:.0f}/s ({how}) -> {cores_text(i['cores_needed'])} cores of the "
       f"host's {i['host_vcpus']} vCPUs")
   lines.append(
       f"figures: {chip['name']} {chip['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
