@@ -378,6 +378,17 @@ def normalise_argv(argv: list[str]) -> list[str]:
   return configs.resolve_argv(out)
 
 
+def target_devices(name: str) -> tuple[list, hardware.ChipSpec, str]:
+  """``(devices, chip figures, label)`` of ``--topology``: a TPU slice (``hardware.py``).
+
+  The seam for other targets: a GPU node's compile-only devices and its
+  ``hardware.ChipSpec.from_figures(...)`` return here under their own names, and everything
+  after this (mesh, run, compile, report) is the same.
+  """
+  topo = hardware.parse_topology(name)
+  return hardware.tpu_devices(topo), topo.chip, f"{name} ({topo.libtpu_name})"
+
+
 def main(argv):
   del argv
   try:
@@ -404,9 +415,8 @@ def _main():
   if not topology:
     raise errors.ConfigError(f"{name} names no pod (config.pod); pass --topology=v5e-64 or "
                              "another TPU slice")
-  topo = hardware.parse_topology(topology)
-  devices = hardware.tpu_devices(topo)
-  rep = report(config, devices, topo.chip, name=name, target=f"{topology} ({topo.libtpu_name})",
+  devices, chip, label = target_devices(topology)
+  rep = report(config, devices, chip, name=name, target=label,
                input_rate=FLAGS.input_rate, evals=FLAGS.evals, headroom=FLAGS.headroom)
   print(format_report(rep))
   if FLAGS.json:

@@ -72,6 +72,19 @@ class ChipSpec:
   kind: str = "tpu"
   source: str = ""
 
+  @classmethod
+  def from_figures(cls, name: str, figures: Mapping[str, float], *, kind: str = "gpu",
+                   chips_per_host: int = 8, host_vcpus: int = 0, source: str = ""
+                   ) -> "ChipSpec":
+    """A chip from a dict of ``peak_bf16_flops``, ``hbm_bytes``, ``hbm_bw_bytes_s`` and
+    ``interconnect_bw_bytes_s`` (e.g. a GPU's published figures: NVLink as the interconnect)."""
+    return cls(name=name, peak_bf16_flops=float(figures["peak_bf16_flops"]),
+               hbm_bytes=int(figures["hbm_bytes"]),
+               hbm_bw_bytes_s=float(figures["hbm_bw_bytes_s"]),
+               ici_bw_bytes_s=float(figures["interconnect_bw_bytes_s"]), ici_links=0,
+               chips_per_host=chips_per_host, host_vcpus=host_vcpus, torus_dims=0, kind=kind,
+               source=source)
+
   def host(self, num_chips: int) -> tuple[int, int]:
     """``(chips per host, vCPUs per host)`` of a slice of ``num_chips`` chips."""
     return self.single_host.get(num_chips, (self.chips_per_host, self.host_vcpus))

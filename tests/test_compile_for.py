@@ -184,3 +184,22 @@ def test_full_configs_name_their_pod():
     pod = configs.load_config(f"configs/{name}.py").pod
     topo = hardware.parse_topology(pod)
     assert configs.load_config(f"configs/{name}.py").global_batch % topo.num_chips == 0, name
+
+
+def test_roofline_from_the_chip_figures():
+  """1 s of v5e compute, 2 s of its ICI (200 GB/s per chip), 0.5 s of HBM: ICI-bound at 2 s,
+  50% FLOP ceiling; a chip from published figures (a GPU's, say) plugs in the same way."""
+  coll = {k: {"count": 0.0, "bytes": 0.0} for k in hlo_stats.COLLECTIVE_KINDS}
+  coll["all-reduce"] = {"count": 1.0, "bytes": 400e9}
+  rep = compile_for.ProgramReport(
+      name="p", state_bytes=0, argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=0,
+      code_bytes=0, total_bytes=0, flops=197e12, cost_model_flops=197e12,
+      bytes_accessed=819e9 / 2, loops=[], collectives=coll, compile_seconds=0.0)
+  bound = compile_for.roofline(rep, hardware.chip_spec("v5litepod"))
+  assert (bound["compute_s"], bound["hbm_s"], bound["ici_s"]) == pytest.approx((1, 0.5, 2))
+  assert bound["limiter"] == "ICI" and bound["flops_utilisation_ceiling"] == pytest.approx(0.5)
+  gpu = hardware.ChipSpec.from_figures("gpu", dict(peak_bf16_flops=394e12, hbm_bytes=2 ** 36,
+                                                   hbm_bw_bytes_s=1e12,
+                                                   interconnect_bw_bytes_s=800e9))
+  bound = compile_for.roofline(rep, gpu)
+  assert bound["step_s"] == pytest.approx(0.5) and bound["limiter"] == "compute"
