@@ -227,3 +227,29 @@ def test_roofline_from_the_chip_figures():
                                                    interconnect_bw_bytes_s=800e9))
   bound = compile_for.roofline(rep, gpu)
   assert bound["step_s"] == pytest.approx(0.5) and bound["limiter"] == "compute"
+
+
+def test_evaluator_programs_of_a_config():
+  """The encoders the loop compiles (evaluate/runner.py): CLIP's ImageNet zero-shot and COCO
+  retrieval share one image program and add two text programs; a config with evaluation off
+  compiles none."""
+
+  class FakeRun:
+    method = type("M", (), {"input_mode": "image_text"})()
+
+  clip = configs.load_config("configs/clip_vit_b32.py")
+  progs = compile_for._eval_programs(clip, FakeRun, "in_loop")  # pylint: disable=protected-access
+  shapes = sorted((enc, arg["shape"]) for _, enc, arg in progs)
+  assert shapes == [("image_embedding", (1024, 224, 224, 3)), ("text_embedding", (1024, 5, 77)),
+                    ("text_embedding", (1024, 77))]
+  assert len(compile_for._eval_programs(clip, FakeRun, "all")) == 3  # pylint: disable=protected-access
+  assert compile_for._eval_programs(clip, FakeRun, "none") == []  # pylint: disable=protected-access
+  mocov3 = configs.load_config("configs/mocov3_vit_base_imagenet.py")
+  assert compile_for._eval_programs(mocov3, FakeRun, "all") == []  # pylint: disable=protected-access
+
+
+def test_command_line_spelling():
+  argv = compile_for.normalise_argv(["prog", "configs/simclr_mnist.py:quick", "--input-rate=5",
+                                     "--config.global_batch=8", "--topology=v5e-4"])
+  assert argv[1].startswith("--config=") and argv[1].endswith("simclr_mnist.py:quick")
+  assert argv[2:] == ["--input_rate=5", "--config.global_batch=8", "--topology=v5e-4"]
