@@ -6,7 +6,10 @@ a ring of ``ppermute`` steps in a loop reports the FLOPs of one iteration. ``loo
 the loops' trip counts from the HLO (the ``known_trip_count`` the compiler records, or the
 canonical counter of ``fori_loop``/``scan``: ``i = init; while i < N: i += 1``) and counts the
 matrix products (``dot`` and ``convolution``, the FLOPs that matter on a matrix unit) once per
-iteration; ``flops_with_loops`` adds what the cost model left out. ``collective_bytes`` sums the
+iteration; ``flops_with_loops`` adds what the cost model left out. Matmuls match the unrolled
+program (tests/test_compile_for.py); a convolution's count here includes padded window
+positions (ResNet-50's step: 16% above the cost model), so a looped convolution is counted
+high by up to that much. ``collective_bytes`` sums the
 bytes each device sends for every collective kind, loops counted by their trip counts.
 
 Bytes per device of one collective over a group of ``g`` devices, with the bandwidth-optimal
@@ -79,8 +82,7 @@ def _parse_instruction(line: str) -> Instruction | None:
   if rest.startswith("("):
     end = _balanced(rest, 0)
   else:
-    end = rest.find(" ")
-    # A layout such as {1,0:T(8,128)} may follow the shape without a space.
+    end = rest.find(" ")  # a layout such as {1,0:T(8,128)} follows the shape without a space
   type_text, rest = rest[:end], rest[end:].lstrip()
   op = re.match(r"([a-z][a-z0-9\-_.]*)\(", rest)
   if not op:
