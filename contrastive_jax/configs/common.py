@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.num_devices = placeholder(int)  # None: all devices
+  # The TPU slice the config was sized for (hardware.parse_topology: "v5e-64", "v4-32", ...):
+  # python -m contrastive_jax.compile_for compiles for it by default. "" = none named.
+  c.pod = ""
   c.dtype = "float32"           # compute dtype of models and heads; params stay float32
   c.remat = False
   c.loss_impl = "all_gather"    # or "ring": memory-bounded InfoNCE (ring_losses.py)

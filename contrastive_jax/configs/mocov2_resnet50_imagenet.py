@@ -50,4 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"
   c.checkpoint.every_steps = 2 if a.quick else 5000
   c.eval.enabled = False
+  # MoCo v2 trained batch 256 on 8 V100 GPUs (Chen et al. 2020, Sec. 3); one 8-chip v5e host
+  # (v5litepod-8), the current cost-efficient TPU, has the same 32 images per device.
+  c.pod = "v5e-8"
   return c

@@ -50,4 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"
   c.checkpoint.every_steps = 2 if a.quick else 5000
   c.eval.enabled = False
+  # MoCo v3 trained batch 4096 on TPU v3 (Chen, Xie & He 2021, Sec. 5 and their appendix);
+  # on v5e, the current cost-efficient training TPU, 64 chips give 64 images per chip, as
+  # SimCLR's. compile_for checks that it fits (docs/compile_for.md).
+  c.pod = "v5e-64"
   return c

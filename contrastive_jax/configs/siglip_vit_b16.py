@@ -69,4 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.enabled = not a.quick
   c.eval.batch_size = 1024
   c.eval.embedding_plot = ""
+  # A full v5e pod (256 chips, 128 pairs per chip at batch 32,768; the paper trained on TPU v4,
+  # Zhai et al. 2023, Sec. 4); v5e is Cloud TPU's current cost-efficient training chip.
+  # compile_for checks that it fits (docs/compile_for.md).
+  c.pod = "v5e-256"
   return c

@@ -45,4 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ImageNet does not fit the in-memory evaluators; evaluate with the standalone evaluator on a
   # subset, or keep the kNN monitor off (the default here).
   c.eval.enabled = False
+  # SimCLR trained batch 4096 on 128 TPU v3 cores (64 chips; Chen et al. 2020, Sec. 2.2). The
+  # same 64 chips of v5e, the current cost-efficient training TPU, hold 64 images (128 views)
+  # per chip; compile_for checks that it fits 16 GiB (docs/compile_for.md).
+  c.pod = "v5e-64"
   return c
