@@ -63,7 +63,7 @@ def test_counts_from_index_without_reading(tmp_path, monkeypatch, caplog):
     raise AssertionError("records were read to count them")
 
   with monkeypatch.context() as m:
-    m.setattr(S, "count_examples", no_reading)
+    m.setattr(S.tfrecord, "count_examples", no_reading)
     pattern = str(tmp_path / "s*")  # also matches the index files: they are left out
     # Consecutive record ranges of the files in order: 16 records each, file 2 split 4 + 1.
     s0, s1 = (S.tfrecord_stream(pattern, p, 2) for p in range(2))

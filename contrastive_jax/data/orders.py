@@ -23,6 +23,7 @@ with exactly the examples of an uninterrupted run:
 Interface: ``source`` (for captions and error messages), ``num_examples``,
 ``steps_per_epoch`` (every epoch ends on a whole batch), ``stats`` (the iterator's bookkeeping
 that the order knows before reading), ``describe`` (what an epoch is made of, for errors),
+``positions`` (whether ``make_example`` must keep the records' ``streaming.POSITION_KEYS``),
 ``examples(start_step, make_example, par) -> (dataset, info)`` (infinite examples
 ``make_example(epoch, record)`` from ``start_step``; ``info`` goes to the iterator's stats)
 and ``corrupt_tracker(info)`` (``streaming.CorruptTracker`` where records are skipped as they
@@ -86,6 +87,7 @@ class IndexedOrder:
     self.num_examples = len(source)
     self.steps_per_epoch = self.num_examples // global_batch
     self.describe = f"the {self.num_examples} examples of {source.name}"
+    self.positions = False
     self.stats = {"corrupt_skipped": len(source.corrupt_files),
                   "corrupt_files": list(source.corrupt_files)}
     self._args = (seed, global_batch, process_index, process_count)
@@ -143,6 +145,7 @@ class SeekOrder:
             for lo, hi in [streaming.process_records(s.split_examples, q, process_count)])
         for q in range(process_count)) // local_batch
     self.describe = f"this process's {self.num_examples} examples"
+    self.positions = self.skip_corrupt  # the tracker finds skipped records from them
     self.stats = {"resume": "seek"}
 
   def examples(self, start_step: int, make_example: MakeExample, par
@@ -172,6 +175,7 @@ class ReplayOrder:
     self.num_examples = source.num_examples
     self.steps_per_epoch = self.num_examples // local_batch
     self.describe = f"this process's {self.num_examples} examples"
+    self.positions = False
     self.stats = {"resume": "replay"}
     self._args = (seed, local_batch, int(shuffle_buffer), bool(skip_corrupt))
 
@@ -192,3 +196,6 @@ class ReplayOrder:
 
   def corrupt_tracker(self, info) -> None:
     del info  # corrupt records are skipped uncounted (ignore_errors)
+
+
+TrainOrder = IndexedOrder | SeekOrder | ReplayOrder

@@ -202,7 +202,7 @@ def _mix_weights(c, num_sources: int) -> list[float]:
 
 
 def train_order(data_config, *, global_batch: int, seed: int, process_index: int,
-                process_count: int):
+                process_count: int) -> orders_lib.TrainOrder:
   """This process's training order (``orders.py``) of ``config.data``'s train split."""
   c, b = data_config, global_batch // process_count
   _check_source(c)
@@ -263,8 +263,8 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
   if order.steps_per_epoch < 1:
     raise ConfigError(f"config.global_batch={global_batch} is larger than {order.describe}; "
                       "use a smaller batch")
-  positions = isinstance(order, orders_lib.SeekOrder) and bool(c.skip_corrupt)
-  make_example = _train_example_fn(c, mode, seed, cfg, order.source, tokenizer, positions)
+  make_example = _train_example_fn(c, mode, seed, cfg, order.source, tokenizer,
+                                   order.positions)
   par = c.num_parallel_calls
   par = tf.data.AUTOTUNE if par in (None, -1) else int(par)
   ds, info = order.examples(int(start_step), make_example, par)
