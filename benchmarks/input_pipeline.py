@@ -52,7 +52,7 @@ import tensorflow as tf  # noqa: E402
 
 from contrastive_jax.configs import common  # noqa: E402
 from contrastive_jax.data import augment as A  # noqa: E402
-from contrastive_jax.data import pipeline  # noqa: E402
+from contrastive_jax.data import pipeline, records  # noqa: E402
 from contrastive_jax.data import sources as S  # noqa: E402
 
 
@@ -135,7 +135,7 @@ def startup_rows(data_dir: str, sizes, batch: int, resume_step: int):
     resume, stats = first_batch(resume_step)
     files = S.tfrecord_files(pattern)
     t0 = time.perf_counter()
-    total = sum(S.count_examples(tf.data.TFRecordDataset(f)) for f in files)
+    total = sum(records.count_examples(tf.data.TFRecordDataset(f)) for f in files)
     count = time.perf_counter() - t0
     assert total == n
     size = sum(os.path.getsize(f) for f in files) / 2**20

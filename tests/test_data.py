@@ -12,7 +12,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from contrastive_jax.configs import common
-from contrastive_jax.data import pipeline
+from contrastive_jax.data import pipeline, records
 from contrastive_jax.data import sources as S
 from contrastive_jax.data import tokenizer as T
 
@@ -264,7 +264,7 @@ def test_corrupt_image_named_or_skipped_and_counted(folder, tmp_path):
   c = _config(source="folder", path=str(root))
   it = pipeline.train_iterator(c, mode="views", global_batch=25, seed=0, process_index=0,
                         process_count=1)
-  with pytest.raises(S.CorruptImageError, match="99.jpg.*skip_corrupt"):
+  with pytest.raises(records.CorruptImageError, match="99.jpg.*skip_corrupt"):
     next(it)
   c.skip_corrupt = True
   it = pipeline.train_iterator(c, mode="views", global_batch=8, seed=0, process_index=0,

@@ -47,7 +47,7 @@ from PIL import Image
 
 from contrastive_jax.configs import common, mocov2_mnist, simclr_mnist
 from contrastive_jax import checkpoint, configs, restore, train
-from contrastive_jax.data import pipeline
+from contrastive_jax.data import pipeline, records
 from contrastive_jax.data import sources as S
 from contrastive_jax.data import tokenizer as T
 from test_checkpoint import hold_commits
@@ -891,7 +891,7 @@ def test_unusual_image_modes_decode_to_rgb(odd_images):
   for path in src.columns["path"]:
     # The pipeline's decoder against PIL's conversion to RGB (grey replicated, CMYK converted,
     # alpha dropped, palette expanded).
-    got = S.decode_record({"path": tf.constant(path)}).numpy()
+    got = records.decode_record({"path": tf.constant(path)}).numpy()
     ref = np.asarray(Image.open(path).convert("RGB"))
     assert got.shape == ref.shape == (24, 30, 3) and got.dtype == np.uint8, path
     diff = np.abs(got.astype(int) - ref.astype(int))
@@ -916,7 +916,7 @@ def test_broken_image_files_named_or_skipped_and_counted(odd_images, tmp_path):
   c = _data_config(source="folder", path=odd_images["mixed"])
   it = pipeline.train_iterator(c, mode="views", global_batch=10, seed=0, process_index=0,
                         process_count=1)
-  with pytest.raises(S.CorruptImageError) as info:
+  with pytest.raises(records.CorruptImageError) as info:
     next(it)
   message = str(info.value)
   assert "4 image(s)" in message and "skip_corrupt" in message, message
@@ -937,7 +937,7 @@ def test_broken_image_files_named_or_skipped_and_counted(odd_images, tmp_path):
   # Evaluation arrays skip them as well (and refuse them, naming a file, without the flag).
   assert len(pipeline.eval_arrays(c, "train")["label"]) == 6
   c.skip_corrupt = False
-  with pytest.raises(S.CorruptImageError, match="truncated"):
+  with pytest.raises(records.CorruptImageError, match="truncated"):
     pipeline.eval_arrays(c, "train")
   # The trainer reports what its input skipped, in summary.json.
   run = _config(total_steps=1, global_batch=6, num_devices=2)

@@ -12,7 +12,7 @@ import tensorflow as tf
 from tiny_tfds import digits_builder_cls
 
 from contrastive_jax.configs import common
-from contrastive_jax.data import pipeline
+from contrastive_jax.data import pipeline, records
 from contrastive_jax.data import sources as S
 from contrastive_jax.data import streaming
 
@@ -63,7 +63,7 @@ def test_counts_from_index_without_reading(tmp_path, monkeypatch, caplog):
     raise AssertionError("records were read to count them")
 
   with monkeypatch.context() as m:
-    m.setattr(S, "count_examples", no_reading)
+    m.setattr(S.tfrecord, "count_examples", no_reading)
     pattern = str(tmp_path / "s*")  # also matches the index files: they are left out
     # Consecutive record ranges of the files in order: 16 records each, file 2 split 4 + 1.
     s0, s1 = (S.tfrecord_stream(pattern, p, 2) for p in range(2))
@@ -125,7 +125,8 @@ def test_corrupt_skipped_as_met_counted_named_resumable(tmp_path, caplog):
   assert it.stats["corrupt_skipped"] == 0  # nothing is read before the first batch
   with caplog.at_level(logging.WARNING):
     full = [next(it) for _ in range(3 * spe)]
-  bad_ids = {int(S._record_id(tf.constant(os.path.basename(files[f])), tf.constant(r, tf.int64)))
+  bad_ids = {int(records._record_id(tf.constant(os.path.basename(files[f])),
+                                    tf.constant(r, tf.int64)))
              for f, r in corrupt}
   seen = np.concatenate([b["index"] for b in full])
   assert not set(seen.tolist()) & bad_ids
@@ -211,7 +212,7 @@ def test_weighted_mix_deterministic_and_resumable(tmp_path, monkeypatch):
               mix_weights=(0.7, 0.3))
   ids_b = set()
   for f in sorted((tmp_path / "b").glob("*.tfrecord")):
-    ids_b |= {int(S._record_id(tf.constant("mix1/" + f.name), tf.constant(r, tf.int64)))
+    ids_b |= {int(records._record_id(tf.constant("mix1/" + f.name), tf.constant(r, tf.int64)))
               for r in range(6)}
   it = _iter(c, batch=4)
   full = [next(it) for _ in range(52)]
@@ -234,7 +235,7 @@ def test_damaged_tfrecord_file_is_named_not_skipped(tmp_path):
   with open(files[1], "wb") as fh:
     fh.write(raw[:len(raw) // 2] + b"\x00" * 7 + raw[len(raw) // 2 + 7:])
   it = _iter(_config(str(tmp_path), skip_corrupt=True))
-  with pytest.raises(S.CorruptImageError, match=r"s1-00000-of-00001.tfrecord.*damaged"):
+  with pytest.raises(records.CorruptImageError, match=r"s1-00000-of-00001.tfrecord.*damaged"):
     for _ in range(2 * it.stats["steps_per_epoch"]):
       next(it)
 
@@ -251,7 +252,7 @@ def test_more_processes_than_files_split_by_record_ranges(tmp_path):
                                  process_index=p, process_count=8)
     shards = S.tfrecord_stream(str(tmp_path / "s*.tfrecord"), p, 8).shards
     assert sum(shards.counts) == 4 and len(shards.files) < len(files)
-    want = {int(S._record_id(tf.constant(f), tf.constant(r, tf.int64)))
+    want = {int(records._record_id(tf.constant(f), tf.constant(r, tf.int64)))
             for f, r in names[4 * p:4 * p + 4]}
     assert it.stats["num_examples"] == it.stats["steps_per_epoch"] == 4
     ids = [int(next(it)["index"][0]) for _ in range(8)]
@@ -333,11 +334,11 @@ def test_tfds_files_read_as_tfds_reads_them(seek_tfds):
   files = [i.filename for i in tfds.builder("seek_digits", data_dir=seek_tfds).info.splits[
       split].file_instructions]
   for shards in (S.tfds_file_stream("seek_digits", split, seek_tfds, 0, 2).shards,
-                 S.assign_files(files, [5, 10, 10, 7], 3, 8, [5, 0, 0, 0])):
+                 streaming.assign_files(files, [5, 10, 10, 7], 3, 8, [5, 0, 0, 0])):
     for i, n in enumerate(shards.counts):
       recs = [r for _, r, _ in shards.record_dataset(i).as_numpy_iterator()]
       assert recs == [shards.record_index(i, k) for k in range(n)]
-  assert [r for _, r, _ in S.assign_files(files, [5, 10, 10, 7], 3, 8, [5, 0, 0, 0])
+  assert [r for _, r, _ in streaming.assign_files(files, [5, 10, 10, 7], 3, 8, [5, 0, 0, 0])
           .record_dataset(0).as_numpy_iterator()] == [7, 8, 9]
   got = {}
   for p in range(2):

@@ -1,25 +1,8 @@
 """Per-process tf.data input pipelines: sharded, seeded, exactly resumable.
 
-Training order (``train_iterator``):
-
-* Random-access sources (embedded MNIST, image folders, CSV, and tfds / TFRecord with
-  ``cache=True``): epoch ``e`` visits ``perm_e = stateless_shuffle(range(N), (seed, e))``. With
-  global batch ``B = P * b`` over ``P`` processes, global step ``t`` of the epoch is
-  ``perm_e[t B : (t + 1) B]`` and process ``p`` takes its ``p``-th slice of ``b`` rows. The
-  processes' shards are disjoint, their union is the epoch (less the ``N mod B`` remainder that
-  is dropped, a different one each epoch), and the global batch does not depend on ``P``.
-* Streaming TFRecord sources (no ``cache``): process ``p`` reads only its files (counts from
-  the shard index); each epoch is a seeded file order, a deterministic parallel interleave of
-  ``cycle_length`` files and a windowed shuffle (``streaming.py``), so ``start_step`` seeks:
-  files before the resume point are not opened and at most one interleave group and one
-  window are read again. With ``skip_corrupt``, undecodable records are skipped as they are
-  met, counted in ``stats`` and named in the log.
-* Streaming tfds sources prepared as TFRecord files (``tfds build``'s default): read as
-  TFRecord shards are, with the files and their record counts from the split's metadata
-  (``sources.tfds_file_stream``), so ``start_step`` seeks in the same way. Where a split has
-  no such files (``tfds.testing.mock_data``, ArrayRecord) process ``p`` reads its even
-  sub-split through ``as_dataset``; each epoch is a buffer shuffle seeded by (seed, e), and a
-  resume reads and discards the records before it (replay; a log line says so).
+Training order (``train_iterator``): random-access sources are read in an exact seeded
+permutation per epoch, streaming TFRecord shards and tfds TFRecord files in a seekable order,
+other tfds splits in a seeded shuffle that a resume replays (``orders.py``, one class each).
 
 Each example's augmentation is seeded by (seed, epoch, example id, view) (see augment.py), so
 a batch is a pure function of (seed, step): ``start_step=s`` computes the epoch and offset of
@@ -41,6 +24,8 @@ import tensorflow as tf
 from absl import logging
 
 from contrastive_jax.data import augment as aug_lib
+from contrastive_jax.data import orders as orders_lib
+from contrastive_jax.data import records
 from contrastive_jax.data import sources as src_lib
 from contrastive_jax.data import streaming
 from contrastive_jax.data import tokenizer as tok_lib
@@ -50,7 +35,6 @@ SOURCES = ("mnist", "tfds", "folder", "csv", "tfrecord", "karpathy_json")
 # Sources only the evaluators read (several captions per image: retrieval).
 EVAL_ONLY_SOURCES = ("karpathy_json",)
 MODES = ("views", "image_text")
-_INF_EPOCHS = 2**62
 _CAPTION_OP = 7  # folded into an example seed to pick its caption template
 
 
@@ -89,7 +73,7 @@ def _is_streaming(c) -> bool:
   return c.source in ("tfds", "tfrecord") and not c.cache
 
 
-def indexed_source(data_config, split: str) -> src_lib.IndexedSource:
+def indexed_source(data_config, split: str) -> records.IndexedSource:
   """The split of a random-access source (tfds / TFRecord loaded into memory)."""
   c = data_config
   _check_source(c)
@@ -120,7 +104,7 @@ def split_size(data_config, split: str) -> int:
   c = data_config
   _check_source(c)
   if c.source == "tfds":
-    builder, how = src_lib._tfds_builder(c.name, c.data_dir or None)  # pylint: disable=protected-access
+    builder, how = src_lib.tfds_builder(c.name, c.data_dir or None)
     try:
       return int(builder.info.splits[split].num_examples)
     except (KeyError, ValueError) as e:
@@ -134,30 +118,6 @@ def split_size(data_config, split: str) -> int:
 def make_tokenizer(data_config):
   return tok_lib.make_tokenizer(data_config.tokenizer, int(data_config.context_length),
                                 data_config.spm_model or None, data_config.bpe_vocab or None)
-
-
-# ----------------------------------------------------------------------------- ids
-
-def epoch_rows(num_examples: int, seed: int, epoch, global_batch: int, process_index: int,
-               process_count: int) -> tf.Tensor:
-  """Rows ``[steps_per_epoch * b] int64`` of ``epoch`` read by this process, in order.
-
-  Works on a tensor ``epoch`` (inside ``Dataset.flat_map``) and eagerly.
-  """
-  b = global_batch // process_count
-  spe = num_examples // global_batch
-  epoch = tf.cast(epoch, tf.int64)
-  perm = tf.random.experimental.stateless_shuffle(
-      tf.range(num_examples, dtype=tf.int64),
-      seed=aug_lib.fold_in(tf.constant([seed, 0xE90C], tf.int64), epoch))
-  perm = tf.reshape(perm[:spe * global_batch], [spe, process_count, b])
-  return tf.reshape(perm[:, process_index, :], [-1])
-
-
-def _epoch_shuffle_seed(seed: int, epoch) -> tf.Tensor:
-  """A scalar int64 seed for ``Dataset.shuffle`` that differs per epoch."""
-  s = aug_lib.fold_in(tf.constant([seed, 0x5B0F], tf.int64), epoch)
-  return tf.random.stateless_uniform([], seed=s, minval=None, maxval=None, dtype=tf.int64)
 
 
 # ----------------------------------------------------------------------------- iterator
@@ -205,19 +165,19 @@ class DataIterator:
 def _make_diagnose(source):
   """On a decode error, name the corrupt files of an IndexedSource and say how to fix it."""
   def diagnose(err):
-    if isinstance(source, src_lib.IndexedSource):
-      bad = src_lib.find_corrupt(source)
+    if isinstance(source, records.IndexedSource):
+      bad = records.find_corrupt(source)
       if bad:
-        raise src_lib.corrupt_error(source.name, [source.describe(i) for i in bad]) from err
+        raise records.corrupt_error(source.name, [source.describe(i) for i in bad]) from err
     shards = getattr(source, "shards", None)
     if isinstance(err, tf.errors.DataLossError) and shards is not None:
       damaged = src_lib.damaged_tfrecord_files(shards.files)  # a pass, on this error only
       if damaged:
-        raise src_lib.CorruptImageError(
+        raise records.CorruptImageError(
             f"TFRecord file(s) {damaged} of {source.name} are damaged (bad record length or "
             "CRC); data.skip_corrupt skips undecodable images, not damaged files. Fix: rewrite "
             "them, or delete them and rewrite the index (sources.index_tfrecords).") from err
-    raise src_lib.CorruptImageError(
+    raise records.CorruptImageError(
         f"reading {source.name} failed ({type(err).__name__}: {err.message.splitlines()[0]}). "
         "If an image or record is corrupt, replace it or set data.skip_corrupt=True.") from err
   return diagnose
@@ -225,7 +185,7 @@ def _make_diagnose(source):
 
 def _caption_table(source) -> tf.Tensor | None:
   if source.class_names:
-    return tf.constant(src_lib.format_captions(source.train_templates, source.class_names))
+    return tf.constant(records.format_captions(source.train_templates, source.class_names))
   return None
 
 
@@ -239,6 +199,32 @@ def _mix_weights(c, num_sources: int) -> list[float]:
                      f"per source: data.path plus the {num_sources - 1} data.mix_paths "
                      f"(e.g. mix_weights=(0.7, 0.3))")
   return weights
+
+
+def train_order(data_config, *, global_batch: int, seed: int, process_index: int,
+                process_count: int) -> orders_lib.TrainOrder:
+  """This process's training order (``orders.py``) of ``config.data``'s train split."""
+  c, b = data_config, global_batch // process_count
+  _check_source(c)
+  if not _is_streaming(c):
+    source = indexed_source(c, c.train_split)
+    if c.skip_corrupt:
+      source = records.drop_corrupt(source)
+    return orders_lib.IndexedOrder(source, seed, global_batch, process_index, process_count)
+  if c.source == "tfds":
+    args = (c.name, c.train_split, c.data_dir or None, process_index, process_count,
+            c.image_key, c.label_key, c.caption_key or None)
+    streams, weights = [src_lib.tfds_file_stream(*args)], [1.0]
+    if streams[0] is None:  # no TFRecord files (mock data, ArrayRecord): replay, logged
+      return orders_lib.ReplayOrder(src_lib.tfds_stream(*args), seed, b,
+                                    c.shuffle_buffer, c.skip_corrupt)
+  else:
+    paths = [c.path, *c.mix_paths]
+    weights = _mix_weights(c, len(paths))
+    streams = [src_lib.tfrecord_stream(_split_path(path, c.train_split), process_index,
+                                       process_count) for path in paths]
+  return orders_lib.SeekOrder(streams, weights, seed, b, process_count, c.cycle_length,
+                              c.shuffle_buffer, c.skip_corrupt, c.corrupt_reserve)
 
 
 def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
@@ -269,83 +255,41 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
                      f"use a multiple of {num_p}")
   if start_step < 0:
     raise ValueError(f"start_step={start_step} must be >= 0")
-  b = global_batch // num_p
+  b, seed = global_batch // num_p, int(seed)
   cfg = augment_config(c)
   tokenizer = make_tokenizer(c) if mode == "image_text" else None
-  seed = int(seed)
-  stats: dict[str, Any] = {"local_batch": b, "corrupt_skipped": 0, "corrupt_files": []}
-  _check_source(c)
+  order = train_order(c, global_batch=global_batch, seed=seed, process_index=p,
+                      process_count=num_p)
+  if order.steps_per_epoch < 1:
+    raise ConfigError(f"config.global_batch={global_batch} is larger than {order.describe}; "
+                      "use a smaller batch")
+  make_example = _train_example_fn(c, mode, seed, cfg, order.source, tokenizer,
+                                   order.positions)
+  par = c.num_parallel_calls
+  par = tf.data.AUTOTUNE if par in (None, -1) else int(par)
+  ds, info = order.examples(int(start_step), make_example, par)
+  stats: dict[str, Any] = {"local_batch": b, "corrupt_skipped": 0, "corrupt_files": [],
+                           **order.stats, "num_examples": order.num_examples,
+                           "steps_per_epoch": order.steps_per_epoch, **info}
+  ds = ds.batch(b, drop_remainder=True)
+  ds = ds.prefetch(int(c.prefetch) or tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  ds = ds.with_options(options)
+  return DataIterator(ds, stats, int(start_step), _make_diagnose(order.source),
+                      order.corrupt_tracker(info))
 
-  orders = []
-  if _is_streaming(c):
-    if c.source == "tfds":
-      streams = [src_lib.tfds_file_stream(c.name, c.train_split, c.data_dir or None, p, num_p,
-                                          c.image_key, c.label_key, c.caption_key or None)]
-      weights = [1.0]
-      if streams[0] is None:  # no TFRecord files (mock data, ArrayRecord): replay, logged
-        streams = []
-        source = src_lib.tfds_stream(c.name, c.train_split, c.data_dir or None, p, num_p,
-                                     c.image_key, c.label_key, c.caption_key or None)
-        n = source.num_examples
-        spe = n // b
-    else:
-      paths = [c.path, *c.mix_paths]
-      weights = _mix_weights(c, len(paths))
-      streams = [src_lib.tfrecord_stream(_split_path(path, c.train_split), p, num_p)
-                 for path in paths]
-    reserve = float(c.corrupt_reserve) if c.skip_corrupt else 0.0
-    for i, stream in enumerate(streams):
-      orders.append(streaming.StreamOrder(
-          stream.shards, seed, int(c.cycle_length), int(c.shuffle_buffer),
-          reserve, source_index=i, parse=stream.parse))
-    if orders:
-      source = streams[0]
-      n = sum(o.num_records for o in orders)
-      # Every process's epoch has the same number of steps, the smallest process's (record
-      # ranges differ by at most one record per source, so at most one batch is cut): hosts
-      # start their epochs together and see their records equally often.
-      spe = min(sum(streaming.usable_records(hi - lo, o.window, o.reserve)
-                    for o, stream in zip(orders, streams)
-                    for lo, hi in [src_lib.process_records(stream.split_examples, q, num_p)])
-                for q in range(num_p)) // b
-    stats["resume"] = "seek" if orders else "replay"
-    what = f"this process's {n} examples"
-  else:
-    source = indexed_source(c, c.train_split)
-    if c.skip_corrupt:
-      source = src_lib.drop_corrupt(source)
-      stats.update(corrupt_skipped=len(source.corrupt_files),
-                   corrupt_files=list(source.corrupt_files))
-    n = len(source)
-    spe = n // global_batch
-    what = f"the {n} examples of {source.name}"
-  if spe < 1:
-    raise ConfigError(f"config.global_batch={global_batch} is larger than {what}; use a "
-                      "smaller batch")
-  stats.update(num_examples=n, steps_per_epoch=spe)
 
+def _train_example_fn(c, mode: str, seed: int, cfg: aug_lib.AugmentConfig, source, tokenizer,
+                      positions: bool):
+  """``(epoch, record) -> {view1, view2 | image, tokens; label, index}``: the augmented views
+  of one record, seeded by (seed, epoch, id, view); ``positions`` keeps the record's position
+  columns (``streaming.POSITION_KEYS``) for the corrupt-record tracker."""
   captions = _caption_table(source)
   if mode == "image_text" and captions is None and not _has_captions(source):
     raise ConfigError(f"mode='image_text' needs captions but {source.name} has neither a "
                      "caption column nor class names")
-
-  start_epoch, offset = divmod(int(start_step), spe)
-  if isinstance(source, src_lib.IndexedSource):
-    cols = source.tf_columns()
-
-    def epoch_ds(epoch):
-      rows = epoch_rows(n, seed, epoch, global_batch, p, num_p)
-      return tf.data.Dataset.from_tensor_slices(rows).map(
-          lambda r: (epoch, {k: tf.gather(v, r) for k, v in cols.items()}))
-  else:
-    stream = source.dataset
-
-    def epoch_ds(epoch):
-      return stream.shuffle(int(c.shuffle_buffer), seed=_epoch_shuffle_seed(seed, epoch),
-                            reshuffle_each_iteration=False).take(spe * b).map(
-                                lambda r: (epoch, r))
-
-  tracker_columns = bool(orders) and bool(c.skip_corrupt)
   crop_decode = {"auto": _is_streaming(c), "on": True, "off": False, True: True,
                  False: False}.get(c.crop_decode)
   if crop_decode is None:
@@ -356,11 +300,11 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
   def make_example(epoch, record):
     ex_seed = aug_lib.example_seed(seed, epoch, record["id"])
     out = {"label": tf.cast(record["label"], tf.int32), "index": record["id"]}
-    if tracker_columns:
+    if positions:
       out.update({k: record[k] for k in streaming.POSITION_KEYS})
     views = (1, 2) if mode == "views" else (1,)
     if "image" in record or not crop_decode:
-      image = src_lib.decode_record(record)
+      image = records.decode_record(record)
       x = [aug_lib.augment_view(image, aug_lib.view_seed(ex_seed, v), cfg, v) for v in views]
     else:  # encoded: decode only the crop window (JPEG)
       data = record["image_bytes"] if "image_bytes" in record else tf.io.read_file(
@@ -380,38 +324,11 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
       out["tokens"] = tokenizer.tf_encode(caption)
     return out
 
-  par = c.num_parallel_calls
-  par = tf.data.AUTOTUNE if par in (None, -1) else int(par)
-  tracker = None
-  if orders:
-    if len(orders) == 1:  # epochs end on whole batches
-      ds, info = streaming.kept_examples(orders[0], spe * b, int(start_step) * b,
-                                         bool(c.skip_corrupt), make_example, par)
-      infos = [info]
-    else:
-      ds, infos = streaming.mixed_examples(orders, weights, int(start_step) * b,
-                                           bool(c.skip_corrupt), make_example, par)
-    stats.update(infos[0] if len(infos) == 1 else {
-        k: [i[k] for i in infos] for k in infos[0]})
-    if c.skip_corrupt:
-      tracker = streaming.CorruptTracker(orders, [i["resume_position"] for i in infos])
-  else:
-    ds = tf.data.Dataset.range(start_epoch, _INF_EPOCHS).flat_map(epoch_ds)
-    ds = ds.skip(offset * b)  # ids only: nothing before the resume point is decoded
-    ds = ds.map(make_example, num_parallel_calls=par, deterministic=True)
-    if c.skip_corrupt and _is_streaming(c):  # tfds: skipped as met, not counted
-      ds = ds.ignore_errors()
-  ds = ds.batch(b, drop_remainder=True)
-  ds = ds.prefetch(int(c.prefetch) or tf.data.AUTOTUNE)
-  options = tf.data.Options()
-  options.deterministic = True
-  options.experimental_optimization.map_parallelization = True
-  ds = ds.with_options(options)
-  return DataIterator(ds, stats, int(start_step), _make_diagnose(source), tracker)
+  return make_example
 
 
 def _has_captions(source) -> bool:
-  if isinstance(source, src_lib.IndexedSource):
+  if isinstance(source, records.IndexedSource):
     return "caption" in source.columns
   return "caption" in source.dataset.element_spec
 
@@ -433,13 +350,13 @@ def _eval_example_fn(source, cfg: aug_lib.AugmentConfig, tokenizer, captions_per
   ``coco_captions``' ``captions/text``); the first K are kept, ``tokens [K, L]`` (the COCO and
   Flickr30k retrieval protocol uses five per image). An image with fewer than K fails.
   """
-  table = (tf.constant(src_lib.format_captions(source.eval_templates[:1], source.class_names))
+  table = (tf.constant(records.format_captions(source.eval_templates[:1], source.class_names))
            if source.class_names else None)
   k = int(captions_per_image or 0)
 
   @tf.autograph.experimental.do_not_convert
   def fn(rec):
-    out = {"image": aug_lib.eval_preprocess(src_lib.decode_record(rec), cfg),
+    out = {"image": aug_lib.eval_preprocess(records.decode_record(rec), cfg),
            "label": tf.cast(rec["label"], tf.int32), "index": rec["id"]}
     if tokenizer is not None and k:
       caps = tf.reshape(rec["caption"], [-1])
@@ -459,7 +376,7 @@ def _eval_example_fn(source, cfg: aug_lib.AugmentConfig, tokenizer, captions_per
   return fn
 
 
-def _eval_dataset(source: src_lib.IndexedSource, cfg: aug_lib.AugmentConfig, tokenizer,
+def _eval_dataset(source: records.IndexedSource, cfg: aug_lib.AugmentConfig, tokenizer,
                   par) -> tf.data.Dataset:
   cols = source.tf_columns()
   caption = source.columns.get("caption")
@@ -483,7 +400,7 @@ def eval_arrays(data_config, split: str, *, process_index: int | None = None,
   c = data_config
   source = indexed_source(c, split)
   if c.skip_corrupt:
-    source = src_lib.drop_corrupt(source)
+    source = records.drop_corrupt(source)
   source = source.take(_shard_rows(len(source), process_index, process_count))
   if with_text and not (_has_captions(source) or source.class_names):
     raise ValueError(f"with_text=True but {source.name} has no captions or class names")
@@ -521,17 +438,10 @@ def eval_iterator(data_config, split: str, batch_size: int, *,
   if _is_streaming(c):
     if c.source == "tfds":
       source = src_lib.tfds_stream(c.name, split, c.data_dir or None, p, num_p,
-                                   c.image_key, c.label_key,
-                                   c.caption_key or None)
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-      try:
-        total = tfds.builder(c.name, data_dir=c.data_dir or None).info.splits[
-            split].num_examples
-      except (KeyError, ValueError, TypeError):  # no split metadata (mock data)
-        total = source.num_examples * num_p
+                                   c.image_key, c.label_key, c.caption_key or None)
     else:
       source = src_lib.tfrecord_stream(_split_path(c.path, split), p, num_p)
-      total = source.num_examples * num_p
+    total = source.split_examples or source.num_examples * num_p
     ds = source.dataset.map(_eval_example_fn(source, cfg, tokenizer,
                                              c.get("captions_per_image", 0)),
                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -540,7 +450,7 @@ def eval_iterator(data_config, split: str, batch_size: int, *,
   else:
     source = indexed_source(c, split)
     if c.skip_corrupt:
-      source = src_lib.drop_corrupt(source)
+      source = records.drop_corrupt(source)
     total = len(source)
     source = source.take(_shard_rows(total, p, num_p))
     ds = _eval_dataset(source, cfg, tokenizer, tf.data.AUTOTUNE)
@@ -583,7 +493,7 @@ def class_prompts(data_config, templates: str = "eval") -> dict[str, Any]:
     raise ValueError("class_prompts needs a source with class names (mnist, folder, tfds "
                      "with cache=True)")
   tmpl = source.eval_templates if templates == "eval" else source.train_templates
-  prompts = [list(col) for col in zip(*src_lib.format_captions(tmpl, source.class_names))]
+  prompts = [list(col) for col in zip(*records.format_captions(tmpl, source.class_names))]
   tokenizer = make_tokenizer(data_config)
   tokens = np.stack([tokenizer.encode(row) for row in prompts])
   return {"class_names": list(source.class_names), "prompts": prompts, "tokens": tokens}

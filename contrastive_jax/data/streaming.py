@@ -1,10 +1,15 @@
-"""A seekable training order for TFRecord shards: seeded file order, interleave, windowed shuffle.
+"""Streams of TFRecord files: their split across hosts, and a seekable order of each host's part.
 
 Serves TFRecord shards with a shard index and tfds splits prepared as TFRecord files (counts
 from the split's shard lengths, ``sources.tfds_file_stream``) alike.
 
-The order of process ``p``'s records in epoch ``e`` is a pure function of (seed, e) and the
-per-file record counts of the shard index (``sources.read_tfrecord_index``):
+**Host splitting** (``assign_files``): process ``p`` of ``P`` reads the consecutive record
+range ``process_records(total, p, P)`` of the files taken in order, as pieces of files
+(``ShardedFiles``), so every process has the same number of records to within one.
+
+**Seekable order** (``StreamOrder``). The order of process ``p``'s records in epoch ``e`` is a
+pure function of (seed, e) and the per-file record counts of the shard index
+(``sources.read_tfrecord_index``):
 
 1. **File order**: a stateless permutation of this process's files, seeded by (seed, e).
 2. **Interleave**: consecutive groups of ``cycle`` files; each group is read round-robin, one
@@ -33,20 +38,87 @@ that precede it, permutes window ``k`` and drops its first ``o`` records: at mos
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from contrastive_jax.data import augment as aug_lib
-from contrastive_jax.data import sources as src_lib
+from contrastive_jax.data import records
 
 _FILE_ORDER, _WINDOW_PERM, _MIX = 0xF11E, 0x3D0F, 0x313C
 _INF_EPOCHS = 2**62
 MIX_BLOCK = 1000  # records of the mixed stream over which the weights hold exactly
 POSITION_KEYS = ("_source", "_epoch", "_window", "_slot")
 
+
+# ----------------------------------------------------------------------------- host splitting
+
+@dataclasses.dataclass(frozen=True)
+class ShardedFiles:
+  """This process's part of a set of TFRecord files: ``counts[i]`` consecutive records of
+  ``files[i]`` from record ``offsets[i]`` (empty: all 0). A file can be shared with the
+  neighbouring processes, each reading its own record range (``assign_files``)."""
+  files: tuple[str, ...]
+  counts: tuple[int, ...]
+  offsets: tuple[int, ...] = ()
+
+  def record_index(self, i: int, k: int) -> int:
+    """Index in ``files[i]`` of this process's ``k``-th record of that file."""
+    return (self.offsets[i] if self.offsets else 0) + k
+
+  def record_dataset(self, i) -> tf.data.Dataset:
+    """``(file index, record index in the file, serialized record)`` of file ``i`` (a scalar
+    tensor), in file order; nothing is parsed. The records before the range are skipped by
+    TFRecord framing (read past, not copied or checked)."""
+    i = tf.cast(i, tf.int64)
+    ds = tf.data.TFRecordDataset(tf.gather(tf.constant(self.files), i))
+    first = tf.constant(0, tf.int64)
+    if self.offsets:
+      first = tf.gather(tf.constant(self.offsets, tf.int64), i)
+    ds = ds.skip(first).take(tf.gather(tf.constant(self.counts, tf.int64), i))
+    return ds.enumerate(first).map(lambda r, x: (i, r, x))
+
+
+def process_records(total: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """``[start, end)``: process ``p``'s range of a split's ``total`` records, counted across
+  its files in order; the ranges of the ``P`` processes differ in length by at most one."""
+  return (process_index * total // process_count,
+          (process_index + 1) * total // process_count)
+
+
+def assign_files(files: Sequence[str], counts: Sequence[int], process_index: int,
+                 process_count: int, offsets: Sequence[int] = ()) -> ShardedFiles:
+  """Process ``p``'s part of ``files`` (``counts`` records each, from ``offsets``): the
+  consecutive record range ``process_records(sum(counts), p, P)`` of the files taken in order,
+  as pieces of files.
+
+  Balanced by records, not by files, so that (1) every process has the same number of records
+  to within one, hence the same epoch (whole files would give the hosts of 1,024 equal shards
+  on 48 hosts 21 or 22 files: epochs about 5% apart), and (2) with fewer files than processes
+  each record is read by one process only (a strided ``Dataset.shard`` of every file made
+  every host read every file whole). A process reads one to ``ceil(F / P) + 1`` files.
+  """
+  offsets = tuple(offsets) or (0,) * len(files)
+  lo, hi = process_records(sum(counts), process_index, process_count)
+  out_files, out_counts, out_offsets = [], [], []
+  start = 0
+  for f, n, off in zip(files, counts, offsets):
+    a, b = max(lo, start), min(hi, start + n)
+    if b > a:
+      out_files.append(f)
+      out_counts.append(b - a)
+      out_offsets.append(off + a - start)
+    start += n
+  return ShardedFiles(tuple(out_files), tuple(out_counts), tuple(out_offsets))
+
+
+
+
+# ----------------------------------------------------------------------------- seekable order
 
 def _keep(size: int, reserve: float) -> int:
   return size - math.ceil(reserve * size)
@@ -73,10 +145,10 @@ class StreamOrder:
     source_index: position in a mix; ids of source ``i > 0`` hash ``mix<i>/<file>:<record>``
       so that equal file names in two sources give different examples.
     parse: ``(names, file index, record index, serialized) -> {image_bytes, label, id[,
-      caption]}`` (``StreamSource.parse``); default ``sources.tfrecord_record``.
+      caption]}`` (``StreamSource.parse``); default ``records.tfrecord_record``.
   """
 
-  def __init__(self, shards: src_lib.ShardedFiles, seed: int, cycle: int, window: int,
+  def __init__(self, shards: ShardedFiles, seed: int, cycle: int, window: int,
                reserve: float = 0.0, source_index: int = 0, parse=None):
     if cycle < 1 or window < 1:
       raise ValueError(f"data.cycle_length={cycle} and data.shuffle_buffer={window} must be "
@@ -99,7 +171,7 @@ class StreamOrder:
     if source_index:
       names = [f"mix{source_index}/{f}" for f in names]
     self._names = tf.constant(names)
-    self._parse = parse or src_lib.tfrecord_record
+    self._parse = parse or records.tfrecord_record
 
   def keep(self, size: int) -> int:
     """Records a window of ``size`` records yields."""
