@@ -19,27 +19,32 @@ kernel's output features). A leaf is replicated when it has fewer than ``min_siz
 is a function of the leaf's path and shape only, so a parameter, its optimizer moments (same
 shape, any dtype) and its EMA copy always get the same placement.
 
-When no dimension is divisible by N (ViT-bigG's width 1,664 = 2^7 * 13 and its qkv width 4,992
-on a 256-chip slice: 5.98 of its 28.4 GiB of state stayed whole on every chip), the leaf is split
-along two dimensions over a factored view of the same devices: N = a * b, the devices of
-``"data"`` in their ring order reshaped to ``[a, b]`` (axes ``"data_outer"``, ``"data_inner"``),
-dimension i split a ways and dimension j b ways (a [1664, 4992] kernel on 256 chips:
-4992 / 128 x 1664 / 2). Where no such pair exists either, the leaf is split as many ways k as
-the best pair allows (a divisor of N) and the view gets a leading ``"data_replica"`` axis of size
-N / k over which the k shards are repeated; a leaf is replicated only when no dimension shares a
-factor with N. ``fsdp_split`` gives the ways per dimension. Why a view and not the alternatives:
+When no dimension is divisible by N (ViT-bigG's width 1,664 = 2^7 x 13 and its qkv width
+4,992 on a 256-chip slice: 5.98 of its 28.4 GiB of state stayed whole on every chip), the leaf is
+split k ways along one dimension, k the largest divisor of N that divides one of its dimensions
+(1,664 and 4,992 on 256 chips: 128), over a factored view of the same devices: the devices of
+``"data"`` in their ring order reshaped to ``[N / k, k]`` (axes ``"data_replica"``,
+``"data_shard"``), so each shard is held by N / k chips. A leaf is replicated only when no
+dimension shares a factor with N. ``fsdp_split`` gives the ways per dimension. Why this and not
+the alternatives:
 
 * uneven shards (ceil(d / N) rows per device): jax 0.10's ``NamedSharding`` refuses a dimension
   that the tiling does not divide (``IndivisibleError``) for arrays that live between steps, so
   the train state cannot be stored that way;
 * padding the parameter to a multiple of N changes the model (a padded attention width, a
   padded vocabulary) unless every use masks the padding, and changes checkpoints and converters;
+* splitting two dimensions (1,664 / 2 x 4,992 / 128 = all 256 chips) was tried and measured: a
+  Dense kernel split on its input (contracting) dimension makes the SPMD partitioner (Shardy
+  and GSPMD alike) all-gather the *activations* over the batch instead of the kernel, 44 GiB
+  of temporaries per chip for bigG on a v5e-256 (docs/largest_runs.md). One split dimension
+  keeps the usual FSDP program: the weight is gathered before its matmul;
 * a second axis on the run's mesh would change the batch axis that losses, input pipeline and
-  evaluators share. The view changes nothing for them: it is the same devices in the same order,
-  so XLA sees one device assignment; a sharding is only a tiling of that list, and the SPMD
-  partitioner gathers a two-way-split parameter before use and reduce-scatters its gradient
-  exactly as for a one-way split. Only leaves that need it use the view; a leaf with a
-  dimension divisible by N keeps ``P(..., "data")`` on the run's mesh (checkpoints unchanged).
+  evaluators share. The view changes nothing for them: it is the same devices in the same
+  order, so XLA sees one device assignment. Only leaves that need it use the view; a leaf with
+  a dimension divisible by N keeps ``P(..., "data")`` on the run's mesh (checkpoints unchanged).
+
+Holding 1/k instead of 1/N of such leaves costs little: for bigG on 256 chips, 47 MiB per chip
+instead of 24.
 
 Rules (``config.sharding.rules``) override the strategy for matching leaves: a sequence of
 ``(regex, action)`` pairs, the first whose regex ``re.search``-es the leaf's path wins (as in
@@ -66,7 +71,7 @@ from contrastive_jax.distributed import DATA_AXIS
 
 STRATEGIES = ("replicated", "fsdp")
 # Axes of the factored device view for leaves no dimension of which N divides (module docstring).
-VIEW_AXES = ("data_replica", "data_outer", "data_inner")
+VIEW_AXES = ("data_replica", "data_shard")
 ACTIONS = ("fsdp", "replicate")
 # 16Ki elements (64 KiB in float32): below this a leaf is replicated under "fsdp". In a ViT-B
 # that leaves only biases and LayerNorm gains (<0.1% of the parameters) whole on each device.
@@ -151,65 +156,38 @@ def _divisors(n: int) -> tuple[int, ...]:
 
 
 def fsdp_split(shape: Sequence[int], axis_size: int) -> tuple[int, ...]:
-  """Ways each dimension of ``shape`` is split by the ``"fsdp"`` rule over ``axis_size`` devices.
-
-  The product k of the result is the largest divisor of ``axis_size`` reachable by splitting at
-  most two dimensions, each by a divisor of its size; among splits of equal k one dimension beats
-  two (``fsdp_spec``'s largest-dimension rule, ties the last), then the larger share on the larger
-  dimension, then the larger second dimension: a scanned block's ``[depth, in, out]`` kernel is
-  split on ``in`` and ``out``, not on its layer axis, which the scan slices every iteration.
-  All ones when nothing shares a factor with ``axis_size``.
-  """
-  n = int(axis_size)
-  divisors = _divisors(n)
+  """Ways each dimension of ``shape`` is split by the ``"fsdp"`` rule over ``axis_size`` devices:
+  one dimension, by the largest divisor of ``axis_size`` that divides it (ties: the larger
+  dimension, then the last, as ``fsdp_spec``); all ones when nothing shares a factor."""
   best, best_key = (1,) * len(shape), (1,)
-  for i, si in enumerate(shape):
-    for a in divisors:
-      if si % a or a == 1:
-        continue
-      key = (a, 1, si, i)
-      if key > best_key:
-        best, best_key = tuple(a if d == i else 1 for d in range(len(shape))), key
-      for j, sj in enumerate(shape):
-        for b in divisors:
-          if j == i or b == 1 or sj % b or n % (a * b):
-            continue
-          key = (a * b, 0, a, si, i, sj, j)
-          if key > best_key:
-            best = tuple(a if d == i else b if d == j else 1 for d in range(len(shape)))
-            best_key = key
+  for i, size in enumerate(shape):
+    for ways in _divisors(int(axis_size)):
+      key = (ways, size, i)
+      if ways > 1 and size % ways == 0 and key > best_key:
+        best, best_key = tuple(ways if d == i else 1 for d in range(len(shape))), key
   return best
 
 
 def fsdp_sharding(shape: Sequence[int], mesh: Mesh, axis_name: str = DATA_AXIS) -> NamedSharding:
   """The ``"fsdp"`` placement of a leaf of ``shape`` (module docstring; no ``min_size``).
 
-  A split of all N devices along one dimension is ``P(..., axis_name)`` on ``mesh``; any other
-  split is a ``NamedSharding`` on the factored view ``[N / k, a, b]`` of the same devices
-  (``VIEW_AXES``). On a mesh with other axes than ``axis_name`` only the one-dimension rule
-  applies (``fsdp_spec``).
+  A split over all N devices is ``P(..., axis_name)`` on ``mesh``; a k-way split is a
+  ``NamedSharding`` on the view ``[N / k, k]`` of the same devices (``VIEW_AXES``). On a mesh
+  with other axes than ``axis_name`` only the N-way rule applies (``fsdp_spec``).
   """
   n = mesh.shape[axis_name]
   if tuple(mesh.axis_names) != (axis_name,):
     return NamedSharding(mesh, fsdp_spec(shape, n, axis_name))
   ways = fsdp_split(shape, n)
-  split = [d for d, w in enumerate(ways) if w > 1]
-  if not split:
+  k = max(ways, default=1)
+  if k == 1:
     return NamedSharding(mesh, P())
-  if len(split) == 1 and ways[split[0]] == n:
-    return NamedSharding(mesh, P(*([None] * split[0]), axis_name))
-  # The larger share is the outer axis; the shards of one replica are consecutive in ring order.
-  split.sort(key=lambda d: -ways[d])
-  outer = ways[split[0]]
-  inner = ways[split[1]] if len(split) > 1 else 1
-  replica = n // (outer * inner)
-  view = Mesh(mesh.devices.reshape(replica, outer, inner), VIEW_AXES,
-              axis_types=(AxisType.Auto,) * 3)
-  spec = [None] * len(shape)
-  spec[split[0]] = VIEW_AXES[1]
-  if len(split) > 1:
-    spec[split[1]] = VIEW_AXES[2]
-  return NamedSharding(view, P(*spec))
+  dim = ways.index(k)
+  if k == n:
+    return NamedSharding(mesh, P(*([None] * dim), axis_name))
+  # Replicas outermost: the k shards of one replica are consecutive in ring order.
+  view = Mesh(mesh.devices.reshape(n // k, k), VIEW_AXES, axis_types=(AxisType.Auto,) * 2)
+  return NamedSharding(view, P(*([None] * dim), VIEW_AXES[1]))
 
 
 def leaf_sharding(path: str, shape: Sequence[int], rules: Sequence[tuple[re.Pattern, Any]],
