@@ -33,18 +33,20 @@ the alternatives:
   the train state cannot be stored that way;
 * padding the parameter to a multiple of N changes the model (a padded attention width, a
   padded vocabulary) unless every use masks the padding, and changes checkpoints and converters;
-* splitting two dimensions (1,664 / 2 x 4,992 / 128 = all 256 chips) was tried and measured: a
-  Dense kernel split on its input (contracting) dimension makes the SPMD partitioner (Shardy
-  and GSPMD alike) all-gather the *activations* over the batch instead of the kernel, 44 GiB
-  of temporaries per chip for bigG on a v5e-256 (docs/largest_runs.md). One split dimension
-  keeps the usual FSDP program: the weight is gathered before its matmul;
+* splitting two dimensions (1,664 / 2 x 4,992 / 128 = all 256 chips) needs a view too and
+  puts a Dense kernel's contracting dimension on the devices; it is not what big_vision's or
+  ZeRO's FSDP does, and it measured no better (docs/largest_runs.md);
 * a second axis on the run's mesh would change the batch axis that losses, input pipeline and
   evaluators share. The view changes nothing for them: it is the same devices in the same
   order, so XLA sees one device assignment. Only leaves that need it use the view; a leaf with
   a dimension divisible by N keeps ``P(..., "data")`` on the run's mesh (checkpoints unchanged).
 
 Holding 1/k instead of 1/N of such leaves costs little: for bigG on 256 chips, 47 MiB per chip
-instead of 24.
+instead of 24. Open problem, measured with the TPU compiler (docs/largest_runs.md): the scanned bigG step on
+256 chips does not fit 16 GiB with this view (59.7 GiB of temporaries) nor without it (29.6);
+with a view the HLO holds activations all-gathered over the batch ([6400, 257, 4992] qkv
+buffers: the SPMD partitioner gathered activations, not weights). Constraining the towers'
+activations to the batch sharding is the next thing to try.
 
 Rules (``config.sharding.rules``) override the strategy for matching leaves: a sequence of
 ``(regex, action)`` pairs, the first whose regex ``re.search``-es the leaf's path wins (as in

@@ -10,8 +10,9 @@ of 49,408 (``data.tokenizer="clip_bpe"``, pooled at ``<end_of_text>`` 49,407); e
 
 Batch: 160,000 = 625 x 256, exactly 625 pairs per chip on a v5e-256. What makes it fit in 16 GiB
 (figures and the command in docs/largest_runs.md):
-* ``sharding.strategy="fsdp"``: parameters, both AdamW moments split over all 256 chips
-  (``sharding.py`` splits 1,664-wide leaves 128 x 2 over a factored view of the devices);
+* ``sharding.strategy="fsdp"``: parameters and both AdamW moments split over the 256 chips
+  (``sharding.py`` splits the 1,664- and 4,992-wide leaves, which 256 does not divide, 128 ways
+  over a view of the same devices);
 * ``optim.mu_dtype="bfloat16"``: the first moment in bf16;
 * ``grad_cache.micro_batches=25``: GradCache (Gao et al. 2021) runs the towers on 25 pairs per
   chip at a time, so activations are those of 25 pairs, not 625;
