@@ -13,11 +13,40 @@ Two strategies, chosen by ``config.sharding.strategy``:
   step's code does not change; the contrastive losses keep their ``shard_map`` over
   ``"data"`` unchanged (their inputs are activations, sharded on the batch as before).
 
-Which dimension: the largest one divisible by the axis size (ties: the last, e.g. a Dense
+Which dimension: the largest one divisible by the axis size N (ties: the last, e.g. a Dense
 kernel's output features). A leaf is replicated when it has fewer than ``min_size`` elements
-(biases, norm gains, scalars: gathering them costs a collective each and saves nothing) or no
-dimension divides. The rule is a function of the leaf's path and shape only, so a parameter, its
-optimizer moments (same shape, any dtype) and its EMA copy always get the same placement.
+(biases, norm gains, scalars: gathering them costs a collective each and saves nothing). The rule
+is a function of the leaf's path and shape only, so a parameter, its optimizer moments (same
+shape, any dtype) and its EMA copy always get the same placement.
+
+When no dimension is divisible by N (ViT-bigG's width 1,664 = 2^7 x 13 and its qkv width
+4,992 on a 256-chip slice: 5.98 of its 28.4 GiB of state stayed whole on every chip), the leaf is
+split k ways along one dimension, k the largest divisor of N that divides one of its dimensions
+(1,664 and 4,992 on 256 chips: 128), over a factored view of the same devices: the devices of
+``"data"`` in their ring order reshaped to ``[N / k, k]`` (axes ``"data_replica"``,
+``"data_shard"``), so each shard is held by N / k chips. A leaf is replicated only when no
+dimension shares a factor with N. ``fsdp_split`` gives the ways per dimension. Why this and not
+the alternatives:
+
+* uneven shards (ceil(d / N) rows per device): jax 0.10's ``NamedSharding`` refuses a dimension
+  that the tiling does not divide (``IndivisibleError``) for arrays that live between steps, so
+  the train state cannot be stored that way;
+* padding the parameter to a multiple of N changes the model (a padded attention width, a
+  padded vocabulary) unless every use masks the padding, and changes checkpoints and converters;
+* splitting two dimensions (1,664 / 2 x 4,992 / 128 = all 256 chips) needs a view too and
+  puts a Dense kernel's contracting dimension on the devices; it is not what big_vision's or
+  ZeRO's FSDP does, and it measured no better (docs/largest_runs.md);
+* a second axis on the run's mesh would change the batch axis that losses, input pipeline and
+  evaluators share. The view changes nothing for them: it is the same devices in the same
+  order, so XLA sees one device assignment. Only leaves that need it use the view; a leaf with
+  a dimension divisible by N keeps ``P(..., "data")`` on the run's mesh (checkpoints unchanged).
+
+Holding 1/k instead of 1/N of such leaves costs little: for bigG on 256 chips, 47 MiB per chip
+instead of 24. Open problem, measured with the TPU compiler (docs/largest_runs.md): the scanned bigG step on
+256 chips does not fit 16 GiB with this view (59.7 GiB of temporaries) nor without it (29.6);
+with a view the HLO holds activations all-gathered over the batch ([6400, 257, 4992] qkv
+buffers: the SPMD partitioner gathered activations, not weights). Constraining the towers'
+activations to the batch sharding is the next thing to try.
 
 Rules (``config.sharding.rules``) override the strategy for matching leaves: a sequence of
 ``(regex, action)`` pairs, the first whose regex ``re.search``-es the leaf's path wins (as in
@@ -31,17 +60,20 @@ or ``None`` per dimension, e.g. ``(None, "data")``.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from contrastive_jax.distributed import DATA_AXIS
 
 STRATEGIES = ("replicated", "fsdp")
+# Axes of the factored device view for leaves no dimension of which N divides (module docstring).
+VIEW_AXES = ("data_replica", "data_shard")
 ACTIONS = ("fsdp", "replicate")
 # 16Ki elements (64 KiB in float32): below this a leaf is replicated under "fsdp". In a ViT-B
 # that leaves only biases and LayerNorm gains (<0.1% of the parameters) whole on each device.
@@ -120,18 +152,58 @@ def resolve_rules(sharding_config: Any, mesh: Mesh) -> tuple[list[tuple[re.Patte
   return rules, int(min_size)
 
 
-def leaf_spec(path: str, shape: Sequence[int], rules: Sequence[tuple[re.Pattern, Any]],
-              mesh: Mesh, min_size: int, axis_name: str = DATA_AXIS) -> P:
-  """The ``PartitionSpec`` of one leaf: the first rule whose regex matches ``path``."""
+@functools.lru_cache(maxsize=None)
+def _divisors(n: int) -> tuple[int, ...]:
+  return tuple(d for d in range(1, n + 1) if n % d == 0)
+
+
+def fsdp_split(shape: Sequence[int], axis_size: int) -> tuple[int, ...]:
+  """Ways each dimension of ``shape`` is split by the ``"fsdp"`` rule over ``axis_size`` devices:
+  one dimension, by the largest divisor of ``axis_size`` that divides it (ties: the larger
+  dimension, then the last, as ``fsdp_spec``); all ones when nothing shares a factor."""
+  best, best_key = (1,) * len(shape), (1,)
+  for i, size in enumerate(shape):
+    for ways in _divisors(int(axis_size)):
+      key = (ways, size, i)
+      if ways > 1 and size % ways == 0 and key > best_key:
+        best, best_key = tuple(ways if d == i else 1 for d in range(len(shape))), key
+  return best
+
+
+def fsdp_sharding(shape: Sequence[int], mesh: Mesh, axis_name: str = DATA_AXIS) -> NamedSharding:
+  """The ``"fsdp"`` placement of a leaf of ``shape`` (module docstring; no ``min_size``).
+
+  A split over all N devices is ``P(..., axis_name)`` on ``mesh``; a k-way split is a
+  ``NamedSharding`` on the view ``[N / k, k]`` of the same devices (``VIEW_AXES``). On a mesh
+  with other axes than ``axis_name`` only the N-way rule applies (``fsdp_spec``).
+  """
+  n = mesh.shape[axis_name]
+  if tuple(mesh.axis_names) != (axis_name,):
+    return NamedSharding(mesh, fsdp_spec(shape, n, axis_name))
+  ways = fsdp_split(shape, n)
+  k = max(ways, default=1)
+  if k == 1:
+    return NamedSharding(mesh, P())
+  dim = ways.index(k)
+  if k == n:
+    return NamedSharding(mesh, P(*([None] * dim), axis_name))
+  # Replicas outermost: the k shards of one replica are consecutive in ring order.
+  view = Mesh(mesh.devices.reshape(n // k, k), VIEW_AXES, axis_types=(AxisType.Auto,) * 2)
+  return NamedSharding(view, P(*([None] * dim), VIEW_AXES[1]))
+
+
+def leaf_sharding(path: str, shape: Sequence[int], rules: Sequence[tuple[re.Pattern, Any]],
+                  mesh: Mesh, min_size: int, axis_name: str = DATA_AXIS) -> NamedSharding:
+  """The ``NamedSharding`` of one leaf: the first rule whose regex matches ``path``."""
   for pattern, action in rules:
     if pattern.search(path):
       break
   if action == "replicate" or not shape:
-    return P()
+    return NamedSharding(mesh, P())
   if action == "fsdp":
     if int(np.prod(shape)) < min_size:
-      return P()
-    return fsdp_spec(shape, mesh.shape[axis_name], axis_name)
+      return NamedSharding(mesh, P())
+    return fsdp_sharding(shape, mesh, axis_name)
   spec = tuple(action)
   if len(spec) > len(shape):
     raise ValueError(f"sharding rule {pattern.pattern!r} -> {action} has {len(spec)} entries but "
@@ -142,22 +214,29 @@ def leaf_spec(path: str, shape: Sequence[int], rules: Sequence[tuple[re.Pattern,
     if shape[dim] % split:
       raise ValueError(f"sharding rule {pattern.pattern!r} -> {action}: dimension {dim} of "
                        f"{path} (shape {tuple(shape)}) is not divisible by {split} devices")
-  return action
+  return NamedSharding(mesh, action)
+
+
+def leaf_spec(path: str, shape: Sequence[int], rules: Sequence[tuple[re.Pattern, Any]],
+              mesh: Mesh, min_size: int, axis_name: str = DATA_AXIS) -> P:
+  """The ``PartitionSpec`` of ``leaf_sharding``: over ``VIEW_AXES`` for a factored split."""
+  return leaf_sharding(path, shape, rules, mesh, min_size, axis_name).spec
 
 
 def state_specs(abstract_state: Any, sharding_config: Any, mesh: Mesh) -> Any:
-  """A tree of ``PartitionSpec`` like ``abstract_state`` (arrays or ``ShapeDtypeStruct``)."""
-  rules, min_size = resolve_rules(sharding_config, mesh)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: leaf_spec(path_str(path), tuple(np.shape(leaf)), rules, mesh, min_size),
-      abstract_state)
+  """A tree of ``PartitionSpec`` like ``abstract_state`` (arrays or ``ShapeDtypeStruct``); a
+  spec over ``VIEW_AXES`` refers to the factored view (``state_shardings`` carries its mesh)."""
+  return jax.tree.map(lambda s: s.spec, state_shardings(abstract_state, sharding_config, mesh),
+                      is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def state_shardings(abstract_state: Any, sharding_config: Any, mesh: Mesh) -> Any:
   """A tree of ``NamedSharding`` like ``abstract_state``."""
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
-                      state_specs(abstract_state, sharding_config, mesh),
-                      is_leaf=lambda x: isinstance(x, P))
+  rules, min_size = resolve_rules(sharding_config, mesh)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: leaf_sharding(path_str(path), tuple(np.shape(leaf)), rules, mesh,
+                                       min_size),
+      abstract_state)
 
 
 def bytes_per_device(abstract_state: Any, shardings: Any) -> int:

@@ -464,6 +464,40 @@ def test_remat_same_outputs_and_gradients(name, kwargs, inputs):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g0)
 
 
+@pytest.mark.parametrize("name,kwargs,inputs,remat", [
+    ("vit", dict(patch_size=8, width=16, depth=3, num_heads=2, ln_pre=True), "image", True),
+    ("clip_text", dict(TEXT_KW, depth=3), "text", False),
+])
+def test_scan_over_blocks_same_outputs_and_gradients(name, kwargs, inputs, remat):
+  """``scan=True`` with the unrolled model's weights stacked by ``stack_blocks``: the same
+  outputs and gradients, and ``unstack_blocks`` maps the gradients back block by block."""
+  from contrastive_jax.models.layers import stack_blocks, unstack_blocks
+  x = (_images(9, 2, 16, 16) if inputs == "image"
+       else jax.random.randint(jax.random.key(9), (2, 12), 0, 50))
+  m0 = M.build_model(name, remat=remat, **kwargs)
+  m1 = M.build_model(name, remat=remat, scan=True, **kwargs)
+  p0 = _random_variables(m0, x)["params"]
+  p1 = dict(p0, transformer=stack_blocks(p0["transformer"], 3))
+  assert (jax.tree.map(np.shape, p1)
+          == jax.tree.map(np.shape, jax.eval_shape(m1.init, jax.random.key(0), x)["params"]))
+  np.testing.assert_array_equal(p1["transformer"]["blocks"]["block"]["mlp"]["fc1"]["kernel"][2],
+                                p0["transformer"]["block2"]["mlp"]["fc1"]["kernel"])
+  readout = jax.random.normal(jax.random.key(4), (m0.feature_dim,))
+
+  def loss(model, params):
+    out = model.apply({"params": params}, x)
+    return jnp.sum(jnp.sin(out @ readout)), out
+
+  (_, o0), g0 = jax.jit(jax.value_and_grad(lambda p: loss(m0, p), has_aux=True))(p0)
+  (_, o1), g1 = jax.jit(jax.value_and_grad(lambda p: loss(m1, p), has_aux=True))(p1)
+  np.testing.assert_allclose(o1, o0, rtol=1e-5, atol=1e-5)
+  g1 = dict(g1, transformer=unstack_blocks(g1["transformer"]))
+  assert jax.tree.structure(g1) == jax.tree.structure(g0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g1, g0)
+  with pytest.raises(ValueError, match="depth"):
+    stack_blocks(p0["transformer"], 2)
+
+
 # ----------------------------------------------------------------------------------------------
 # Heads, CLIP, registry.
 

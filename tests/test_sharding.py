@@ -149,3 +149,86 @@ def test_unknown_mu_dtype_is_rejected():
   with pytest.raises(ValueError, match="mu_dtype"):
     optim.build_optimizer(common.optim_config("adamw", base_lr=1e-3, mu_dtype="float16"),
                           global_batch=8, total_steps=10)
+
+
+def test_fsdp_split_covers_dimensions_no_device_count_divides():
+  # ViT-bigG on 256 chips: neither 1,664 nor 4,992 is a multiple of 256; both of 128.
+  assert sharding.fsdp_split((1664, 4992), 256) == (1, 128)
+  assert sharding.fsdp_split((8192, 1664), 256) == (256, 1)        # a divisible one still wins
+  assert sharding.fsdp_split((48, 1664, 4992), 256) == (1, 1, 128)  # never the scan's layers
+  assert sharding.fsdp_split((1, 257, 1664), 256) == (1, 1, 128)
+  assert sharding.fsdp_split((12, 20), 8) == (1, 4)
+  assert sharding.fsdp_split((13, 3), 8) == (1, 1)                  # no common factor
+  mesh = distributed.make_mesh(8)
+  s = sharding.fsdp_sharding((12, 20), mesh)
+  assert s.spec == P(None, "data_shard") and s.shard_shape((12, 20)) == (12, 5)
+  assert s.mesh.shape["data_replica"] == 2
+  # The view is the run's devices in the run's order: shard k lives on the ring's k-th device.
+  assert list(s.mesh.devices.flat) == list(mesh.devices.flat)
+  assert sharding.fsdp_sharding((16, 12), mesh).spec == P("data")   # the old rule, old mesh
+
+
+def test_fsdp_view_steps_equal_replicated_steps(mesh):
+  """AdamW steps of a 2-layer MLP whose widths 12 and 20 are not multiples of 8: every leaf
+  over min_size is split 4 ways over the factored view, and 3 jitted steps with those shardings
+  in and out equal the replicated steps (values, gradients through the SPMD partitioner's
+  gathers and reduce-scatters, moments)."""
+  rs = np.random.RandomState(0)
+  params = {"fc1": {"kernel": rs.randn(12, 20).astype(np.float32) / 4,
+                    "bias": np.zeros(20, np.float32)},
+            "fc2": {"kernel": rs.randn(20, 12).astype(np.float32) / 5}}
+  tx = optax.adamw(1e-2, weight_decay=0.1)
+  state = {"params": params, "opt_state": tx.init(params)}
+  cfg = {"strategy": "fsdp", "min_size": 64}
+  shardings = sharding.state_shardings(state, cfg, mesh)
+  for path, s in jax.tree_util.tree_leaves_with_path(shardings):
+    shape = np.shape(_by_path(state)[sharding.path_str(path)])
+    if int(np.prod(shape)) >= 64:
+      assert s.shard_shape(shape) != shape and len(s.device_set) == 8, (path, s)
+      assert int(np.prod(s.shard_shape(shape))) * 4 == int(np.prod(shape)), (path, s)
+  x = jax.device_put(rs.randn(16, 12).astype(np.float32), distributed.data_sharding(mesh))
+
+  def step(state, x):
+    def loss(p):
+      h = jnp.tanh(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+      return jnp.mean(jnp.square(h @ p["fc2"]["kernel"] - x))
+    value, grads = jax.value_and_grad(loss)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state}, value
+
+  rep = distributed.replicated(mesh)
+  fsdp_step = jax.jit(step, in_shardings=(shardings, distributed.data_sharding(mesh)),
+                      out_shardings=(shardings, rep))
+  rep_step = jax.jit(step)
+  a, b = jax.device_put(state, shardings), state
+  for _ in range(3):
+    a, la = fsdp_step(a, x)
+    b, lb = rep_step(b, np.asarray(x))
+    np.testing.assert_allclose(la, lb, rtol=1e-6)
+  assert a["params"]["fc1"]["kernel"].sharding == shardings["params"]["fc1"]["kernel"]
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-7)
+
+
+def test_fsdp_splits_every_clip_leaf_when_no_width_divides_the_devices(mesh):
+  """The run builder's state for a CLIP whose widths (12, MLP 20, qkv 36, scanned blocks) are
+  not multiples of 8: every leaf above min_size, moments included, is split at least 4 ways
+  (8 where a dimension allows it). Shapes only, nothing compiled."""
+  from test_runs import tiny_config
+  from contrastive_jax import runs
+  tower = dict(width=12, num_heads=3, mlp_dim=20, scan=True)
+  c = tiny_config("clip", "fsdp", **{
+      "model.name": "vit", "model.kwargs": dict(patch_size=4, depth=2, pool="gap", **tower),
+      "text.kwargs": dict(depth=2, **tower), "clip.embed_dim": 12, "sharding.min_size": 64})
+  run = runs.build_run(c, mesh)
+  ways = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(run.abstract_state):
+    if leaf.size >= 64:
+      split = leaf.size // int(np.prod(leaf.sharding.shard_shape(leaf.shape)))
+      assert split >= 4, (sharding.path_str(path), leaf.shape, leaf.sharding)
+      ways.append(split)
+  assert 8 in ways
+  qkv = run.abstract_state.params["image_encoder"]["transformer"]["blocks"]["block"]["attn"][
+      "qkv"]["kernel"]
+  assert qkv.sharding.shard_shape(qkv.shape) == (2, 12, 9)  # never split on the layer axis

@@ -220,9 +220,32 @@ class TransformerBlock(nn.Module):
     return x + nn.Dropout(self.dropout_rate)(y, deterministic=not train)
 
 
+class _ScannedBlock(nn.Module):
+  """``TransformerBlock`` in ``nn.scan``'s ``(carry, x) -> (carry, y)`` form; ``train`` is a
+  field (not an argument) so that it stays static through the scan and the remat."""
+  block: dict[str, Any]
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, _: None) -> tuple[jax.Array, None]:
+    return TransformerBlock(**self.block, name="block")(x, self.train), None
+
+
 class Transformer(nn.Module):
-  """``depth`` pre-LN blocks named ``block{i}``; ``remat`` recomputes each block's activations
-  in the backward pass (same parameters, outputs and gradients, less memory)."""
+  """``depth`` pre-LN blocks; ``remat`` recomputes each block's activations in the backward pass
+  (same parameters, outputs and gradients, less memory).
+
+  ``scan=False``: blocks are modules ``block{i}``, each with its own parameters, unrolled in the
+  program. ``scan=True``: one block under ``nn.scan`` (``jax.lax.scan``) over parameters stacked
+  on a leading ``[depth]`` axis, module ``blocks/block``: the compiled program holds one block
+  instead of ``depth`` (compile time and program size stop growing with depth; 48-block bigG),
+  and with ``remat`` the backward pass keeps only each block's input ``[B, L, W]``, as unrolled.
+  Outputs and gradients are those of the unrolled model with the same weights;
+  ``stack_blocks`` / ``unstack_blocks`` convert the parameters between the two layouts (so a
+  checkpoint or converter of one layout serves the other). Optimizers that act per leaf see one
+  ``[depth, ...]`` leaf per weight: AdamW and weight decay are unchanged, a per-layer trust
+  ratio (LARS) would become per-stack.
+  """
   depth: int
   num_heads: int
   mlp_dim: int
@@ -232,19 +255,58 @@ class Transformer(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   remat: bool = False
+  scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, causal=self.causal,
+                 activation=self.activation, ln_eps=self.ln_eps, dropout_rate=self.dropout_rate,
+                 attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
+                 param_dtype=self.param_dtype)
+    if self.scan:
+      # prevent_cse=False: inside a scan the loop already keeps XLA from merging the
+      # recomputation into the forward pass (flax's advice for remat under scan).
+      body = nn.remat(_ScannedBlock, prevent_cse=False) if self.remat else _ScannedBlock
+      stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True,
+                                                                    "dropout": True},
+                      length=self.depth)
+      x, _ = stack(block, train, name="blocks")(x, None)
+      return x
     # static_argnums counts `self`: 2 is `train`, which selects dropout on/off at trace time.
     block_cls = nn.remat(TransformerBlock, static_argnums=(2,)) if self.remat else TransformerBlock
     for i in range(self.depth):
-      x = block_cls(self.num_heads, self.mlp_dim, causal=self.causal, activation=self.activation,
-                    ln_eps=self.ln_eps, dropout_rate=self.dropout_rate,
-                    attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name=f"block{i}")(x, train)
+      x = block_cls(**block, name=f"block{i}")(x, train)
     return x
+
+
+def stack_blocks(params: dict[str, Any], depth: int) -> dict[str, Any]:
+  """Parameters of an unrolled ``Transformer`` (``block0`` .. ``block{depth-1}``, any other
+  keys kept) -> the ``scan=True`` layout (``blocks/block``, each leaf ``[depth, ...]``)."""
+  names = [f"block{i}" for i in range(depth)]
+  missing = [n for n in names if n not in params]
+  if missing or f"block{depth}" in params:
+    raise ValueError(f"stack_blocks(depth={depth}): the parameters have blocks "
+                     f"{sorted(k for k in params if k.startswith('block'))}; pass the "
+                     "Transformer's own parameters and its depth")
+  out = {k: v for k, v in params.items() if k not in names}
+  out["blocks"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs),
+                                         *[params[n] for n in names])}
+  return out
+
+
+def unstack_blocks(params: dict[str, Any]) -> dict[str, Any]:
+  """Inverse of ``stack_blocks``: ``blocks/block`` leaves ``[depth, ...]`` -> ``block{i}``."""
+  if "blocks" not in params:
+    raise ValueError("unstack_blocks: no 'blocks' entry; these parameters are not of a "
+                     "Transformer built with scan=True")
+  out = {k: v for k, v in params.items() if k != "blocks"}
+  stacked = params["blocks"]["block"]
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(depth):
+    out[f"block{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return out
 
 
 # torchvision's init for convolutions: (untruncated) kaiming normal, fan_out, gain sqrt(2).

@@ -36,7 +36,7 @@ class TextTransformer(nn.Module):
     eot_id: end-of-text id used for pooling (see the module docstring).
     ln_eps: LayerNorm epsilon (1e-5 in CLIP).
     activation: MLP nonlinearity (``quick_gelu`` reproduces OpenAI CLIP).
-    dropout_rate, attention_dropout_rate, remat, dtype, param_dtype: as for ``ViT``.
+    dropout_rate, attention_dropout_rate, remat, scan, dtype, param_dtype: as for ``ViT``.
   Methods: ``__call__(tokens, train)`` (pooled) and ``token_features(tokens, train)``
   (``[B, L, width]`` per-position hidden states after the final LayerNorm).
   """
@@ -52,6 +52,7 @@ class TextTransformer(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   remat: bool = False
+  scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -69,7 +70,7 @@ class TextTransformer(nn.Module):
                                    causal=True, activation=self.activation, ln_eps=self.ln_eps,
                                    dropout_rate=self.dropout_rate,
                                    attention_dropout_rate=self.attention_dropout_rate,
-                                   remat=self.remat, **kw)
+                                   remat=self.remat, scan=self.scan, **kw)
     self.ln_final = LayerNormF32(self.ln_eps, **kw)
     self.embed_dropout = nn.Dropout(self.dropout_rate)
 

@@ -71,6 +71,7 @@ class ViT(nn.Module):
     activation: MLP nonlinearity (``gelu``, ``quick_gelu`` for OpenAI CLIP, ...).
     dropout_rate, attention_dropout_rate: active when ``train=True`` (rng ``"dropout"``).
     remat: rematerialise each transformer block.
+    scan: the blocks as one ``nn.scan`` over stacked parameters (``layers.Transformer``).
   """
   patch_size: int = 16
   width: int = 768
@@ -87,6 +88,7 @@ class ViT(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   remat: bool = False
+  scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -135,7 +137,7 @@ class ViT(nn.Module):
                     activation=self.activation, ln_eps=self.ln_eps,
                     dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate, remat=self.remat,
-                    name="transformer", **kw)(x, train)
+                    scan=self.scan, name="transformer", **kw)(x, train)
     x = LayerNormF32(self.ln_eps, name="ln_final", **kw)(x)
     if use_cls:
       return x[:, 0]
