@@ -22,12 +22,22 @@ SHRINKABLE = {"global_batch", "total_steps", "total_epochs", "log_every", "check
               "moco.schedule_steps", "eval.enabled", "init_from.path"}
 
 
+# Full-scale configs this 24 GiB machine cannot rehearse at their real architecture, and why.
+NOT_REHEARSABLE = {
+    "clip_vit_bigg14": "2.54B parameters: float32 weights, AdamW moments and gradients are about "
+                       "30 GB even split over 2 processes; compiled for its pod instead "
+                       "(tests/test_compile_for.py, python -m contrastive_jax.compile_for)",
+}
+
+
 def test_scripts_rehearse_every_full_scale_config():
   text = open("scripts/rehearse.sh").read()
   for name in FULL_SCALE:
     assert name in text
   full_scale = {n for n in configs.names() if not n.endswith(("_mnist", "_cifar10"))}
-  assert full_scale == set(FULL_SCALE), "a new full-scale config needs its rehearsal"
+  assert full_scale == set(FULL_SCALE) | set(NOT_REHEARSABLE), (
+      "a new full-scale config needs its rehearsal (or, if it cannot run on the CI machine, "
+      "an entry in NOT_REHEARSABLE with the reason)")
 
 
 @pytest.mark.parametrize("name", FULL_SCALE)

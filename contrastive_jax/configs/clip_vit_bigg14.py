@@ -83,4 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.enabled = not a.quick
   c.eval.batch_size = 1024
   c.eval.embedding_plot = ""
+  # open_clip trained bigG/14 at a 160k batch on A100s; sized here for a full v5e pod (625 pairs
+  # per chip). It does not fit 16 GiB per chip yet (docs/largest_runs.md): compile it with
+  # `python -m contrastive_jax.compile_for configs/clip_vit_bigg14.py` before renting.
+  c.pod = "v5e-256"
   return c
