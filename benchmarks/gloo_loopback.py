@@ -23,7 +23,7 @@ For each it prints the median all-reduce time over ``--repeats``, the bus bandwi
 link carried per second: 2 (n-1)/n of the array over the time) and the ``SO_SNDBUF`` of the
 process's gloo sockets, smallest and largest, read back after the collectives; and whether
 delayed ACKs are off on loopback (the fix, docs/rehearsals_gloo.md:
-``ip route change table local local 127.0.0.0/8 dev lo ... quickack 1``).
+``ip route change table local local 127.0.0.1 dev lo ... quickack 1``).
 
   python benchmarks/gloo_loopback.py                       # 2 x 2, 16 MiB
   python benchmarks/gloo_loopback.py --mb 64 --repeats 3 --devices 1
@@ -140,9 +140,9 @@ def run_case(args, first_bytes: int) -> dict:
 
 
 def loopback_quickack() -> str:
-  """'on' if the loopback route turns delayed ACKs off (``quickack 1``), else 'off'."""
+  """'on' if 127.0.0.1's route turns delayed ACKs off (``quickack 1``), else 'off'."""
   try:
-    out = subprocess.run(["ip", "route", "show", "table", "local", "127.0.0.0/8"],
+    out = subprocess.run(["ip", "route", "get", "127.0.0.1"],
                          capture_output=True, text=True, timeout=10).stdout
   except (OSError, subprocess.SubprocessError):
     return "unknown (no ip command)"
