@@ -75,6 +75,43 @@ NOT_REHEARSED = (
 )
 
 
+# Delayed ACKs on loopback and gloo's send buffers: at several processes x several devices, a
+# reduce-scatter's small first message locks a gloo socket's SO_SNDBUF at the kernel's 4.5 KiB
+# minimum, and a one-way ring link then moves one segment per delayed ACK (40 ms): ~1.6 MB/s,
+# about 120 s a SimCLR ResNet-50 step. ``quickack 1`` on the loopback route removes the wait
+# (docs/rehearsals_gloo.md, benchmarks/gloo_loopback.py).
+QUICKACK_COMMAND = ("ip route change table local local 127.0.0.1 dev lo proto kernel scope host "
+                    "src 127.0.0.1 quickack 1")
+
+
+def loopback_route() -> str | None:
+  """What ``ip route get 127.0.0.1`` prints (the route the pod's sockets use); None without
+  the ``ip`` command."""
+  try:
+    return subprocess.run(["ip", "route", "get", "127.0.0.1"], capture_output=True, text=True,
+                          timeout=10, check=False).stdout
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def loopback_warning(processes: int, devices: int, route: str | None) -> str | None:
+  """A warning when a P x D pod (P, D > 1) will stall on delayed ACKs over loopback, else None.
+
+  ``route``: ``loopback_route()``'s text. One device per process does not stall (each gloo
+  link then carries data both ways, so ACKs ride on the data), nor does one process.
+  """
+  if processes < 2 or devices < 2:
+    return None
+  if route is not None and re.search(r"\bquickack 1\b", route):
+    return None
+  seen = ("the loopback route could not be read (no `ip` command)" if route is None else
+          "delayed ACKs are on for 127.0.0.1 (its route has no `quickack 1`)")
+  return (f"WARNING: {seen}: at {processes} processes x {devices} devices a gloo link whose "
+          "send buffer a small reduce-scatter locked at 4.5 KiB moves one segment per 40 ms "
+          "delayed ACK, about 120 s a ResNet-50 step (docs/rehearsals_gloo.md). As root: "
+          f"`{QUICKACK_COMMAND}` (until reboot), or rehearse with --devices 1.")
+
+
 @dataclasses.dataclass
 class Plan:
   """A rehearsal: its config, the changed keys ``[(key, real, rehearsal)]``, the kept
@@ -573,6 +610,9 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(format_table(plan), flush=True)
+  warning = loopback_warning(plan.processes, plan.devices, loopback_route())
+  if warning:
+    print(warning, file=sys.stderr, flush=True)
   if args.plan_only:
     return 0
   if os.path.exists(workdir) and os.listdir(workdir):

@@ -8,21 +8,31 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 [[ -x .venv/bin/python ]] || bash scripts/setup_env.sh
 PY=${PYTHON:-.venv/bin/python}
-# NAME:DEVICES_PER_PROCESS. One device per process for every config on this machine:
+# NAME:DEVICES_PER_PROCESS (2: the 2 processes x 2 devices layout of a TPU host, 4 chips per
+# process; 1 where it does not fit):
 # - ViT: their replicated AdamW state is 1.6-3 GiB per device, and a 2-device ViT-B/16 process
-#   took 8 GiB (the OOM killer took it on this shared 23 GiB machine);
-# - ResNet-50: at 2 devices per process every step sat idle for about 120 s (measured: 120.8,
-#   120.6 and 124.8 s a step, all CPUs idle; 1 process x 2 devices: 9 s; 2 x 1: 10 s). The same
-#   layout with width 0.125, and collectives of the same sizes alone, run at normal speed; the
-#   cause, somewhere in XLA:CPU's gloo collectives with two local devices, is not found.
-# The 2 x 2 layout itself is covered by the test suite (tests/test_multihost.py, test_launch.py).
+#   took 8 GiB (the OOM killer took it on this shared 23 GiB machine): 1 device per process.
+# - 2 devices per process need immediate ACKs on loopback. A gloo reduce-scatter locks a
+#   socket's SO_SNDBUF at the kernel's 4.5 KiB minimum (its small first message); the gradient
+#   all-reduce then crosses one-way ring links one 64 KiB segment per 40 ms delayed ACK: about
+#   120 s a ResNet-50 step (measured 116 s; 185 MB a link a step). quickack 1 on the loopback
+#   route fixes it (.ci/run sets it as root; docs/rehearsals_gloo.md). Without it, every entry
+#   runs at 1 device per process, with a warning.
+# - ResNet-50: 2 x 2 with quickack runs at about twice 2 x 1's step time (twice the batch);
+#   whole 2 x 2 rehearsals are not yet timed on a quiet machine, so they stay at 1 device.
 FULL_SCALE=(simclr_resnet50_imagenet:1 mocov2_resnet50_imagenet:1 mocov3_resnet50_imagenet:1
             mocov3_vit_base_imagenet:1 clip_vit_b32:1 siglip_vit_b16:1 lit_vit_b32:1)
 names=("$@"); [[ ${#names[@]} -gt 0 ]] || names=("${FULL_SCALE[@]}")
 root=$(mktemp -d "${TMPDIR:-/tmp}/rehearsals.XXXXXX")
 failed=()
+quickack=0; ip route get 127.0.0.1 2> /dev/null | grep -q 'quickack 1' && quickack=1
 for entry in "${names[@]}"; do
   name=${entry%%:*}; devices=2; [[ $entry == *:* ]] && devices=${entry##*:}
+  if [[ $devices -gt 1 && $quickack == 0 ]]; then
+    echo "warning: delayed ACKs on loopback (no 'quickack 1' in 'ip route get 127.0.0.1'):" \
+      "$name at 1 device per process instead of $devices (docs/rehearsals_gloo.md)"
+    devices=1
+  fi
   start=$(date +%s)
   echo "=== rehearsal: $name (load: $(cut -d' ' -f1-3 /proc/loadavg)) ==="
   if "$PY" launch/rehearse.py "configs/$name.py" --devices "$devices" --workdir "$root/$name" \

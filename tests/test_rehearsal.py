@@ -99,3 +99,23 @@ def test_image_text_data_reads_through_the_real_pipeline(tmp_path):
   assert batch["tokens"].shape == (16, 64) and batch["tokens"].max() < tok.vocab_size
   assert it.stats["corrupt_skipped"] >= 1
   assert np.isfinite(batch["image"]).all()
+
+
+def test_warns_when_delayed_acks_on_loopback_would_stall_the_pod(monkeypatch, capsys):
+  # What `ip route get 127.0.0.1` prints without and with `quickack 1` on the loopback route.
+  delayed = "local 127.0.0.1 dev lo src 127.0.0.1 uid 0 \n    cache <local> \n"
+  quick = "local 127.0.0.1 dev lo src 127.0.0.1 uid 0 \n    cache <local> quickack 1 \n"
+  assert rehearsal.loopback_warning(2, 2, quick) is None
+  assert rehearsal.loopback_warning(2, 1, delayed) is None  # links carry data both ways
+  assert rehearsal.loopback_warning(1, 4, delayed) is None  # no gloo
+  assert "no `ip` command" in rehearsal.loopback_warning(2, 2, None)
+  spec = "configs/simclr_resnet50_imagenet.py"
+  monkeypatch.setattr(rehearsal, "loopback_route", lambda: delayed)
+  assert rehearsal.main([spec, "--plan_only"]) == 0  # 2 processes x 2 devices by default
+  err = capsys.readouterr().err
+  assert "WARNING: delayed ACKs are on" in err and rehearsal.QUICKACK_COMMAND in err
+  assert rehearsal.main([spec, "--plan_only", "--devices", "1"]) == 0
+  assert "WARNING" not in capsys.readouterr().err
+  monkeypatch.setattr(rehearsal, "loopback_route", lambda: quick)
+  assert rehearsal.main([spec, "--plan_only"]) == 0
+  assert "WARNING" not in capsys.readouterr().err
