@@ -3,7 +3,7 @@
 The whole codebase uses one 1-D mesh with a single axis, ``"data"``, over all devices of all
 processes. The device order comes from ``jax.experimental.mesh_utils.create_device_mesh``: on a
 TPU torus it puts physical neighbours next to each other, so the ring of ``ppermute`` steps
-(``ring_losses.py``) and the all-gathers/reduce-scatters of FSDP travel over direct links; on CPU
+(``losses/ring.py``) and the all-gathers/reduce-scatters of FSDP travel over direct links; on CPU
 and GPU it is the ``jax.devices()`` order (GPU: sorted by id). The input pipeline and the
 evaluators take the order from the mesh, so it is the one canonical order. Axes are ``Auto`` so
 that the model runs in the global view under ``jit`` (BatchNorm statistics over the sharded
