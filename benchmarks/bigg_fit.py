@@ -195,9 +195,9 @@ def measure_ring_loss(global_batch: int, dim: int, tile: int, topology: str) -> 
   """value_and_grad of the tiled-ring CLIP loss on ``[B, dim]`` float32 embeddings."""
   import jax
   import jax.numpy as jnp
-  from contrastive_jax import distributed, losses, ring_losses
+  from contrastive_jax import distributed, losses
   mesh = topology_mesh(topology)
-  loss = losses.sharded(ring_losses.get_loss("clip", "ring", tile=tile), mesh)
+  loss = losses.sharded(losses.get_loss("clip", "ring", tile=tile), mesh)
   x = jax.ShapeDtypeStruct((global_batch, dim), jnp.float32,
                            sharding=distributed.data_sharding(mesh))
   t0 = time.perf_counter()

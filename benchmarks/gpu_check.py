@@ -10,7 +10,7 @@ GPU host that has only jax, flax, optax and ml_collections. It prints three tabl
    timed steps after a warm-up; FLOPs come from the compiled program (``cost_analysis``).
 3. The CLIP loss's value and gradients alone at global batches of 64k to 1M pairs (D = 512): the
    all-gather form (``losses.clip_loss``, an ``[N, N]`` logit matrix) next to the tiled ring
-   (``ring_losses.clip_loss`` with ``tile``: ``[tile, tile]`` pieces, online log-sum-exp), with
+   (``losses.ring.clip_loss`` with ``tile``: ``[tile, tile]`` pieces, online log-sum-exp), with
    the compiled program's temporary memory and the measured time.
 
   python benchmarks/gpu_check.py                 # about 3-5 minutes on one H100/H200
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from contrastive_jax import distributed, losses, models, optim, ring_losses
+from contrastive_jax import distributed, losses, models, optim
 from contrastive_jax.configs import common
 
 
@@ -169,7 +169,7 @@ def loss_rows(quick: bool, steps: int, tile: int):
     a, b = losses.l2_normalize(a), losses.l2_normalize(b)
     for impl, fn in (("all-gather", losses.sharded(losses.clip_loss, mesh)),
                      ("tiled ring", losses.sharded(
-                         ring_losses.get_loss("clip", "ring", tile=tile), mesh))):
+                         losses.get_loss("clip", "ring", tile=tile), mesh))):
       grad = jax.jit(jax.value_and_grad(lambda x, y, fn=fn: fn(x, y, 20.0), argnums=(0, 1)))
       try:
         compiled = grad.lower(a, b).compile()

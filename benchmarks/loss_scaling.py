@@ -8,7 +8,7 @@ Compiles (never runs) each variant on simulated CPU devices and reads the execut
       [--large-batches 1048576,4194304] [--large-dim 512] [--speed-batch 8192]
 
 Prints up to four markdown tables. The first grows the global batch on ``--devices`` devices:
-the all-gather loss holds [n, N] logits per device, the ring (``ring_losses``) one [n, n] block,
+the all-gather loss holds [n, N] logits per device, the ring (``losses.ring``) one [n, n] block,
 the tiled ring (``tile=--tile``) one [tile, tile] tile, so its memory is O(n x D). The second
 fixes the local batch and grows the device count (meshes over the first k of the ``--devices``
 simulated devices): the rings' memory stays flat while the all-gather's grows with the global
@@ -58,7 +58,7 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from contrastive_jax import distributed, losses, ring_losses
+  from contrastive_jax import distributed, losses
 
   scalar = {"nt_xent": (0.1,), "clip": (10.0,), "moco_v3": (0.2,), "siglip": (10.0, -10.0)}
 
@@ -73,8 +73,8 @@ def main() -> None:
   def variants(name, mesh, tile=args.tile):
     values = scalar[name]
     gather = losses.sharded(losses.LOSSES[name], mesh)
-    ring = losses.sharded(ring_losses.get_loss(name, "ring"), mesh)
-    tiled = losses.sharded(ring_losses.get_loss(name, "ring", tile=tile), mesh)
+    ring = losses.sharded(losses.get_loss(name, "ring"), mesh)
+    tiled = losses.sharded(losses.get_loss(name, "ring", tile=tile), mesh)
     return (lambda a, b: losses.LOSSES[name](a, b, *values),
             lambda a, b: gather(a, b, *values),
             lambda a, b: ring(a, b, *values),
@@ -155,7 +155,7 @@ def main() -> None:
     for name in args.speed_losses.split(","):
       base = None
       for tile in [None] + [int(t) for t in args.speed_tiles.split(",")]:
-        loss = losses.sharded(ring_losses.get_loss(name, "ring", tile=tile), mesh)
+        loss = losses.sharded(losses.get_loss(name, "ring", tile=tile), mesh)
         step = jax.jit(jax.value_and_grad(
             lambda a, b, loss=loss: loss(a, b, *scalar[name]), argnums=(0, 1)))
         jax.block_until_ready(step(*x))

@@ -6,7 +6,7 @@ evaluators take the order from the mesh. Axes are ``Auto`` so that the model run
 view under ``jit`` (BatchNorm statistics over the sharded batch are then global: sync BN) while
 the contrastive losses run per shard under ``jax.shard_map``.
 
-Device order (``device_order``). The ring losses (``ring_losses.py``) send each key block from
+Device order (``device_order``). The ring losses (``losses/ring_driver.py``) send each key block from
 mesh position ``i`` to ``i + 1 mod W``; a ring step waits for its slowest hop, so on a TPU slice
 the order is a Hamiltonian cycle of the slice's chip grid: every hop, the closing one included,
 is one ICI link (two cores of one chip, as libtpu lists v3/v4 chips, sit next to each other: no

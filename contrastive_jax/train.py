@@ -22,7 +22,7 @@ from absl import logging
 from clu import metric_writers, metrics as clu_metrics, periodic_actions
 from etils import epath
 
-from contrastive_jax import checkpoint, distributed, grad_cache, methods, optim, ring_losses, runs
+from contrastive_jax import checkpoint, distributed, grad_cache, losses, methods, optim, runs
 from contrastive_jax.convert import init as init_from
 from contrastive_jax.errors import ConfigError, NonFiniteLossError
 from contrastive_jax.data import pipeline
@@ -70,7 +70,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     t = config.loss.temperature
     _require(isinstance(t, (int, float)) and t > 0,
              f"config.loss.temperature={t} must be positive (SimCLR 0.1-0.5, MoCo 0.2)")
-  _one_of("loss_impl", config.loss_impl, ring_losses.IMPLEMENTATIONS)
+  _one_of("loss_impl", config.loss_impl, losses.IMPLEMENTATIONS)
   tile = config.loss_tile
   _require(isinstance(tile, int) and tile >= 0,
            f"config.loss_tile={tile!r} must be an integer >= 0 (0: whole blocks)")

@@ -19,7 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from contrastive_jax import distributed, losses, ring_losses  # noqa: E402
+from contrastive_jax import distributed, losses  # noqa: E402
 
 
 GROUPED = ("nt_xent_supcon_ring", "clip_multi_ring")
@@ -50,9 +50,9 @@ def main():
       "moco": (losses.moco_loss, (jnp.asarray(queue), 0.2)),
       "moco_v3": (losses.moco_v3_loss, (0.2,)),
       "siglip": (losses.siglip_loss, (jnp.float32(10.0), jnp.float32(-10.0))),
-      "nt_xent_hard": (ring_losses.get_loss("nt_xent", options=hard), (0.1,)),
-      "nt_xent_supcon_ring": (ring_losses.get_loss("nt_xent", "ring", options=multi), (0.1,)),
-      "clip_multi_ring": (ring_losses.get_loss("clip", "ring", options=multi),
+      "nt_xent_hard": (losses.get_loss("nt_xent", options=hard), (0.1,)),
+      "nt_xent_supcon_ring": (losses.get_loss("nt_xent", "ring", options=multi), (0.1,)),
+      "clip_multi_ring": (losses.get_loss("clip", "ring", options=multi),
                           (jnp.float32(14.3),)),
   }
   results = {}

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from contrastive_jax import distributed, losses, ring_losses
+from contrastive_jax import distributed, losses
 import loss_reference
 import negatives_reference as ref
 
@@ -68,12 +68,12 @@ def test_reference_and_sharded_forms(case):
   name, options, scalars, groups, reference = CASES[case]
   a, b = _inputs(0)
   args = (a, b) + scalars
-  single = ring_losses.get_loss(name, options=options)
+  single = losses.get_loss(name, options=options)
   v1, g1 = _value_and_grad(lambda *x, **k: single(*x, return_metrics=True, **k), args, groups)
   np.testing.assert_allclose(float(v1), reference(*args), rtol=2e-5, err_msg=case)
   mesh = distributed.make_mesh(8)
-  for impl in ring_losses.IMPLEMENTATIONS:
-    fn = losses.sharded(ring_losses.get_loss(name, impl, options=options), mesh,
+  for impl in losses.IMPLEMENTATIONS:
+    fn = losses.sharded(losses.get_loss(name, impl, options=options), mesh,
                         return_metrics=True)
     v, g = _value_and_grad(fn, args, groups)
     np.testing.assert_allclose(float(v), float(v1), rtol=1e-5, err_msg=f"{case} {impl}")
@@ -89,7 +89,7 @@ def test_ring_gradient_against_float64_reference(case):
   """The ring's gradient against central differences of the paper's equation."""
   name, options, scalars, groups, reference = CASES[case]
   a, b = _inputs(1)
-  fn = losses.sharded(ring_losses.get_loss(name, "ring", options=options),
+  fn = losses.sharded(losses.get_loss(name, "ring", options=options),
                       distributed.make_mesh(8))
   args = (a, b) + scalars
   _, grads = _value_and_grad(lambda *x, **k: (fn(*x, **k),), args, groups)
@@ -108,7 +108,7 @@ def test_moco_queue_options_against_reference():
   for options, kw in [(O(debias_tau_plus=0.1, hard_beta=1.0), dict(tau_plus=0.1, beta=1.0)),
                       (O(decoupled=True), dict(decoupled=True))]:
     want = ref.moco_loss(q, k, queue, 0.2, **kw)
-    fn = losses.sharded(ring_losses.get_loss("moco", options=options), mesh)
+    fn = losses.sharded(losses.get_loss("moco", options=options), mesh)
     got = jax.jit(lambda *x: fn(*x, 0.2))(*[jnp.asarray(x, jnp.float32) for x in (q, k, queue)])
     np.testing.assert_allclose(float(got), want, rtol=2e-5, err_msg=str(options))
 
@@ -159,7 +159,7 @@ def test_tiled_ring_options(case):
   kw = {} if groups is None else {"groups": jnp.asarray(groups)}
   argnums = tuple(range(len(args)))
   mesh = distributed.make_mesh(8)
-  tiled = losses.sharded(ring_losses.get_loss(name, "ring", tile=tile, options=options), mesh,
+  tiled = losses.sharded(losses.get_loss(name, "ring", tile=tile, options=options), mesh,
                          return_metrics=True)
   single = functools.partial(losses.LOSSES[name], options=options, return_metrics=True)
   out = {}
@@ -209,11 +209,11 @@ def test_same_class_negative_diagnostics():
   want_fraction, want_sim = ref.same_class_negatives(a, b, LABELS)
   args = [jnp.asarray(x, jnp.float32) for x in (a, b)]
   mesh = distributed.make_mesh(8)
-  for form in ("single",) + ring_losses.IMPLEMENTATIONS:
+  for form in ("single",) + losses.IMPLEMENTATIONS:
     if form == "single":
       fn = lambda *x, **k: losses.nt_xent(*x, return_metrics=True, **k)
     else:
-      fn = losses.sharded(ring_losses.get_loss("nt_xent", form), mesh, return_metrics=True)
+      fn = losses.sharded(losses.get_loss("nt_xent", form), mesh, return_metrics=True)
     _, metrics = jax.jit(lambda x, y, g, fn=fn: fn(x, y, 0.3, groups=g))(
         *args[:2], jnp.asarray(LABELS))
     np.testing.assert_allclose(float(metrics["same_class_negative_fraction"]), want_fraction,
@@ -228,7 +228,7 @@ def test_bad_combinations_are_named():
   with pytest.raises(ValueError, match="debias_tau_plus"):
     O(debias_tau_plus=1.0)
   with pytest.raises(ValueError, match="MoCo v3"):
-    ring_losses.get_loss("moco_v3", options=O(decoupled=True))
+    losses.get_loss("moco_v3", options=O(decoupled=True))
 
 
 # ----------------------------------------------------------------------------- methods

@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from contrastive_jax import distributed, losses, ring_losses
+from contrastive_jax import distributed, losses
 import loss_reference as ref
 
 
 def _ring(name, mesh, **kwargs):
   """The ring loss ``name`` on global arrays, as the trainer builds it (``losses.sharded`` of
-  ``ring_losses.get_loss(name, "ring")``)."""
-  return losses.sharded(ring_losses.get_loss(name, "ring"), mesh, **kwargs)
+  ``losses.get_loss(name, "ring")``)."""
+  return losses.sharded(losses.get_loss(name, "ring"), mesh, **kwargs)
 
 
 N, D = 16, 8
@@ -117,7 +117,7 @@ def test_moco_v3_keys_get_no_gradient():
 def test_bf16_inputs_give_float32_loss(case):
   name, _, scalars, _ = CASES[case]
   a, b = _inputs(5)
-  fn = ring_losses.get_loss(name, "ring")
+  fn = losses.get_loss(name, "ring")
   bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (a, b)]
   rounded = _f32([np.asarray(x, np.float64) for x in bf16])
   got = fn(*bf16, *scalars)                         # axis_name=None: the ring of length one
@@ -155,21 +155,21 @@ def test_ring_temp_memory_is_per_block(name, scalars, views):
 
 
 def test_get_loss_and_errors():
-  assert ring_losses.get_loss("clip") is losses.clip_loss
-  assert ring_losses.get_loss("clip", "ring") is ring_losses.clip_loss
-  assert ring_losses.get_loss("moco", "ring") is losses.moco_loss      # queue: nothing gathered
+  assert losses.get_loss("clip") is losses.clip_loss
+  assert losses.get_loss("clip", "ring") is losses.ring.clip_loss
+  assert losses.get_loss("moco", "ring") is losses.moco_loss      # queue: nothing gathered
   with pytest.raises(ValueError, match="loss impl must be one of"):
-    ring_losses.get_loss("clip", "ringg")
+    losses.get_loss("clip", "ringg")
   with pytest.raises(ValueError, match="unknown loss"):
-    ring_losses.get_loss("simclr", "ring")
+    losses.get_loss("simclr", "ring")
   a, b = _f32(_inputs(6))
   mesh = distributed.make_mesh(8)
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
     _ring("nt_xent", mesh)(a[:12], b[:12], 0.1)
   with pytest.raises(ValueError, match="temperature must be positive"):
-    losses.sharded(ring_losses.moco_v3_loss, mesh)(a, b, -0.2)
+    losses.sharded(losses.ring.moco_v3_loss, mesh)(a, b, -0.2)
   with pytest.raises(ValueError, match="logit_bias must be a scalar"):
-    ring_losses.siglip_loss(a, b, 10.0, jnp.zeros(3))
+    losses.ring.siglip_loss(a, b, 10.0, jnp.zeros(3))
 
 
 # ----------------------------------------------------------------------------- tiles
@@ -214,7 +214,7 @@ def _untiled(name):
     mesh = distributed.make_mesh(8)
     _UNTILED[name] = tuple(
         _run(losses.sharded(fn, mesh, return_metrics=True), name)
-        for fn in (ring_losses.get_loss(name, "ring"), losses.LOSSES[name]))
+        for fn in (losses.get_loss(name, "ring"), losses.LOSSES[name]))
   return _UNTILED[name]
 
 
@@ -228,7 +228,7 @@ def test_tiled_ring_equals_ring_and_all_gather(name, tile):
   respect to the embeddings and the temperature / scale / bias equal the untiled ring's and
   the all-gather's to float32 rounding (rtol 1e-5), and the float64 reference's value."""
   ref_fn, scalars, grad_idx = TILED[name]
-  fn = ring_losses.get_loss(name, "ring", tile=tile)
+  fn = losses.get_loss(name, "ring", tile=tile)
   (v_tiled, m_tiled), g_tiled = _run(losses.sharded(fn, distributed.make_mesh(8),
                                                     return_metrics=True), name)
   want_loss, want_acc = ref_fn(*_tiled_inputs(), *scalars)
@@ -250,7 +250,7 @@ def test_tiled_ring_on_one_device():
   a, b = _f32(_tiled_inputs())
   for name in ("nt_xent", "siglip"):
     _, scalars, _ = TILED[name]
-    got = jax.jit(ring_losses.get_loss(name, "ring", tile=30))(a, b, *scalars)
+    got = jax.jit(losses.get_loss(name, "ring", tile=30))(a, b, *scalars)
     np.testing.assert_allclose(float(got), float(losses.LOSSES[name](a, b, *scalars)),
                                rtol=1e-5, err_msg=name)
 
@@ -264,24 +264,24 @@ def test_tiled_ring_temp_memory_is_linear_in_local_batch(name, scalars, views):
   ``test_ring_temp_memory_is_per_block``), and at 8,192 rows it is under a quarter of one
   [n, n] block of float32 logits ([2n, 2n] for NT-Xent), what the untiled ring holds."""
   mesh = distributed.make_mesh(8)
-  fn = losses.sharded(ring_losses.get_loss(name, "ring", tile=256), mesh)
+  fn = losses.sharded(losses.get_loss(name, "ring", tile=256), mesh)
   small, large = (_temp_bytes(fn, mesh, n, scalars) for n in (4096, 8192))
   assert large <= 2.2 * small, (small, large)
   assert large < 0.25 * (views * 8192) ** 2 * 4, large
 
 
 def test_tile_argument_errors():
-  assert ring_losses.get_loss("clip", "ring", tile=0) is ring_losses.clip_loss
-  assert ring_losses.get_loss("clip", "ring", tile=None) is ring_losses.clip_loss
-  assert ring_losses.get_loss("moco", "ring", tile=256) is losses.moco_loss   # nothing to tile
+  assert losses.get_loss("clip", "ring", tile=0) is losses.ring.clip_loss
+  assert losses.get_loss("clip", "ring", tile=None) is losses.ring.clip_loss
+  assert losses.get_loss("moco", "ring", tile=256) is losses.moco_loss   # nothing to tile
   with pytest.raises(ValueError, match="applies to the ring loss only"):
-    ring_losses.get_loss("clip", "all_gather", tile=256)
+    losses.get_loss("clip", "all_gather", tile=256)
   for bad in (-1, 2.5, True, "256"):
     with pytest.raises(ValueError, match="tile must be a positive int"):
-      ring_losses.get_loss("clip", "ring", tile=bad)
+      losses.get_loss("clip", "ring", tile=bad)
   a, b = _f32(_inputs(6))
   with pytest.raises(ValueError, match="tile must be a positive int"):
-    ring_losses.nt_xent(a, b, 0.1, tile=-4)
+    losses.ring.nt_xent(a, b, 0.1, tile=-4)
 
 
 def test_config_loss_tile_reaches_the_methods_loss(monkeypatch):
@@ -292,8 +292,8 @@ def test_config_loss_tile_reaches_the_methods_loss(monkeypatch):
   from contrastive_jax.methods import base
 
   asked = []
-  get_loss = ring_losses.get_loss
-  monkeypatch.setattr(ring_losses, "get_loss",
+  get_loss = losses.get_loss
+  monkeypatch.setattr(losses, "get_loss",
                       lambda name, impl, tile=None, **kw: asked.append((name, impl, tile))
                       or get_loss(name, impl, tile=tile, **kw))
   mesh = distributed.make_mesh()

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from contrastive_jax import distributed, losses, ring_losses
+from contrastive_jax import distributed, losses
 
 # The TPU compiler and topology run here without a TPU: no metadata server to ask, and several
 # test processes (and other users of this machine) may hold libtpu at once.
@@ -125,7 +125,7 @@ def test_compiled_ring_loss_permutes_between_neighbours(topology):
   """libtpu's compiled ring loss (forward and backward): its collective-permutes' source-target
   pairs index the mesh's device order; each pair is one link apart."""
   mesh = distributed.make_mesh(devices=tpu_devices(topology))
-  loss = losses.sharded(ring_losses.get_loss("clip", "ring"), mesh)
+  loss = losses.sharded(losses.get_loss("clip", "ring"), mesh)
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   emb = jax.ShapeDtypeStruct((4 * mesh.size, 16), jnp.float32,
                              sharding=distributed.data_sharding(mesh))

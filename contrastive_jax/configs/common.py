@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pod = ""
   c.dtype = "float32"           # compute dtype of models and heads; params stay float32
   c.remat = False
-  c.loss_impl = "all_gather"    # or "ring": memory-bounded InfoNCE (ring_losses.py)
+  c.loss_impl = "all_gather"    # or "ring": memory-bounded InfoNCE (losses/ring.py)
   # With loss_impl="ring": each device's block in [loss_tile, loss_tile] pieces (Inf-CL,
   # Cheng et al. 2024), so the loss's memory is O(n x D + tile^2); 0 = whole blocks.
   c.loss_tile = 0

@@ -52,7 +52,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from contrastive_jax import grad_cache, losses, models, ring_losses
+from contrastive_jax import grad_cache, losses, models
 from contrastive_jax.evaluate import embedding_metrics as em
 from contrastive_jax.train_state import TrainState
 
@@ -206,10 +206,10 @@ def global_loss(config: ml_collections.ConfigDict, name: str, mesh,
                 options: losses.NegativeOptions | None = None):
   """The loss ``name`` over the global batch, ``(loss, metrics)``, as ``config.loss_impl`` says:
   ``"all_gather"`` (default; fastest while the [n, N] logits fit) or ``"ring"`` (memory-bounded,
-  same values and gradients; see ``ring_losses.py``). ``options``: how negatives are treated
+  same values and gradients; see ``losses/ring.py``). ``options``: how negatives are treated
   (``config.negatives``; ``negative_options``). Group ids go in as ``groups=`` [N] int."""
-  loss = ring_losses.get_loss(name, config.loss_impl, tile=config.loss_tile or None,
-                              options=options)
+  loss = losses.get_loss(name, config.loss_impl, tile=config.loss_tile or None,
+                         options=options)
   return losses.sharded(loss, mesh, return_metrics=True)
 
 
