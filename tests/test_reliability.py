@@ -42,6 +42,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
@@ -212,6 +213,24 @@ def _assert_trees_equal(got, want, rtol=0.0):
       np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
 
 
+def _saved_state(workdir, step):
+  """A checkpoint's whole saved state as numpy arrays (PRNG keys as their key data), read as
+  stored: no model, mesh or config is built."""
+  tree = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step),
+                                                       "state"))
+  return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key) else x), tree)
+
+
+def _writer(interrupted, step) -> str:
+  """The name of the start that committed checkpoint ``step``."""
+  order = interrupted["order"]
+  for phase, after in zip(order, order[1:]):
+    if step not in phase["committed_before"] and step in after["committed_before"]:
+      return phase["name"]
+  return order[-1]["name"]
+
+
 def _all_finite(tree) -> bool:
   return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree))
 
@@ -225,6 +244,7 @@ def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   c = _config(total_steps=TOTAL_STEPS)
   c.checkpoint.async_save = True  # as the command line runs it
+  c.checkpoint.max_to_keep = None  # every step, to compare with each checkpoint of the other
   summary = train.train_and_evaluate(c, str(workdir)).summary
   return {"workdir": str(workdir), "summary": summary,
           "losses": {h["step"]: h["loss"] for h in summary["train_history"]}}
@@ -237,7 +257,10 @@ def interrupted(tmp_path_factory):
   missed the write); SIGTERM; run to the end."""
   root = tmp_path_factory.mktemp("interrupted")
   workdir = str(root / "run")
-  argv = _main_argv(workdir, f"--config.total_steps={TOTAL_STEPS}")
+  # Every checkpoint is kept (no garbage collection), so each one written by any start can be
+  # compared with the uninterrupted run's at the same step.
+  argv = _main_argv(workdir, f"--config.total_steps={TOTAL_STEPS}",
+                    "--config.checkpoint.max_to_keep=100")
   rng = random.Random(9)
   # From step 3 on, some checkpoint is complete when the step is logged: step 3's log line
   # comes after step 2's save started, and orbax starts a save only once the previous one
@@ -350,6 +373,16 @@ def test_sigterm_saves_current_step_and_exits_zero(interrupted):
 def test_interrupted_run_equals_uninterrupted_run(interrupted, uninterrupted):
   finish = interrupted["phases"]["finish"]
   assert finish["rc"] == 0, finish["log"][-3000:]
+  # Every checkpoint any start committed holds the uninterrupted run's state at that step,
+  # leaf by leaf (the first one that differs names the start that wrote it).
+  for step in _committed_steps(interrupted["workdir"]):
+    got = _saved_state(interrupted["workdir"], step)
+    want = _saved_state(uninterrupted["workdir"], step)
+    try:
+      _assert_trees_equal(got, want)
+    except AssertionError as error:
+      raise AssertionError(f"checkpoint {step}, written by the {_writer(interrupted, step)!r} "
+                           f"start, differs from the uninterrupted run's\n{error}") from None
   # The last process's steps, at full precision from summary.json.
   summary = json.loads(open(os.path.join(interrupted["workdir"], "summary.json")).read())
   resumed = _resumed_step(finish["log"])
