@@ -7,7 +7,6 @@ orchestration (``evaluate/runner.py``: the evaluators a config declares, streame
 method's encoders) is layer 3 and is not imported here.
 """
 
-from contrastive_jax.evaluate.embedding_metrics import alignment, uniformity
 from contrastive_jax.evaluate.features import (
     extract_features, extract_features_from_iterator, map_row_chunks)
 from contrastive_jax.evaluate.knn import knn_accuracy, knn_class_scores
@@ -20,10 +19,10 @@ from contrastive_jax.evaluate.zero_shot import (
     zero_shot_accuracy, zero_shot_hits)
 
 __all__ = [
-    "DEFAULT_L2_GRID", "alignment", "balanced_subset", "class_text_embeddings",
+    "DEFAULT_L2_GRID", "balanced_subset", "class_text_embeddings",
     "ensemble_class_embeddings", "zero_shot_hits",
     "extract_features", "extract_features_from_iterator", "few_label_probe",
     "fit_logistic_regression", "knn_accuracy", "knn_class_scores", "l2_normalize", "linear_probe",
-    "map_row_chunks", "retrieval_recall", "stratified_split", "top_k_hits", "uniformity",
+    "map_row_chunks", "retrieval_recall", "stratified_split", "top_k_hits",
     "zero_shot_accuracy",
 ]
