@@ -77,6 +77,7 @@ def local_mesh() -> Mesh:
   """This process's own devices as a ``("data",)`` mesh: host-local work, no collectives."""
   return distributed.make_mesh(devices=jax.local_devices())
 
+
 # ----------------------------------------------------------------------------- encoding
 
 
