@@ -186,6 +186,13 @@ def test_a_config_saved_before_the_one_section_keeps_its_evaluators():
   assert not configs.config_from_json(undeclared).eval.evaluators  # the defaults
 
 
+def test_raw_pixel_baseline_uses_the_runs_few_label_shots():
+  c = simclr_mnist.get_config("quick")
+  assert runner._few_label_shots(c) == (10,)  # pylint: disable=protected-access
+  c.eval.evaluators = {"knn": dict(type="knn"), "few": dict(type="few_label", shots=(1, 5))}
+  assert runner._few_label_shots(c) == (1, 5)  # pylint: disable=protected-access
+
+
 def test_nothing_below_evaluate_imports_it():
   """Layering: losses/, metrics/, models/ and methods/ never import evaluate/ (methods log the
   embedding metrics of ``contrastive_jax.metrics``)."""
