@@ -154,6 +154,11 @@ def image_program(spec: dict, data) -> tuple[str, tuple[int, ...], str]:
   return ("image", (spec["batch_size"], size, size, 3), "float32")
 
 
+def feature_programs(spec: dict, data) -> list:
+  """``programs`` of the evaluators of frozen image features (kNN, probes): ``encode``."""
+  return [("image_features", image_program(spec, data))]
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, float]:
   """Nested results ``{"1shot": {"top1": x}}`` as ``{"1shot/top1": x}`` (scalars only)."""
   out = {}

@@ -27,8 +27,7 @@ def check(where: str, spec: dict) -> None:
     raise ConfigError(f"{where}.draws={spec['draws']} must be >= 1")
 
 
-def programs(spec: dict, data) -> list:
-  return [("image_features", streaming.image_program(spec, data))]
+programs = streaming.feature_programs
 
 
 def run(ctx: streaming.Context, state, spec: dict):

@@ -31,8 +31,7 @@ def check(where: str, spec: dict) -> None:
     raise ConfigError(f"{where}.val_fraction={spec['val_fraction']} must be in (0, 1)")
 
 
-def programs(spec: dict, data) -> list:
-  return [("image_features", streaming.image_program(spec, data))]
+programs = streaming.feature_programs
 
 
 def run(ctx: streaming.Context, state, spec: dict):
