@@ -7,7 +7,10 @@ key the pipeline and the optimizer read. The library reads these keys directly, 
 default of its own, so each key can be set from the command line
 (``--config.optim.grad_clip_norm=1.0``). A setting that may be absent is a typed placeholder
 (``placeholder(int)``): it is None by default, can be set to a number, and back to None
-(``--config.total_steps=None --config.total_epochs=100``).
+(``--config.total_steps=None --config.total_epochs=100``). One exception: the settings of an
+evaluator type (kNN's ``k``, the probes' ``shots``, ...) default in its module
+(``evaluate/evaluators/<type>.py``, as in big_vision), so an entry of ``config.eval.evaluators``
+names only what it changes; a key it names can then be set from the command line.
 """
 
 from __future__ import annotations
