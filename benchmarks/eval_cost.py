@@ -7,12 +7,12 @@ initialised), and compiles, never runs, on the simulated CPU devices:
 * the train step (forward, loss, backward, AdamW update) at a global batch ``--train-batch``;
 * the evaluators' image encoder (``method.encode_image``) and text encoder
   (``method.encode_text``) at the config's ``eval.batch_size``, the jitted functions the
-  evaluators call (``runner.Encoders``).
+  evaluators call (``streaming.Encoders``).
 
 FLOPs come from the compiled programs (``cost_analysis()["flops"]``, per device, times the
 devices). Per-example costs are the program's FLOPs over its batch; the train step's is
 scaled to the config's global batch (its only super-linear term, the ``B x B`` logits, is under
-0.1% at 32k: printed). The in-loop evaluation is what ``config.evals`` runs every
+0.1% at 32k: printed). The in-loop evaluation is what ``config.eval.evaluators`` runs every
 ``every_steps`` steps: for each zero-shot evaluator its images plus C x T prompts, for each
 retrieval evaluator its images plus K captions per image (sizes below: ImageNet validation
 subset, COCO Karpathy 5k test). Its share of training compute is
@@ -57,7 +57,7 @@ def split_examples(data: dict) -> int:
 
 def in_loop_workload(config) -> tuple[int, int, int, list[str]]:
   """``(every_steps, images, texts, lines)`` of the evaluators that run in the loop."""
-  from contrastive_jax.evaluate import class_names, runner
+  from contrastive_jax.evaluate import class_names, runner, streaming
 
   specs = runner.specs_of(config, "image_text")
   due = {n: s for n, s in specs.items() if s["every_steps"]}
@@ -67,7 +67,7 @@ def in_loop_workload(config) -> tuple[int, int, int, list[str]]:
   images = texts = 0
   lines = []
   for name, spec in due.items():
-    data = runner.data_config(config, spec).to_dict()
+    data = streaming.data_config(config, spec).to_dict()
     n = split_examples(data)
     if spec["type"] == "zero_shot":
       classes = len(class_names.subset_wnids(spec["wnids"])) if spec["wnids"] else 1000
@@ -90,7 +90,7 @@ def measure(name: str, train_batch: int, image_size: int | None) -> dict:
   import numpy as np
 
   from contrastive_jax import runs
-  from contrastive_jax.evaluate import runner
+  from contrastive_jax.evaluate import streaming
 
   config = importlib.import_module(f"contrastive_jax.configs.{name}").get_config(None)
   real_batch = config.global_batch
@@ -109,7 +109,7 @@ def measure(name: str, train_batch: int, image_size: int | None) -> dict:
   batch_sharding = run.batch_sharding
   images = jax.ShapeDtypeStruct((eb, s, s, 3), np.float32, sharding=batch_sharding)
   tokens = jax.ShapeDtypeStruct((eb, length), np.int32, sharding=batch_sharding)
-  enc = runner.Encoders(run.method)
+  enc = streaming.Encoders(run.method)
   img = _flops(enc.get("image_embedding", mesh).lower(run.abstract_state, images).compile())
   txt = _flops(enc.get("text_embedding", mesh).lower(run.abstract_state, tokens).compile())
   compile_s = time.perf_counter() - t0

@@ -117,27 +117,20 @@ def roofline(rep: ProgramReport, chip: hardware.ChipSpec) -> dict[str, float]:
 
 def _eval_programs(config, run, which: str) -> list[tuple[str, str, dict]]:
   """``(label, encoder name, {input shapes})`` of the distinct encoder programs the run's
-  evaluators compile (``evaluate/runner.py``): in the loop (``every_steps``) and, with
-  ``which="all"``, at the end too. None when ``config.eval.enabled`` is off (the loop runs
-  no evaluator then)."""
+  evaluators compile (each type's ``programs``, ``evaluate/evaluators/``): in the loop
+  (``every_steps``) and, with ``which="all"``, at the end too. None when
+  ``config.eval.enabled`` is off (the loop runs no evaluator then)."""
   if which == "none" or not config.eval.enabled:
     return []
-  from contrastive_jax.evaluate import runner as eval_runner  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from contrastive_jax.evaluate import evaluators, runner as eval_runner, streaming
   specs = eval_runner.specs_of(config, run.method.input_mode)
   programs: dict[tuple, tuple[str, str, dict, list[str]]] = {}
   for name, spec in specs.items():
     if which == "in_loop" and not spec["every_steps"]:
       continue
-    data = eval_runner.data_config(config, spec)
-    b, s, length = spec["batch_size"], int(data.image_size), int(data.context_length)
-    image = ("image", (b, s, s, 3), "float32")
-    if spec["type"] in eval_runner.FEATURE_TYPES:
-      wanted = [("image_features", image)]
-    else:
-      k = int(data.captions_per_image or 0) if spec["type"] == "retrieval" else 0
-      tokens = ("tokens", (b, k, length) if k else (b, length), "int32")
-      wanted = [("image_embedding", image), ("text_embedding", tokens)]
-    for encoder, arg in wanted:
+    data = streaming.data_config(config, spec)
+    for encoder, arg in evaluators.EVALUATORS[spec["type"]].programs(spec, data):
       key = (encoder, arg)
       if key not in programs:
         programs[key] = (encoder, arg, [])
@@ -227,8 +220,8 @@ def report(config, devices, chip: hardware.ChipSpec, *, name: str = "", target: 
                   if isinstance(compiled, tuple) else
                   analyse(label, compiled, n, state_bytes, chip, seconds))
   if evals != "none":
-    from contrastive_jax.evaluate import runner as eval_runner  # pylint: disable=g-import-not-at-top
-    encoders = eval_runner.Encoders(run.method)
+    from contrastive_jax.evaluate import streaming  # pylint: disable=g-import-not-at-top
+    encoders = streaming.Encoders(run.method)
     for label, encoder, arg in _eval_programs(config, run, evals):
       batch = jax.ShapeDtypeStruct(arg["shape"], arg["dtype"], sharding=run.batch_sharding)
       fn = encoders.get(encoder, mesh)

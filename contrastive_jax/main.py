@@ -114,7 +114,8 @@ def _train():
           "command to resume")
     return
   if jax.process_index() == 0:
-    print(train.format_summary(result.summary, knn_k=FLAGS.config.eval.knn_k))
+    knn_k = int(result.summary.get("eval", {}).get("knn/k", 0))  # the k the kNN evaluator used
+    print(train.format_summary(result.summary, knn_k=knn_k))
     print(f"full summary: {os.path.join(FLAGS.workdir, 'summary.json')}; TensorBoard: "
           f"tensorboard --logdir={FLAGS.workdir}")
 

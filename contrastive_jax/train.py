@@ -103,16 +103,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
              f"config.data.image_size={data.image_size} must be a multiple of the ViT patch "
              f"size {patch} (and at least one patch); change config.data.image_size or the "
              "patch size")
-  if config.eval.enabled:
-    _require(int(config.eval.knn_k) > 0, f"config.eval.knn_k={config.eval.knn_k} must be >= 1")
-    specs = eval_runner.specs_of(config, methods.METHODS[config.method].input_mode)
-    for name, spec in specs.items():
-      try:
-        distributed.check_batch_divisible(spec["batch_size"], mesh,
-                                          f"config.evals.{name}.batch_size (default "
-                                          "config.eval.batch_size)")
-      except ValueError as error:
-        raise ConfigError(str(error)) from None
+  eval_runner.check_config(config, mesh)
   try:
     micro = grad_cache.micro_batches(config)
     total_steps(config, 1)  # exactly one of total_steps / total_epochs, positive
@@ -255,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   # --- The step (jitted once with the run's shardings; the state is donated).
   step_fn = run.train_step
 
-  # --- Evaluators: declared in the config (config.evals), streamed per host (evaluate/runner.py).
+  # --- Evaluators: declared in config.eval, streamed per host (evaluate/runner.py).
   evaluators = (eval_runner.Runner(config, method, mesh, workdir=workdir)
                 if config.eval.enabled else None)
 
@@ -386,7 +377,7 @@ def _flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def format_summary(summary: dict[str, Any], knn_k: int) -> str:
   """A short human-readable table of the final evaluation against the raw-pixel baseline;
-  ``knn_k`` is the run's ``config.eval.knn_k``."""
+  ``knn_k`` is the k of the run's kNN evaluator."""
   lines = [f"== {summary['method']} after {summary['steps']} steps "
            f"({summary['train_seconds_this_run']} s of training in this run) =="]
   ev, raw = summary.get("eval", {}), summary.get("raw_pixels", {})  # absent: evaluation off

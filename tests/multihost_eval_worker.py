@@ -40,7 +40,7 @@ def evaluator_config():
   c.text.kwargs = dict(width=16, depth=1, num_heads=2)
   c.clip.embed_dim = 16
   c.total_steps = 1
-  c.evals = {
+  c.eval.evaluators = {
       "knn": dict(type="knn", k=5, batch_size=16),
       "linear": dict(type="linear_probe", batch_size=16, l2_grid=(1e-3, 1e-1)),
       "zero_shot": dict(type="zero_shot", batch_size=16),
@@ -67,7 +67,7 @@ def main():
                                initialization_timeout=60)
   config = evaluator_config()
   if len(sys.argv) > 7:
-    config.evals["flickr"] = karpathy_evaluator(sys.argv[6], sys.argv[7])
+    config.eval.evaluators["flickr"] = karpathy_evaluator(sys.argv[6], sys.argv[7])
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
     run = runs.build_run(config)
     state = run.init_state()

@@ -248,6 +248,14 @@ def test_evaluator_programs_of_a_config():
   assert compile_for._eval_programs(clip, FakeRun, "none") == []  # pylint: disable=protected-access
   mocov3 = configs.load_config("configs/mocov3_vit_base_imagenet.py")
   assert compile_for._eval_programs(mocov3, FakeRun, "all") == []  # pylint: disable=protected-access
+  # The default kNN and probes of the embedded run share one image-feature program.
+  class ViewsRun:
+    method = type("M", (), {"input_mode": "views"})()
+
+  simclr = configs.load_config("configs/simclr_mnist.py")
+  progs = compile_for._eval_programs(simclr, ViewsRun, "all")  # pylint: disable=protected-access
+  assert [(enc, arg["shape"]) for _, enc, arg in progs] == [("image_features", (256, 28, 28, 3))]
+  assert "(knn, linear, few)" in progs[0][0]
 
 
 def test_command_line_spelling():

@@ -1,4 +1,5 @@
-"""Config-declared evaluators (evaluate/runner.py), CLIP's ImageNet prompts, 1 vs 2 processes."""
+"""Config-declared evaluators (evaluate/runner.py, evaluate/evaluators/), CLIP's ImageNet prompts,
+1 vs 2 processes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import tensorflow_datasets as tfds
 
 from contrastive_jax.configs import simclr_mnist
 from contrastive_jax.errors import ConfigError
-from contrastive_jax.evaluate import class_names, runner, zero_shot
+from contrastive_jax.evaluate import class_names, runner, streaming, zero_shot
+from contrastive_jax.evaluate.evaluators import zero_shot as zero_shot_evaluator
 
 import test_multihost
 
@@ -46,11 +48,11 @@ def test_imagenet_names_templates_and_tfds_label_order():
 
 def test_imagenet_zero_shot_prompts():
   spec = {"classes": "imagenet", "templates": "clip"}
-  names, prompts = runner.zero_shot_prompts(None, spec)
+  names, prompts = zero_shot_evaluator.prompts(None, spec)
   assert len(names) == 1000 and len(prompts) == 1000 and len(prompts[0]) == 80
   assert prompts[0][0] == class_names.imagenet_templates()[0].format("tench")
   with pytest.raises(ConfigError, match="no '\\{\\}'"):
-    runner.zero_shot_prompts(None, {"classes": "imagenet", "templates": ("a photo",)})
+    zero_shot_evaluator.prompts(None, {"classes": "imagenet", "templates": ("a photo",)})
 
 
 def test_class_embedding_is_normalised_mean_of_normalised_templates():
@@ -77,7 +79,7 @@ def test_default_specs_keep_the_embedded_metric_names():
   assert {n: s["type"] for n, s in specs.items()} == {
       "knn": "knn", "linear": "linear_probe", "few": "few_label"}
   assert specs["knn"]["every_steps"] == 7 and specs["linear"]["every_steps"] == 0
-  assert specs["knn"]["k"] == c.eval.knn_k and specs["few"]["shots"] == tuple(c.eval.few_shots)
+  assert specs["knn"]["k"] == 200 and specs["few"]["shots"] == (10,)  # the old eval defaults
   text = runner.specs_of(c, "image_text")
   assert text["zero_shot"]["type"] == "zero_shot" and text["retrieval"]["ks"] == (1, 5)
 
@@ -90,18 +92,131 @@ def test_default_specs_keep_the_embedded_metric_names():
 ])
 def test_bad_specs_name_the_key(evals, match):
   c = simclr_mnist.get_config("quick")
-  c.evals = evals
+  c.eval.evaluators = evals
   with pytest.raises(ConfigError, match=match):
     runner.specs_of(c, "views")
 
 
 def test_evaluator_data_overrides_config_data():
   c = simclr_mnist.get_config("quick")
-  c.evals = {"v2": {"type": "knn", "data": {"eval_split": "train", "image_size": 32}}}
+  c.eval.evaluators = {"v2": {"type": "knn", "data": {"eval_split": "train", "image_size": 32}}}
   spec = runner.specs_of(c, "views")["v2"]
-  data = runner.data_config(c, spec)
+  data = streaming.data_config(c, spec)
   assert data.eval_split == "train" and data.image_size == 32
   assert data.source == c.data.source and c.data.eval_split == "test"  # the run's untouched
+
+
+def test_a_new_evaluator_is_one_registered_module(monkeypatch):
+  """The runner has no per-type code: a type registered in ``evaluators.EVALUATORS`` gets its
+  settings' defaults, its own checks and its ``run``, under ``<prefix>/<metric>``."""
+  import types  # pylint: disable=import-outside-toplevel
+  from contrastive_jax import distributed  # pylint: disable=import-outside-toplevel
+  from contrastive_jax.evaluate import evaluators  # pylint: disable=import-outside-toplevel
+
+  def check(where, spec):
+    if spec["scale"] <= 0:
+      raise ConfigError(f"{where}.scale={spec['scale']} must be > 0")
+
+  def run(ctx, state, spec):
+    return {"value": spec["scale"] * state, "nested": {"seed": ctx.seed}}, None
+
+  module = types.SimpleNamespace(SETTINGS=dict(scale=2.0), NEEDS_TEXT=False, check=check,
+                                 programs=lambda spec, data: [], run=run)
+  monkeypatch.setitem(evaluators.EVALUATORS, "scaled", module)
+  c = simclr_mnist.get_config("quick")
+  c.eval.evaluators = {"mine": dict(type="scaled", prefix="m"), "three": dict(type="scaled",
+                                                                           scale=3.0)}
+  method = types.SimpleNamespace(input_mode="views", encode=lambda state, x: x)
+  evaluators_ = runner.Runner(c, method, distributed.make_mesh(1))
+  assert evaluators_.specs["mine"]["batch_size"] == c.eval.batch_size
+  assert evaluators_.run(5.0, ["mine", "three"]) == {
+      "m/value": 10.0, "m/nested/seed": 0.0, "three/value": 15.0, "three/nested/seed": 0.0}
+  c.eval.evaluators = {"bad": dict(type="scaled", scale=-1.0)}
+  with pytest.raises(ConfigError, match=r"config\.eval\.evaluators\.bad\.scale=-1\.0 must"):
+    runner.specs_of(c, "views")
+  c.eval.evaluators = {"bad": dict(type="scaled", k=5)}
+  with pytest.raises(ConfigError, match=r"unknown key\(s\) \['k'\] for type 'scaled'"):
+    runner.specs_of(c, "views")
+
+
+@pytest.mark.parametrize("evaluator, match", [
+    (dict(type="knn", temperature=0.0), r"temperature=0\.0 must be > 0"),
+    (dict(type="linear_probe", l2_grid=()), r"l2_grid=\(\) must be non-empty"),
+    (dict(type="linear_probe", val_fraction=1.0), r"val_fraction=1\.0 must be in \(0, 1\)"),
+    (dict(type="few_label", shots=(0, 10)), r"shots=\(0, 10\) must be"),
+    (dict(type="retrieval", ks=(0,)), r"ks=\(0,\) must be positive"),
+])
+def test_each_type_checks_its_settings_before_compiling(evaluator, match):
+  from contrastive_jax import distributed  # pylint: disable=import-outside-toplevel
+  from contrastive_jax.configs import clip_mnist  # pylint: disable=import-outside-toplevel
+  c = clip_mnist.get_config("quick")  # image-text: every type applies
+  c.eval.evaluators = {"x": evaluator}
+  with pytest.raises(ConfigError, match=r"config\.eval\.evaluators\.x\." + match):
+    runner.check_config(c, distributed.make_mesh(1))
+
+
+def test_check_config_names_the_evaluator_batch_and_is_off_with_evaluation():
+  from contrastive_jax import distributed  # pylint: disable=import-outside-toplevel
+  c = simclr_mnist.get_config("quick")
+  c.eval.batch_size = 100
+  with pytest.raises(ConfigError, match=r"config\.eval\.evaluators\.knn\.batch_size \(default "
+                     r"config\.eval\.batch_size\) of 100 is not divisible by the 8 devices"):
+    runner.check_config(c, distributed.make_mesh(8))
+  c.eval.enabled = False
+  runner.check_config(c, distributed.make_mesh(8))  # evaluation off: nothing to check
+
+
+def test_a_config_saved_before_the_one_section_keeps_its_evaluators():
+  """Saved configs (checkpoints) with ``config.evals`` and ``eval.knn_k`` / ``knn_temperature`` /
+  ``few_shots``: the declared evaluators move into ``config.eval.evaluators`` and the old
+  defaults fill the settings they left unset, as the old code resolved them."""
+  from contrastive_jax import configs  # pylint: disable=import-outside-toplevel
+  saved = simclr_mnist.get_config("quick").to_dict()
+  saved["eval"] = {"enabled": True, "every_steps": 0, "batch_size": 64, "knn_k": 20,
+                   "knn_temperature": 0.1, "few_shots": [1, 5], "raw_pixel_baseline": False,
+                   "embedding_plot": ""}
+  saved["evals"] = {"a": {"type": "knn"}, "b": {"type": "knn", "k": 7},
+                    "c": {"type": "few_label"}}
+  c = configs.config_from_json(saved)
+  assert "evals" not in c and "knn_k" not in c.eval and c.eval.batch_size == 64
+  specs = runner.specs_of(c, "views")
+  assert (specs["a"]["k"], specs["a"]["temperature"], specs["b"]["k"]) == (20, 0.1, 7)
+  assert specs["c"]["shots"] == (1, 5)
+  undeclared = dict(saved, evals={})
+  assert not configs.config_from_json(undeclared).eval.evaluators  # the defaults
+
+
+def test_raw_pixel_baseline_uses_the_runs_few_label_shots():
+  c = simclr_mnist.get_config("quick")
+  assert runner._few_label_shots(c) == (10,)  # pylint: disable=protected-access
+  c.eval.evaluators = {"knn": dict(type="knn"), "few": dict(type="few_label", shots=(1, 5))}
+  assert runner._few_label_shots(c) == (1, 5)  # pylint: disable=protected-access
+
+
+def test_nothing_below_evaluate_imports_it():
+  """Layering: losses/, metrics/, models/ and methods/ never import evaluate/ (methods log the
+  embedding metrics of ``contrastive_jax.metrics``)."""
+  import ast  # pylint: disable=import-outside-toplevel
+  import contrastive_jax  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(contrastive_jax.__file__)
+  offenders = []
+  for package in ("losses", "metrics", "models", "methods"):
+    for folder, _, files in os.walk(os.path.join(root, package)):
+      for name in files:
+        if not name.endswith(".py"):
+          continue
+        path = os.path.join(folder, name)
+        with open(path) as f:
+          tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+          modules = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+          names = ([a.name for a in node.names] if isinstance(node, ast.ImportFrom) and
+                   node.module == "contrastive_jax" else [])
+          if any(m.startswith("contrastive_jax.evaluate") for m in modules) or \
+              "evaluate" in names:
+            offenders.append(os.path.relpath(path, root))
+  assert not offenders, offenders
 
 
 # ----------------------------------------------------------------------------- 1 vs 2 processes
@@ -176,16 +291,17 @@ def test_coco_retrieval_five_captions_per_image_on_mock_coco_captions():
   c = multihost_eval_worker.evaluator_config()
   data = dict(source="tfds", name="coco_captions", eval_split="test", cache=False,
               caption_key="captions/text", captions_per_image=5)
-  c.evals = {"coco": dict(type="retrieval", data=data, ks=(1, 5, 10), batch_size=8)}
+  c.eval.evaluators = {"coco": dict(type="retrieval", data=data, ks=(1, 5, 10), batch_size=8)}
   with tfds.testing.mock_data(as_dataset_fn=_mock_coco_captions(12)):
     run = runs.build_run(c)
     state = run.init_state()
     evaluators = runner.Runner(c, run.method, run.mesh)
     res = evaluators.run(state, ["coco"])
     spec = evaluators.specs["coco"]
-    local = runner.encode_split(evaluators.encoders, state, run.mesh, runner.data_config(c, spec),
-                                "test", 8, [("img", "image_embedding", "image"),
-                                            ("txt", "text_embedding", "tokens")])
+    local = streaming.encode_split(evaluators.encoders, state, run.mesh,
+                                   streaming.data_config(c, spec), "test", 8,
+                                   [("img", "image_embedding", "image"),
+                                    ("txt", "text_embedding", "tokens")])
   assert local["tokens"].shape[:2] == (12, 5) and local["txt"].shape[:2] == (12, 5)
   txt = local["txt"].reshape(60, -1)
   for k in (1, 5, 10):
@@ -239,18 +355,18 @@ def test_karpathy_json_retrieval_matches_float64_reference(tmp_path, coco):
   from contrastive_jax import runs  # pylint: disable=import-outside-toplevel
   path, images = write_karpathy_fixture(tmp_path, coco=coco)
   c = multihost_eval_worker.evaluator_config()
-  c.evals = {"flickr": multihost_eval_worker.karpathy_evaluator(path, images)}
+  c.eval.evaluators = {"flickr": multihost_eval_worker.karpathy_evaluator(path, images)}
   run = runs.build_run(c)
   state = run.init_state()
   evaluators = runner.Runner(c, run.method, run.mesh)
   res = evaluators.run(state, ["flickr"])
-  local = runner.encode_split(evaluators.encoders, state, run.mesh,
-                              runner.data_config(c, evaluators.specs["flickr"]), "test", 16,
-                              [("img", "image_embedding", "image"),
-                               ("txt", "text_embedding", "tokens")])
+  local = streaming.encode_split(evaluators.encoders, state, run.mesh,
+                                 streaming.data_config(c, evaluators.specs["flickr"]), "test", 16,
+                                 [("img", "image_embedding", "image"),
+                                  ("txt", "text_embedding", "tokens")])
   assert local["tokens"].shape[:2] == (12, 5)
   assert local["index"].tolist() == list(range(100, 112))  # the test split, in file order
-  tok = runner.pipeline.make_tokenizer(runner.data_config(c, evaluators.specs["flickr"]))
+  tok = streaming.pipeline.make_tokenizer(streaming.data_config(c, evaluators.specs["flickr"]))
   assert (local["tokens"][2, 4] == tok.encode(["2.4 a photo"])[0]).all()  # 7 captions: first 5
   txt = local["txt"].reshape(60, -1)
   for k in (1, 5, 10):
@@ -285,8 +401,8 @@ def test_karpathy_json_errors_name_the_fix(tmp_path):
 
 def test_imagenet_wnid_subset_prompts():
   wnids = ("n01443537", "n01440764")  # goldfish, tench
-  names, prompts = runner.zero_shot_prompts(None, {"classes": "imagenet", "templates": "clip",
-                                                   "wnids": wnids})
+  names, prompts = zero_shot_evaluator.prompts(None, {"classes": "imagenet",
+                                                       "templates": "clip", "wnids": wnids})
   assert names == ["goldfish", "tench"] and len(prompts[1]) == 80 and "tench" in prompts[1][0]
 
 
@@ -319,10 +435,10 @@ def test_bad_wnids_name_the_fix():
   c = simclr_mnist.get_config("quick")
   for wnids, match in [("imagenet_x", "not a known subset"), (("n0000",), "not ImageNet-1k"),
                        (("n01440764", "n01440764"), "repeated")]:
-    c.evals = {"zs": dict(type="zero_shot", classes="imagenet", wnids=wnids)}
+    c.eval.evaluators = {"zs": dict(type="zero_shot", classes="imagenet", wnids=wnids)}
     with pytest.raises(ConfigError, match=match):
       runner.specs_of(c, "image_text")
-  c.evals = {"zs": dict(type="zero_shot", wnids="imagenet_r")}
+  c.eval.evaluators = {"zs": dict(type="zero_shot", wnids="imagenet_r")}
   with pytest.raises(ConfigError, match="needs classes='imagenet'"):
     runner.specs_of(c, "image_text")
 
@@ -352,20 +468,20 @@ def test_imagenet_r_zero_shot_scores_the_200_classes():
                           "tfds_id": tf.TensorSpec([], tf.string)})
 
   c = multihost_eval_worker.evaluator_config()
-  c.evals = {"imagenet_r": dict(type="zero_shot", classes="imagenet", wnids="imagenet_r",
-                                templates=("{}",), batch_size=8,
-                                data=dict(source="tfds", name="imagenet_r", eval_split="test",
-                                          cache=False))}
+  c.eval.evaluators = {"imagenet_r": dict(
+      type="zero_shot", classes="imagenet", wnids="imagenet_r", templates=("{}",), batch_size=8,
+      data=dict(source="tfds", name="imagenet_r", eval_split="test", cache=False))}
   with tfds.testing.mock_data(as_dataset_fn=as_dataset):
     run = runs.build_run(c)
     state = run.init_state()
     evaluators = runner.Runner(c, run.method, run.mesh)
-    data = runner.data_config(c, evaluators.specs["imagenet_r"])
-    local = runner.encode_split(evaluators.encoders, state, run.mesh, data, "test", 8,
-                                [("emb", "image_embedding", "image")])
-    names, prompts = runner.zero_shot_prompts(data, evaluators.specs["imagenet_r"])
-    classes = runner.class_embeddings(evaluators.encoders, state, run.mesh,
-                                      runner.pipeline.make_tokenizer(data), prompts, 8)
+    data = streaming.data_config(c, evaluators.specs["imagenet_r"])
+    local = streaming.encode_split(evaluators.encoders, state, run.mesh, data, "test", 8,
+                                   [("emb", "image_embedding", "image")])
+    names, prompts = zero_shot_evaluator.prompts(data, evaluators.specs["imagenet_r"])
+    classes = zero_shot_evaluator.class_embeddings(evaluators.encoders, state, run.mesh,
+                                                   streaming.pipeline.make_tokenizer(data),
+                                                   prompts, 8)
     img = local["emb"].astype(np.float64)
     img /= np.linalg.norm(img, axis=1, keepdims=True)
     scores = img @ classes.astype(np.float64).T  # [N, 200]
@@ -410,9 +526,9 @@ def test_image_text_evals_declare_all_variants_and_flickr30k():
   # pylint: disable-next=import-outside-toplevel
   from contrastive_jax.configs import clip_vit_b32, common
   c = clip_vit_b32.get_config()
-  c.evals = common.image_text_evals("gs://b/tfds", every_steps=5000,
-                                    variants=tuple(common.IMAGENET_VARIANTS),
-                                    flickr30k=("gs://b/dataset_flickr30k.json", "gs://b/img"))
+  c.eval.evaluators = common.image_text_evals(
+      "gs://b/tfds", every_steps=5000, variants=tuple(common.IMAGENET_VARIANTS),
+      flickr30k=("gs://b/dataset_flickr30k.json", "gs://b/img"))
   specs = runner.specs_of(c, "image_text")
   assert set(specs) == {"imagenet_subset", "imagenet", "imagenet_v2", "imagenet_sketch",
                         "imagenet_r", "imagenet_a", "coco", "flickr30k"}
@@ -420,7 +536,7 @@ def test_image_text_evals_declare_all_variants_and_flickr30k():
                                                                           "imagenet_a")
   assert not specs["imagenet_v2"]["wnids"] and specs["imagenet_r"]["data"]["name"] == "imagenet_r"
   assert specs["flickr30k"]["data"]["source"] == "karpathy_json"
-  assert runner.zero_shot_prompts(None, specs["imagenet_a"])[0][0] == "stingray"
+  assert zero_shot_evaluator.prompts(None, specs["imagenet_a"])[0][0] == "stingray"
   assert {n for n, s in specs.items() if s["every_steps"]} == {"imagenet_subset", "coco"}
   with pytest.raises(ValueError, match="unknown"):
     common.image_text_evals("", every_steps=0, variants=("imagenet_c",))
@@ -441,7 +557,7 @@ def test_clip_config_evaluators_in_the_loop_and_from_the_command_line(tmp_path):
   for spec in evals.values():
     if spec["type"] == "zero_shot":
       spec["templates"] = ("a photo of a {}.",)  # 1,000 prompts, not 80,000, on a CPU test
-  c.evals = evals
+  c.eval.evaluators = evals
   c.eval.batch_size, c.eval.embedding_plot = 8, ""
   configs.apply_overrides(c, {"total_steps": 2, "checkpoint.async_save": False})
   with tfds.testing.mock_data(as_dataset_fn=_mock_tfds(12)):
@@ -470,16 +586,16 @@ def test_linear_probe_features_cached_per_host_and_never_trusted_blindly(tmp_pat
   from contrastive_jax import runs  # pylint: disable=import-outside-toplevel
   from contrastive_jax.evaluate import feature_cache  # pylint: disable=import-outside-toplevel
   c = multihost_eval_worker.evaluator_config()
-  c.evals = {"linear": dict(type="linear_probe", batch_size=16, l2_grid=(1e-3, 1e-1),
-                            cache_features=True)}
+  c.eval.evaluators = {"linear": dict(type="linear_probe", batch_size=16,
+                                      l2_grid=(1e-3, 1e-1), cache_features=True)}
   calls = []
-  real = runner.encode_split
+  real = streaming.encode_split
 
   def spy(*args, **kwargs):
     calls.append(args[4])  # the split
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(runner, "encode_split", spy)
+  monkeypatch.setattr(streaming, "encode_split", spy)
   with tfds.testing.mock_data(num_examples=24):
     run = runs.build_run(c)
     state = run.init_state()

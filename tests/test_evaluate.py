@@ -9,10 +9,10 @@ import pytest
 
 from contrastive_jax.distributed import make_mesh
 from contrastive_jax.evaluate import (
-    alignment, balanced_subset, class_text_embeddings, extract_features,
-    extract_features_from_iterator, few_label_probe, fit_logistic_regression, knn_accuracy,
-    knn_class_scores, linear_probe, retrieval_recall, stratified_split, top_k_hits, uniformity,
-    zero_shot_accuracy)
+    balanced_subset, class_text_embeddings, extract_features, extract_features_from_iterator,
+    few_label_probe, fit_logistic_regression, knn_accuracy, knn_class_scores, linear_probe,
+    retrieval_recall, stratified_split, top_k_hits, zero_shot_accuracy)
+from contrastive_jax.metrics import alignment, uniformity
 
 
 def _clusters(rng, n, num_classes, dim, spread=6.0, centers=None):

@@ -418,7 +418,7 @@ def test_clip_zero_shot_beats_chance(clip_trained):
   other = methods.build_method(other_config, distributed.make_mesh(1))
   runner = eval_runner.Runner(other_config, other, distributed.make_mesh(1))
   assert not runner.select(["extra"])
-  other_config.evals = {"zs": {"type": "zero_shot"}}
+  other_config.eval.evaluators = {"zs": {"type": "zero_shot"}}
   with pytest.raises(ConfigError, match="text tower"):
     eval_runner.Runner(other_config, other, distributed.make_mesh(1))
 

@@ -839,10 +839,11 @@ BAD_CONFIGS = [
      r"config\.loss_tile=-1 must be an integer >= 0"),
     ("eval batch not divisible",
      lambda: _config(**{"eval.enabled": True, "eval.batch_size": 100}),
-     r"config\.evals\.knn\.batch_size \(default config\.eval\.batch_size\) of 100 is not "
-     r"divisible by the 8 devices"),
-    ("zero kNN k", lambda: _config(**{"eval.enabled": True, "eval.knn_k": 0}),
-     r"config\.eval\.knn_k=0 must be >= 1"),
+     r"config\.eval\.evaluators\.knn\.batch_size \(default config\.eval\.batch_size\) of 100 "
+     r"is not divisible by the 8 devices"),
+    ("zero kNN k", lambda: _config(**{"eval.enabled": True,
+                                      "eval.evaluators": {"knn": {"type": "knn", "k": 0}}}),
+     r"config\.eval\.evaluators\.knn\.k=0 must be >= 1"),
     ("tfds without a name", lambda: _config(**{"data.source": "tfds", "data.name": ""}),
      r"config\.data\.name must name a tfds dataset"),
     ("folder without a path", lambda: _config(**{"data.source": "folder", "data.path": None}),

@@ -116,7 +116,7 @@ def test_run_and_cli_evaluation_write_only_through_epath(tmp_path, monkeypatch, 
 
   c = tiny_config(total_steps=2, stop_at_step=1, **{
       "eval.enabled": True, "eval.batch_size": 64, "eval.embedding_plot": "pca"})
-  c.evals = {"knn": {"type": "knn", "k": 5}}
+  c.eval.evaluators = {"knn": {"type": "knn", "k": 5}}
   first = train.train_and_evaluate(c, workdir)
   assert first.stopped_at_step == 1
   c.stop_at_step = None

@@ -37,9 +37,10 @@ def _launch(name):
 
 def test_config_from_json_turns_lists_into_tuples():
   c = restore.config_from_json({"model": {"kwargs": {"widths": [16, [2, 3]]}},
-                                "eval": {"few_shots": [10]}, "x": None})
+                                "eval": {"evaluators": {"few": {"type": "few_label",
+                                                                "shots": [10]}}}, "x": None})
   assert c.model.kwargs.widths == (16, (2, 3))
-  assert c.eval.few_shots == (10,)
+  assert c.eval.evaluators.few.shots == (10,)
   assert c.x is None
 
 
@@ -124,8 +125,10 @@ def test_sweep_two_points_table_plot_and_resume(tmp_path):
 
 
 def test_standalone_evaluator_matches_trainer(tmp_path):
-  config = restore.apply_overrides(simclr_mnist.get_config("quick"),
-                                   TINY + ["eval.few_shots=()"])
+  config = restore.apply_overrides(simclr_mnist.get_config("quick"), TINY)
+  # The default evaluators, the few-label probe without shots (cheap).
+  config.eval.evaluators = {"knn": dict(type="knn"), "linear": dict(type="linear_probe"),
+                            "few": dict(type="few_label", shots=())}
   summary = train.train_and_evaluate(config, str(tmp_path)).summary
   assert evaluator.main(["--workdir", str(tmp_path), "--eval=knn"]) == 0
   report = json.loads((tmp_path / "eval_knn.json").read_text())

@@ -80,8 +80,42 @@ def config_from_json(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """
   if not isinstance(data, Mapping):
     raise ConfigError(f"a saved config must be a JSON object, got {type(data).__name__}")
-  saved = _tuples(data)
+  saved = _upgrade_eval_section(_tuples(data))
   return ml_collections.ConfigDict(_merge(_declared_defaults(saved), saved))
+
+
+# Settings of config.eval that were the defaults of evaluator types until the evaluators moved
+# into config.eval.evaluators (2026-12): (type, its setting, the old default).
+_LEGACY_EVAL_KEYS = {"knn_k": ("knn", "k", 200), "knn_temperature": ("knn", "temperature", 0.07),
+                     "few_shots": ("few_label", "shots", (10,))}
+
+
+def _upgrade_eval_section(saved: dict[str, Any]) -> dict[str, Any]:
+  """A config saved with ``config.evals`` and ``config.eval.knn_k`` / ``knn_temperature`` /
+  ``few_shots`` in the one section of today: the declared evaluators become
+  ``config.eval.evaluators``, and the old defaults fill the settings their evaluators left
+  unset, as the old code did. Runs that declared none and changed a default are evaluated with
+  the type's default now (a warning says so; declare the evaluator to keep the old value)."""
+  ev = dict(saved.get("eval") or {})
+  legacy = {k: ev.pop(k) for k in _LEGACY_EVAL_KEYS if k in ev}
+  if "evals" not in saved and not legacy:
+    return saved
+  saved = dict(saved)
+  declared = {name: dict(spec) for name, spec in (saved.pop("evals", None) or {}).items()}
+  for key, value in legacy.items():
+    kind, setting, old_default = _LEGACY_EVAL_KEYS[key]
+    for spec in declared.values():
+      if spec.get("type") == kind and spec.get(setting) in (None, 0):
+        spec[setting] = value
+    if not declared and value != old_default:
+      from absl import logging  # pylint: disable=g-import-not-at-top
+      logging.warning("the saved config sets eval.%s=%r, which no longer exists; its default "
+                      "evaluators use the %s evaluator's own %s (%r). Declare the evaluator in "
+                      "config.eval.evaluators to keep the old value.", key, value, kind,
+                      setting, old_default)
+  ev["evaluators"] = declared
+  saved["eval"] = ev
+  return saved
 
 
 def _declared_defaults(saved: Mapping[str, Any]) -> dict[str, Any]:

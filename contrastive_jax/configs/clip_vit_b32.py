@@ -63,9 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ImageNet zero-shot (10k-image subset every 5000 steps, all 50k at the end; also
   # ImageNet-v2 and -Sketch at the end) and COCO 5k retrieval (every 5000 steps and at the
   # end), read from tfds in a.tfds_dir; cost in docs/evaluation.md. Off in :quick (no ImageNet).
-  c.evals = common.image_text_evals(a.tfds_dir, every_steps=5000)
+  c.eval.evaluators = common.image_text_evals(a.tfds_dir, every_steps=5000)
   # Also ImageNet-R and -A (200 classes each) and Flickr30k 1k test from Karpathy's split file:
-  #   c.evals = common.image_text_evals(
+  #   c.eval.evaluators = common.image_text_evals(
   #       a.tfds_dir, every_steps=5000, variants=tuple(common.IMAGENET_VARIANTS),
   #       flickr30k=("gs://YOUR_BUCKET/flickr30k/dataset_flickr30k.json",
   #                  "gs://YOUR_BUCKET/flickr30k/flickr30k-images"))

@@ -79,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.grad_cache.micro_batches = 2 if a.quick else a.micro_batches
   c.sharding.strategy = "fsdp"
   c.checkpoint.every_steps = 2 if a.quick else 1000
-  c.evals = common.image_text_evals(a.tfds_dir, every_steps=5000)
+  c.eval.evaluators = common.image_text_evals(a.tfds_dir, every_steps=5000)
   c.eval.enabled = not a.quick
   c.eval.batch_size = 1024
   c.eval.embedding_plot = ""

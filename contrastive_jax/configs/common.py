@@ -7,7 +7,10 @@ key the pipeline and the optimizer read. The library reads these keys directly, 
 default of its own, so each key can be set from the command line
 (``--config.optim.grad_clip_norm=1.0``). A setting that may be absent is a typed placeholder
 (``placeholder(int)``): it is None by default, can be set to a number, and back to None
-(``--config.total_steps=None --config.total_epochs=100``).
+(``--config.total_steps=None --config.total_epochs=100``). One exception: the settings of an
+evaluator type (kNN's ``k``, the probes' ``shots``, ...) default in its module
+(``evaluate/evaluators/<type>.py``, as in big_vision), so an entry of ``config.eval.evaluators``
+names only what it changes; a key it names can then be set from the command line.
 """
 
 from __future__ import annotations
@@ -93,14 +96,16 @@ def base_config() -> ml_collections.ConfigDict:
   # Pretrained weights at step 0 (convert/init.py): a converted file or a run's workdir; which
   # variables (path substrings, empty = all) and a path prefix to place them.
   c.init_from = ml_collections.ConfigDict(dict(path="", patterns=(), prefix=""))
+  # Evaluation (evaluate/runner.py): on/off; every_steps: the in-loop period of the default
+  # kNN (0: only at the end); batch_size: every evaluator's default; raw_pixel_baseline: the
+  # probes on raw pixels too (in-memory data); embedding_plot: PNG of the test features at the
+  # end, "pca", "tsne" or "". evaluators: {name: {type, data (config.data overrides),
+  # every_steps, final, prefix, batch_size, the type's settings}}, the types and their settings
+  # in evaluate/evaluators/. Empty: kNN, linear and few-label probes, and for image-text methods
+  # zero-shot and retrieval, on config.data (runner.default_specs).
   c.eval = ml_collections.ConfigDict(dict(
-      enabled=True, every_steps=0, batch_size=512, knn_k=200, knn_temperature=0.07,
-      few_shots=(10,), raw_pixel_baseline=False,
-      embedding_plot="pca"))  # PNG of the test features at the end: "pca", "tsne" or ""
-  # Named evaluators (evaluate/runner.py): {name: {type, data (config.data overrides),
-  # every_steps, final, prefix, settings}}. Empty: kNN (every eval.every_steps), linear and
-  # few-label probes, and for image-text methods zero-shot and retrieval, on config.data.
-  c.evals = ml_collections.ConfigDict()
+      enabled=True, every_steps=0, batch_size=512, raw_pixel_baseline=False,
+      embedding_plot="pca", evaluators=ml_collections.ConfigDict()))
   return c
 
 
@@ -188,7 +193,8 @@ IMAGENET_VARIANTS = {"imagenet_v2": dict(eval_split="test"),
 
 def image_text_evals(tfds_dir: str, *, every_steps: int, subset: int = 10_000,
                      variants=("imagenet_v2", "imagenet_sketch"), flickr30k=None):
-  """``config.evals`` of the full-scale CLIP/SigLIP configs: the numbers papers report.
+  """``config.eval.evaluators`` of the full-scale CLIP/SigLIP configs: the numbers papers
+  report.
 
   * ``imagenet_subset``: ImageNet zero-shot top-1/5 (tfds ``imagenet2012`` validation, CLIP's
     1,000 class names and 80 templates) on the first ``subset`` validation images every

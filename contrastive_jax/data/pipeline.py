@@ -248,7 +248,7 @@ def train_iterator(data_config, *, mode: str, global_batch: int, seed: int,
   if c.source in EVAL_ONLY_SOURCES:
     raise ConfigError(f"data.source={c.source!r} is read by the evaluators only (retrieval, "
                       "several captions per image); train on tfds, TFRecord, CSV or folder data "
-                      "and name it in a config.evals entry's data")
+                      "and name it in a config.eval.evaluators entry's data")
   p, num_p = _processes(process_index, process_count)
   if global_batch <= 0 or global_batch % num_p:
     raise ValueError(f"global_batch={global_batch} is not divisible by the {num_p} processes; "

@@ -1,13 +1,13 @@
 """Standalone evaluation of a training run's checkpoint, with the evaluators its config declares.
 
   python -m contrastive_jax.evaluate --workdir=DIR [--eval=all|NAME,...|TYPE,...] [--step=N] \
-      [--config=configs/x.py[:arg]] [--set evals.imagenet.data.eval_split=validation ...] \
-      [--embedding_plot=pca|tsne]
+      [--config=configs/x.py[:arg]] [--embedding_plot=pca|tsne] \
+      [--set eval.evaluators.imagenet.data.eval_split=validation ...]
 
 Reads the config saved with the checkpoint (or ``--config``, then ``--set`` overrides; only
-evaluation settings, ``eval.*`` and ``evals.*``, should differ from the run), rebuilds the run on
-a mesh of all devices of all processes, restores the newest good checkpoint (or ``--step``), and
-runs the evaluators of ``config.evals`` (``evaluate/runner.py``, the same ``Runner`` the training
+evaluation settings, ``eval.*``, should differ from the run), rebuilds the run on a mesh of
+all devices of all processes, restores the newest good checkpoint (or ``--step``), and
+runs the evaluators of ``config.eval`` (``evaluate/runner.py``, the same ``Runner`` the training
 loop calls: same streamed features, same probes, same seeds), so the numbers equal the trainer's
 for the same state. ``--eval`` picks evaluators by name (``imagenet_0shot``), by type (``knn``,
 ``linear_probe``, ``few_label``, ``zero_shot``, ``retrieval``), ``extra`` (the zero-shot and
@@ -65,8 +65,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="the training run's directory")
   parser.add_argument("--eval", default="all",
-                      help="comma list of evaluator names or types of the run's config.evals "
-                      "(knn, linear_probe, few_label, zero_shot, retrieval, extra), or 'all'")
+                      help="comma list of evaluator names or types of the run's "
+                      "config.eval.evaluators (knn, linear_probe, few_label, zero_shot, "
+                      "retrieval, extra), or 'all'")
   parser.add_argument("--step", type=int, default=None,
                       help="checkpoint step (default: the newest good one)")
   parser.add_argument("--config", default=None,

@@ -68,8 +68,8 @@ def weights_config(spec: dict, weights: str, *, data_dir: str = "", split: str =
   c.optim = common.optim_config("sgd", base_lr=1e-3, lr_scaling="none", frozen_patterns=("",))
   c.sharding.strategy = "fsdp"
   c.init_from.path = weights
-  c.evals = {EVAL_NAME: dict(type="zero_shot", classes="imagenet", templates=templates,
-                             batch_size=batch_size)}
+  c.eval.evaluators = {EVAL_NAME: dict(type="zero_shot", classes="imagenet",
+                                       templates=templates, batch_size=batch_size)}
   return c
 
 

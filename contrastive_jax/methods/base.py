@@ -53,7 +53,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from contrastive_jax import grad_cache, losses, models
-from contrastive_jax.evaluate import embedding_metrics as em
+from contrastive_jax.metrics import embedding as embedding_metrics
 from contrastive_jax.train_state import TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -111,8 +111,9 @@ def split_views(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def embedding_summaries(z1: jax.Array, z2: jax.Array) -> dict[str, jax.Array]:
   """Alignment and uniformity (Wang & Isola 2020) of the L2-normalised positive pairs."""
-  return {"alignment": em.alignment(z1, z2),
-          "uniformity": 0.5 * (em.uniformity(z1) + em.uniformity(z2))}
+  return {"alignment": embedding_metrics.alignment(z1, z2),
+          "uniformity": 0.5 * (embedding_metrics.uniformity(z1) +
+                                embedding_metrics.uniformity(z2))}
 
 
 MULTI_POSITIVE = ("none", "labels", "captions")
