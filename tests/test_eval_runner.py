@@ -193,32 +193,6 @@ def test_raw_pixel_baseline_uses_the_runs_few_label_shots():
   assert runner._few_label_shots(c) == (1, 5)  # pylint: disable=protected-access
 
 
-def test_nothing_below_evaluate_imports_it():
-  """Layering: losses/, metrics/, models/ and methods/ never import evaluate/ (methods log the
-  embedding metrics of ``contrastive_jax.metrics``)."""
-  import ast  # pylint: disable=import-outside-toplevel
-  import contrastive_jax  # pylint: disable=import-outside-toplevel
-  root = os.path.dirname(contrastive_jax.__file__)
-  offenders = []
-  for package in ("losses", "metrics", "models", "methods"):
-    for folder, _, files in os.walk(os.path.join(root, package)):
-      for name in files:
-        if not name.endswith(".py"):
-          continue
-        path = os.path.join(folder, name)
-        with open(path) as f:
-          tree = ast.parse(f.read())
-        for node in ast.walk(tree):
-          modules = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-          names = ([a.name for a in node.names] if isinstance(node, ast.ImportFrom) and
-                   node.module == "contrastive_jax" else [])
-          if any(m.startswith("contrastive_jax.evaluate") for m in modules) or \
-              "evaluate" in names:
-            offenders.append(os.path.relpath(path, root))
-  assert not offenders, offenders
-
-
 # ----------------------------------------------------------------------------- 1 vs 2 processes
 
 
