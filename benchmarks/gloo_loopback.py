@@ -36,18 +36,12 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from contrastive_jax.tools import local_pod
+
 CASES = ("all-reduce", "reduce-scatter first")
-
-
-def _free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def loopback_send_buffers(exclude_port: int) -> list[int]:
@@ -112,28 +106,19 @@ def worker(process_id: int, processes: int, port: int, devices: int, mb: float,
 
 
 def run_case(args, first_bytes: int) -> dict:
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.abspath(__file__), "--worker", str(i), "--port", str(port),
-       "--processes", str(args.processes), "--devices", str(args.devices), "--mb", str(args.mb),
-       "--first_bytes", str(first_bytes), "--repeats", str(args.repeats)],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-           for i in range(args.processes)]
+  argv_for = lambda i, port: [
+      sys.executable, os.path.abspath(__file__), "--worker", str(i), "--port", str(port),
+      "--processes", str(args.processes), "--devices", str(args.devices), "--mb", str(args.mb),
+      "--first_bytes", str(first_bytes), "--repeats", str(args.repeats)]
+  with local_pod.LocalPod(argv_for, args.processes, devices=args.devices) as pod:
+    rcs = pod.wait(args.timeout_s)
+    outputs = pod.logs()
   results = []
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=args.timeout_s)
-      lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
-      if p.returncode != 0 or not lines:
-        raise RuntimeError(f"worker failed (rc={p.returncode}):\n{out[-3000:]}")
-      results.append(json.loads(lines[-1][len("RESULT "):]))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+  for rc, out in zip(rcs, outputs):
+    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    if rc != 0 or not lines:
+      raise RuntimeError(f"worker failed (rc={rc}):\n{out[-3000:]}")
+    results.append(json.loads(lines[-1][len("RESULT "):]))
   seconds = [max(r["seconds"][k] for r in results) for k in range(args.repeats)]
   sndbuf = [b for r in results for b in r["sndbuf"]]
   return {"seconds": statistics.median(seconds), "sndbuf": sndbuf}
@@ -141,12 +126,10 @@ def run_case(args, first_bytes: int) -> dict:
 
 def loopback_quickack() -> str:
   """'on' if 127.0.0.1's route turns delayed ACKs off (``quickack 1``), else 'off'."""
-  try:
-    out = subprocess.run(["ip", "route", "get", "127.0.0.1"],
-                         capture_output=True, text=True, timeout=10).stdout
-  except (OSError, subprocess.SubprocessError):
+  route = local_pod.loopback_route()
+  if route is None:
     return "unknown (no ip command)"
-  return "on" if "quickack 1" in out else "off"
+  return "on" if local_pod.loopback_quickack(route) else "off"
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rehearses every full-scale config as a 2-process pod on this machine
-# (launch/rehearse.py: real architecture, optimizer, loss and data format; kill -9 of one
-# process after a checkpoint, a restart of all, the same losses as an uninterrupted run).
+# (python -m contrastive_jax.tools.rehearse, alias launch/rehearse.py: real architecture,
+# optimizer, loss and data format; kill -9 of one process after a checkpoint, a restart of all,
+# the same losses as an uninterrupted run).
 #   bash scripts/rehearse.sh [CONFIG_NAME[:DEVICES] ...]   # default: all of FULL_SCALE below
 # Exits non-zero if any rehearsal failed; prints each one's time. REHEARSE_TIMEOUT_S bounds each.
 set -uo pipefail
@@ -35,8 +36,8 @@ for entry in "${names[@]}"; do
   fi
   start=$(date +%s)
   echo "=== rehearsal: $name (load: $(cut -d' ' -f1-3 /proc/loadavg)) ==="
-  if "$PY" launch/rehearse.py "configs/$name.py" --devices "$devices" --workdir "$root/$name" \
-      --timeout_s "${REHEARSE_TIMEOUT_S:-900}" > "$root/$name.out" 2>&1; then
+  if "$PY" -m contrastive_jax.tools.rehearse "configs/$name.py" --devices "$devices" \
+      --workdir "$root/$name" --timeout_s "${REHEARSE_TIMEOUT_S:-900}" >"$root/$name.out" 2>&1; then
     tail -n 1 "$root/$name.out"
   else
     failed+=("$name"); tail -n 60 "$root/$name.out"

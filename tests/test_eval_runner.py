@@ -199,15 +199,15 @@ def test_raw_pixel_baseline_uses_the_runs_few_label_shots():
 def test_two_processes_give_the_numbers_of_one(tmp_path):
   """Each process reads and encodes only its shard; gathered features, summed hit counts:
   every evaluator's numbers equal a single process's over the same 4 devices."""
-  port = test_multihost.free_port()
   worker = os.path.join(HERE, "multihost_eval_worker.py")
   out1, out2 = tmp_path / "one.json", tmp_path / "two.json"
   karpathy = list(write_karpathy_fixture(tmp_path))  # Flickr30k-format retrieval, 12 images
   # One after the other: on a busy machine a third process can starve the pair's heartbeats.
   test_multihost.run_processes(
-      lambda i: [sys.executable, worker, "0", "1", "4", "0", str(out1)] + karpathy, 1)
+      lambda i, port: [sys.executable, worker, "0", "1", "4", "0", str(out1)] + karpathy, 1)
   test_multihost.run_processes(
-      lambda i: [sys.executable, worker, str(i), "2", "2", str(port), str(out2)] + karpathy, 2)
+      lambda i, port: [sys.executable, worker, str(i), "2", "2", str(port), str(out2)] +
+      karpathy, 2)
   one, two = json.loads(out1.read_text()), json.loads(out2.read_text())
   assert (one["processes"], two["processes"], one["devices"], two["devices"]) == (1, 2, 4, 4)
   assert set(one["results"]) == set(two["results"])

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 
 import jax
@@ -13,35 +11,20 @@ import numpy as np
 import pytest
 
 from contrastive_jax import losses
+from contrastive_jax.tools import local_pod
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 240
 
 
-def free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def run_processes(argv_for, n, timeout=TIMEOUT_S, env=None):
-  """Starts n processes, waits at most ``timeout`` s, kills all on failure; returns outputs."""
-  env = dict(os.environ if env is None else env)
-  env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen(argv_for(i), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env, text=True) for i in range(n)]
-  outputs = []
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=timeout)
-      outputs.append(out)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, f"process failed (rc={p.returncode}):\n{out[-4000:]}"
+def run_processes(argv_for, n, timeout=TIMEOUT_S):
+  """Starts n processes ``argv_for(i, coordinator_port)`` (each sets its own devices), waits
+  at most ``timeout`` s, kills all on failure; returns their outputs."""
+  with local_pod.LocalPod(argv_for, n, devices=None) as pod:
+    rcs = pod.wait(timeout)
+    outputs = pod.logs()
+  for rc, out in zip(rcs, outputs):
+    assert rc == 0, f"process failed (rc={rc}):\n{out[-4000:]}"
   return outputs
 
 
@@ -54,9 +37,8 @@ def test_two_processes_match_single_process_loss_and_grads(tmp_path):
   groups = np.array([0, 1, 0, 2, 1, 0, -1, 2], np.int32)
   np.savez(tmp_path / "inputs.npz", a=a, b=b, queue=queue, groups=groups)
   out = tmp_path / "out.npz"
-  port = free_port()
-  run_processes(lambda i: [sys.executable, os.path.join(HERE, "multihost_loss_worker.py"),
-                           str(i), "2", str(port), str(out)], 2)
+  worker = os.path.join(HERE, "multihost_loss_worker.py")
+  run_processes(lambda i, port: [sys.executable, worker, str(i), "2", str(port), str(out)], 2)
   got = np.load(out)
   assert int(got["sum_over_processes"]) == 3  # distributed.sum_over_processes
   cases = {
@@ -113,10 +95,9 @@ def two_host_restores(tmp_path_factory):
   (root / "damaged" / "host1" / "checkpoints" / "2" / "state" / "_METADATA").write_text("{garbage")
   shutil.rmtree(root / "lagging" / "host1" / "checkpoints" / "2")
 
-  port = free_port()
   worker = os.path.join(HERE, "multihost_restore_worker.py")
   outs = [root / f"out{i}.json" for i in range(2)]
-  run_processes(lambda i: [sys.executable, worker, str(i), "2", str(port), str(outs[i])] +
+  run_processes(lambda i, port: [sys.executable, worker, str(i), "2", str(port), str(outs[i])] +
                 [str(root / scenario / f"host{i}") for scenario in scenarios], 2, timeout=120)
   results = [json.loads(o.read_text()) for o in outs]
   return {scenario: {"views": [root / scenario / f"host{i}" for i in range(2)],
@@ -166,9 +147,8 @@ def test_init_from_loads_shards_on_each_of_two_processes(tmp_path):
   variables = method.model.init(jax.random.key(7), *method.example_inputs(), train=False)
   core.save_converted(str(tmp_path / "pretrained.safetensors"), {"kind": "clip"},
                       {k: np.asarray(v) for k, v in core.flatten(dict(variables)).items()})
-  port = free_port()
-  run_processes(lambda i: [sys.executable, worker.__file__, str(i), "2", str(port),
-                           str(tmp_path)], 2, timeout=2 * TIMEOUT_S)
+  run_processes(lambda i, port: [sys.executable, worker.__file__, str(i), "2", str(port),
+                                 str(tmp_path)], 2, timeout=2 * TIMEOUT_S)
   for i in range(2):
     out = json.loads((tmp_path / f"out_{i}.json").read_text())
     assert out["sharded"]

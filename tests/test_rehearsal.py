@@ -1,17 +1,19 @@
-"""launch/rehearse.py's fast parts: the rehearsal config keeps every architecture key of each
-full-scale config, shrinks only sizes, says what it changed and could not rehearse, and writes
-image-text data that the real pipeline reads (corrupt records skipped, the tiny SentencePiece
-model's vocabulary). The rehearsals themselves run in CI's second step (scripts/rehearse.sh):
-the real architectures compile for minutes, beyond this suite's budget."""
+"""The rehearsal's fast parts (``contrastive_jax.tools.rehearsal`` and ``rehearse``): the
+rehearsal config keeps every architecture key of each full-scale config, shrinks only sizes,
+says what it changed and could not rehearse, and writes image-text data that the real pipeline
+reads (corrupt records skipped, the tiny SentencePiece model's vocabulary). The rehearsals
+themselves run in CI's second step (scripts/rehearse.sh): the real architectures compile for
+minutes, beyond this suite's budget."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from contrastive_jax import configs, rehearsal
+from contrastive_jax import configs
 from contrastive_jax.data import clip_bpe, pipeline
 from contrastive_jax.errors import ConfigError
+from contrastive_jax.tools import local_pod, rehearsal, rehearse
 
 FULL_SCALE = ("simclr_resnet50_imagenet", "mocov2_resnet50_imagenet", "mocov3_resnet50_imagenet",
               "mocov3_vit_base_imagenet", "clip_vit_b32", "siglip_vit_b16", "lit_vit_b32")
@@ -105,17 +107,17 @@ def test_warns_when_delayed_acks_on_loopback_would_stall_the_pod(monkeypatch, ca
   # What `ip route get 127.0.0.1` prints without and with `quickack 1` on the loopback route.
   delayed = "local 127.0.0.1 dev lo src 127.0.0.1 uid 0 \n    cache <local> \n"
   quick = "local 127.0.0.1 dev lo src 127.0.0.1 uid 0 \n    cache <local> quickack 1 \n"
-  assert rehearsal.loopback_warning(2, 2, quick) is None
-  assert rehearsal.loopback_warning(2, 1, delayed) is None  # links carry data both ways
-  assert rehearsal.loopback_warning(1, 4, delayed) is None  # no gloo
-  assert "no `ip` command" in rehearsal.loopback_warning(2, 2, None)
+  assert local_pod.loopback_warning(2, 2, quick) is None
+  assert local_pod.loopback_warning(2, 1, delayed) is None  # links carry data both ways
+  assert local_pod.loopback_warning(1, 4, delayed) is None  # no gloo
+  assert "no `ip` command" in local_pod.loopback_warning(2, 2, None)
   spec = "configs/simclr_resnet50_imagenet.py"
-  monkeypatch.setattr(rehearsal, "loopback_route", lambda: delayed)
-  assert rehearsal.main([spec, "--plan_only"]) == 0  # 2 processes x 2 devices by default
+  monkeypatch.setattr(local_pod, "loopback_route", lambda: delayed)
+  assert rehearse.main([spec, "--plan_only"]) == 0  # 2 processes x 2 devices by default
   err = capsys.readouterr().err
-  assert "WARNING: delayed ACKs are on" in err and rehearsal.QUICKACK_COMMAND in err
-  assert rehearsal.main([spec, "--plan_only", "--devices", "1"]) == 0
+  assert "WARNING: delayed ACKs are on" in err and local_pod.QUICKACK_COMMAND in err
+  assert rehearse.main([spec, "--plan_only", "--devices", "1"]) == 0
   assert "WARNING" not in capsys.readouterr().err
-  monkeypatch.setattr(rehearsal, "loopback_route", lambda: quick)
-  assert rehearsal.main([spec, "--plan_only"]) == 0
+  monkeypatch.setattr(local_pod, "loopback_route", lambda: quick)
+  assert rehearse.main([spec, "--plan_only"]) == 0
   assert "WARNING" not in capsys.readouterr().err

@@ -51,8 +51,8 @@ from contrastive_jax import checkpoint, configs, restore, train
 from contrastive_jax.data import pipeline, records
 from contrastive_jax.data import sources as S
 from contrastive_jax.data import tokenizer as T
+from contrastive_jax.tools import local_pod
 from test_checkpoint import hold_commits
-from test_multihost import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -411,13 +411,32 @@ def test_interrupted_run_equals_uninterrupted_run(interrupted, uninterrupted):
 
 
 def _two_processes(workdir, log_prefix, total_steps, extra=()):
-  port = free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  return [Proc(_main_argv(workdir, f"--config.total_steps={total_steps}",
-                          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                          f"--process_id={i}", "--cpu_collectives=gloo", *extra),
-               f"{log_prefix}_{i}.log", env=env) for i in range(2)]
+  """The run as a pod of 2 processes x 2 CPU devices, logs ``{log_prefix}_{i}.log``."""
+  return local_pod.LocalPod(
+      lambda i, port: _main_argv(workdir, f"--config.total_steps={total_steps}",
+                                 *local_pod.distributed_flags(i, 2, port), *extra),
+      2, devices=2, log_dir=os.path.dirname(log_prefix),
+      log_name=os.path.basename(log_prefix) + "_{}.log", cwd=ROOT, grace_s=0)
+
+
+def _pod_wait_until(pod, predicate, timeout, what):
+  """Polls ``predicate()`` every few ms; fails on a process's exit or timeout first."""
+  value = pod.wait_for(predicate, timeout, poll_s=0.005)
+  if not value:
+    raise AssertionError(f"a process exited or {timeout} s passed before {what}\n"
+                         + pod.tails(3000))
+  return value
+
+
+def _pod_wait_exit(pod, i, timeout) -> int:
+  rc = pod.wait_process(i, timeout)
+  if rc is None:
+    raise AssertionError(f"process {i} did not exit within {timeout} s\n{pod.tails(3000)}")
+  return rc
+
+
+def _pod_logged_step(pod, i, step) -> bool:
+  return f"] step {step}: " in pod.log(i)
 
 
 @pytest.fixture(scope="module")
@@ -427,32 +446,25 @@ def two_process_faults(tmp_path_factory):
   root = tmp_path_factory.mktemp("two_processes")
   workdir = str(root / "run")
   out = {}
-  procs = _two_processes(workdir, root / "term", 40)
-  try:
-    procs[0].wait_until(lambda: procs[0].logged_step(2), STEP_TIMEOUT_S * 2, "step 2")
+  with _two_processes(workdir, root / "term", 40) as pod:  # stops both on the way out
+    _pod_wait_until(pod, lambda: _pod_logged_step(pod, 0, 2), STEP_TIMEOUT_S * 2, "step 2")
     t0 = time.time()
-    procs[1].popen.send_signal(signal.SIGTERM)
-    out["term_rc"] = [p.wait_exit(EXIT_TIMEOUT_S) for p in procs]
+    pod.send_signal(1, signal.SIGTERM)
+    out["term_rc"] = [_pod_wait_exit(pod, i, EXIT_TIMEOUT_S) for i in range(2)]
     out["term_seconds"] = time.time() - t0
-  finally:
-    for p in procs:
-      p.stop()
-    out["term_logs"] = [p.text() for p in procs]
-  procs = _two_processes(workdir, root / "kill", 40,
-                         ["--heartbeat_timeout_s=10", "--shutdown_timeout_s=30"])
-  try:
-    resumed = procs[1].wait_until(lambda: _resumed_step(procs[1].text()), STEP_TIMEOUT_S * 2,
-                                  "resume")
+  out["term_logs"] = pod.logs()
+  with _two_processes(workdir, root / "kill", 40,
+                      ["--heartbeat_timeout_s=10", "--shutdown_timeout_s=30"]) as pod:
+    resumed = _pod_wait_until(pod, lambda: _resumed_step(pod.log(1)), STEP_TIMEOUT_S * 2,
+                              "resume")
     out["restart_resumed"] = resumed
-    procs[1].wait_until(lambda: procs[1].logged_step(resumed + 1), STEP_TIMEOUT_S, "a step")
+    _pod_wait_until(pod, lambda: _pod_logged_step(pod, 1, resumed + 1), STEP_TIMEOUT_S,
+                    "a step")
     t0 = time.time()
-    procs[1].popen.send_signal(signal.SIGKILL)
-    out["kill_rc0"] = procs[0].wait_exit(DEAD_PEER_TIMEOUT_S)
+    pod.send_signal(1, signal.SIGKILL)
+    out["kill_rc0"] = _pod_wait_exit(pod, 0, DEAD_PEER_TIMEOUT_S)
     out["kill_seconds"] = time.time() - t0
-  finally:
-    for p in procs:
-      p.stop()
-    out["kill_logs"] = [p.text() for p in procs]
+  out["kill_logs"] = pod.logs()
   return out
 
 
