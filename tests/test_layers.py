@@ -26,7 +26,7 @@ LAYERS = (
     ("runs", "evaluate"),
     ("train", "restore", "evaluate.__main__", "evaluate.zero_shot_imagenet", "compile_for",
      "main"),
-    ("tools", "rehearsal"),
+    ("tools",),
 )
 
 

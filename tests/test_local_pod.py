@@ -5,7 +5,6 @@ not a timing: each wait ends as soon as its condition holds."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import stat
 import subprocess
@@ -120,20 +119,3 @@ def test_pod_closes_and_reports_exit_codes(tmp_path):
   assert pod.log(1).strip() == f"process 1 port {pod.port}"
   assert pod.env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
 
-
-def test_the_library_never_imports_its_tools():
-  """Tools sit above the library: no module outside ``contrastive_jax/tools`` imports them."""
-  imports_tools = re.compile(r"^\s*(import\s+contrastive_jax\.tools\b|from\s+contrastive_jax"
-                             r"\.tools\b|from\s+contrastive_jax\s+import\s+[^#\n]*\btools\b)",
-                             re.M)
-  package = os.path.join(ROOT, "contrastive_jax")
-  offenders = []
-  for folder, _, files in os.walk(package):
-    if os.path.relpath(folder, package).split(os.sep)[0] == "tools":
-      continue
-    for name in files:
-      if name.endswith(".py"):
-        with open(os.path.join(folder, name)) as f:
-          if imports_tools.search(f.read()):
-            offenders.append(os.path.relpath(os.path.join(folder, name), ROOT))
-  assert not offenders, offenders
