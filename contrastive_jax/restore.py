@@ -102,7 +102,7 @@ def restore_run(workdir: str | os.PathLike, step: int | None = None,
     # and its config is the same run's (a resumed run keeps its model and optimizer).
     config, _ = saved_config(workdir, step)
   mesh = distributed.make_mesh(None) if mesh is None else mesh
-  run = runs.build_run(config, mesh, check=False)  # checked when it trained; any mesh restores
+  run = runs.build_run(config, mesh, check=False)  # no training checks: any mesh restores
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
     if step is None:

@@ -228,9 +228,9 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
     mesh: default ``make_mesh(config)``.
     num_steps: the run length when already known (otherwise ``run_length(config)``, which
       reads the dataset size for runs given in epochs); it shapes the schedules, not the state.
-    check: run ``check_config`` first. ``restore.py`` passes False: a checkpoint's config was
-      checked when it trained, and restoring it onto another mesh (one that does not divide
-      its global batch) must still work.
+    check: run ``check_config`` first. ``restore.py`` passes False: restoring a state needs
+      none of the training checks, and a checkpoint restores onto any mesh, also one that
+      does not divide the global batch it trained with.
   """
   mesh = make_mesh(config) if mesh is None else mesh
   if check:
