@@ -66,13 +66,24 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from contrastive_jax.errors import CheckpointMismatchError
+from contrastive_jax.errors import CheckpointMismatchError, require
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "damaged"
 _ITEMS = ("state", "data_state", "config")
+
+
+def check_config(config: Any) -> None:
+  """``config.checkpoint``'s intervals and ``max_to_keep``; a ``ConfigError`` naming the key."""
+  for key in ("every_steps", "preemption_check_every"):
+    value = config.checkpoint[key]
+    require(isinstance(value, int) and value > 0,
+            f"config.checkpoint.{key}={value!r} must be >= 1")
+  keep = config.checkpoint.max_to_keep
+  require(keep is None or keep >= 1, f"config.checkpoint.max_to_keep={keep} must be >= 1 "
+          "(or None to keep every checkpoint)")
 
 
 def run_directory(workdir: str | os.PathLike) -> epath.Path:

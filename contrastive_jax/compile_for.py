@@ -199,15 +199,15 @@ def report(config, devices, chip: hardware.ChipSpec, *, name: str = "", target: 
     headroom: the fraction of HBM a program must leave free to count as fitting.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from contrastive_jax import distributed, runs, train  # pylint: disable=g-import-not-at-top
+  from contrastive_jax import distributed, runs  # pylint: disable=g-import-not-at-top
   if evals not in EVAL_CHOICES:
     raise errors.ConfigError(f"--evals={evals!r}; use one of {EVAL_CHOICES}")
   if not 0.0 <= headroom < 1.0:
     raise errors.ConfigError(f"--headroom={headroom} must be a fraction of HBM in [0, 1), "
                              f"e.g. {DEFAULT_HEADROOM}")
   mesh = distributed.make_mesh(devices=devices)
-  train.validate_config(config, mesh)  # the trainer's checks, before anything compiles
-  # The schedules' length shapes no array: a run given in epochs needs no dataset here.
+  # The run builder checks the config first, as for training, before anything compiles. The
+  # schedules' length shapes no array: a run given in epochs needs no dataset here.
   run = runs.build_run(config, mesh, num_steps=config.total_steps or 10 ** 6)
   n = mesh.size
   hosts = len({d.process_index for d in devices})

@@ -46,6 +46,18 @@ class RunDirectoryError(UserError, ValueError):
   """``--workdir`` is not a training run's directory, or has no checkpoint (at that step)."""
 
 
+def require(ok: bool, message: str) -> None:
+  """Raises ``ConfigError(message)`` unless ``ok``: one line of a module's ``check_config``."""
+  if not ok:
+    raise ConfigError(message)
+
+
+def require_one_of(key: str, value: object, options) -> None:
+  """Raises a ``ConfigError`` naming ``config.<key>`` and the options when ``value`` is none of
+  them."""
+  require(value in options, f"config.{key}={value!r} is unknown; use one of {list(options)}")
+
+
 def exit_process(error: UserError) -> NoReturn:
   """Ends a command-line process on a user error: ``error: <message>`` is its last line, and
   the exit status is ``EXIT_CODE``. Only for process entry points (it never returns).

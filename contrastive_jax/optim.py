@@ -56,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from contrastive_jax.errors import ConfigError, require, require_one_of
+
 PyTree = Any
 Schedule = Callable[[Any], jax.Array]
 
@@ -120,6 +122,22 @@ def resolve_warmup_steps(optim_config: Any, total_steps: int) -> int:
         f"warmup of {steps} steps must be non-negative and shorter than total_steps="
         f"{total_steps}; lower optim.warmup_steps/warmup_fraction or train longer")
   return steps
+
+
+def check_config(config: Any) -> None:
+  """``config.optim``'s names, learning rate, weight decay and warmup; a ``ConfigError``
+  naming the key. The warmup is checked without the run length here; the schedule checks it
+  against ``total_steps`` when the run builder builds the optimizer."""
+  c = config.optim
+  require_one_of("optim.name", c.name, NAMES)
+  require_one_of("optim.lr_scaling", c.lr_scaling, SCALINGS)
+  require_one_of("optim.schedule", c.schedule, SCHEDULES)
+  require(float(c.base_lr) > 0, f"config.optim.base_lr={c.base_lr} must be positive")
+  require(float(c.weight_decay) >= 0, f"config.optim.weight_decay={c.weight_decay} must be >= 0")
+  try:
+    resolve_warmup_steps(c, 2**31)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
 
 
 def peak_learning_rate(optim_config: Any, global_batch: int) -> float:

@@ -7,6 +7,10 @@ place where placement is decided (``sharding.py``'s rules from ``config.sharding
 trainer (``train.py``), ``restore.py``, the standalone evaluator and the benchmarks all build
 their runs here, so a checkpoint, a resumed run and a benchmark see the same state layout.
 
+It is also where the config is checked, before anything is read or compiled: ``check_config``
+calls each module's own ``check_config`` (the run, checkpoint, losses, optim, data, model,
+method and evaluator sections), and ``build_run`` calls it first.
+
 Shape-first initialisation (big_vision's trainers): ``jax.eval_shape(method.init_state)`` gives
 the state's shapes without computing anything, the shardings follow from shapes and paths, and
 ``jax.jit(init, out_shardings=...)`` materialises each device's shards in place, so no host ever
@@ -33,10 +37,41 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from contrastive_jax import distributed, methods, optim, sharding
+from contrastive_jax import checkpoint, distributed, losses, methods, optim, sharding
 from contrastive_jax.train_state import TrainState
 from contrastive_jax.data import pipeline
-from contrastive_jax.errors import ConfigError
+from contrastive_jax.evaluate import runner as eval_runner
+from contrastive_jax.errors import ConfigError, require
+from contrastive_jax.models import registry
+
+
+def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  """Every section's own check, cheap (well under a second) and before any data is read or
+  anything is compiled; a ``ConfigError`` naming the key and the fix. ``build_run`` calls it.
+
+  The order matters only where one check reads keys another has checked: the model's reads
+  the image size (data), building the method reads the batch and the run length."""
+  _check_run(config, mesh)
+  checkpoint.check_config(config)
+  losses.check_config(config)
+  optim.check_config(config)
+  pipeline.check_config(config)
+  registry.check_config(config)
+  methods.check_config(config, mesh)
+  eval_runner.check_config(config, mesh)
+
+
+def _check_run(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  """The run's own keys: the global batch (on this mesh), ``log_every``, the run length."""
+  gb = config.global_batch
+  require(isinstance(gb, int) and gb > 0, f"config.global_batch={gb!r} must be a positive integer")
+  try:
+    distributed.check_batch_divisible(gb, mesh, "config.global_batch")
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  require(isinstance(config.log_every, int) and config.log_every > 0,
+          f"config.log_every={config.log_every!r} must be >= 1")
+  total_steps(config, 1)  # exactly one of total_steps / total_epochs, positive
 
 
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int | None) -> int:
@@ -169,7 +204,7 @@ class Run:
 
 
 def build_run(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
-              num_steps: int | None = None) -> Run:
+              num_steps: int | None = None, check: bool = True) -> Run:
   """Everything a run fixes before its first step; see the module docstring.
 
   Args:
@@ -177,8 +212,13 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
     mesh: default ``make_mesh(config)``.
     num_steps: the run length when already known (otherwise ``run_length(config)``, which
       reads the dataset size for runs given in epochs); it shapes the schedules, not the state.
+    check: run ``check_config`` first. ``restore.py`` passes False: restoring a state needs
+      none of the training checks, and a checkpoint restores onto any mesh, also one that
+      does not divide the global batch it trained with.
   """
   mesh = make_mesh(config) if mesh is None else mesh
+  if check:
+    check_config(config, mesh)
   sharding.resolve_rules(config.sharding, mesh)  # bad rules fail before any tracing
   method = methods.build_method(config, mesh)
   num_steps = run_length(config) if num_steps is None else int(num_steps)

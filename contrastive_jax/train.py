@@ -1,7 +1,8 @@
 """The one generic training loop: any method on the common surface, any mesh, any host count.
 
-Read top to bottom: config checks, logging, mesh, method and optimizer, shape-first state init
-with shardings, checkpoint restore, input, the jitted step, evaluators, the loop, the summary.
+Read top to bottom: mesh, the run (``runs.build_run``: config checks, method and optimizer,
+shape-first state with shardings, the jitted step), logging, checkpoint restore, input,
+evaluators, the loop, the summary.
 Evaluation is not here: the loop asks ``evaluate/runner.py``'s ``Runner`` (the evaluators the
 config declares) which evaluators are due and runs them.
 The method plugs in through ``methods/base.py``'s surface; nothing here branches on its name.
@@ -22,108 +23,15 @@ from absl import logging
 from clu import metric_writers, metrics as clu_metrics, periodic_actions
 from etils import epath
 
-from contrastive_jax import checkpoint, distributed, grad_cache, losses, methods, optim, runs
+from contrastive_jax import checkpoint, distributed, runs
 from contrastive_jax.convert import init as init_from
 from contrastive_jax.errors import ConfigError, NonFiniteLossError
 from contrastive_jax.data import pipeline
 from contrastive_jax.evaluate import plots
 from contrastive_jax.evaluate import runner as eval_runner
-from contrastive_jax.methods import base as method_base
-from contrastive_jax.models import registry
-
-# The run length lives with the run builder; ``train.total_steps`` stays for callers.
-total_steps = runs.total_steps
 
 
-# ----------------------------------------------------------------------------- config
-
-
-def _require(ok: bool, message: str) -> None:
-  if not ok:
-    raise ConfigError(message)
-
-
-def _one_of(key: str, value: Any, options) -> None:
-  _require(value in options, f"config.{key}={value!r} is unknown; use one of {list(options)}")
-
-
-def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """Cheap checks that fail in well under a second, before any data is read or anything is
-  compiled, each naming the config key and the fix. The option lists are the modules' own
-  (``methods.METHODS``, ``optim.NAMES``, ``pipeline.SOURCES``, ...). Building the method runs
-  its own checks (queue size, momentum), also before compiling."""
-  _one_of("method", config.method, sorted(methods.METHODS))
-  gb = config.global_batch
-  _require(isinstance(gb, int) and gb > 0,
-           f"config.global_batch={gb!r} must be a positive integer")
-  try:
-    distributed.check_batch_divisible(gb, mesh, "config.global_batch")
-  except ValueError as error:
-    raise ConfigError(str(error)) from None
-  for key in ("log_every", "checkpoint.every_steps", "checkpoint.preemption_check_every"):
-    value = _value(config, key)
-    _require(isinstance(value, int) and value > 0, f"config.{key}={value!r} must be >= 1")
-  keep = config.checkpoint.max_to_keep
-  _require(keep is None or keep >= 1, f"config.checkpoint.max_to_keep={keep} must be >= 1 "
-           "(or None to keep every checkpoint)")
-  if "loss" in config and "temperature" in config.loss:
-    t = config.loss.temperature
-    _require(isinstance(t, (int, float)) and t > 0,
-             f"config.loss.temperature={t} must be positive (SimCLR 0.1-0.5, MoCo 0.2)")
-  _one_of("loss_impl", config.loss_impl, losses.IMPLEMENTATIONS)
-  tile = config.loss_tile
-  _require(isinstance(tile, int) and tile >= 0,
-           f"config.loss_tile={tile!r} must be an integer >= 0 (0: whole blocks)")
-  _require(tile == 0 or config.loss_impl == "ring",
-           f"config.loss_tile={tile} tiles the ring loss only; set config.loss_impl='ring' or "
-           "config.loss_tile=0")
-  _one_of("dtype", config.dtype, sorted(method_base.DTYPES))
-  _one_of("model.name", config.model.name, registry.MODEL_NAMES)
-  _one_of("optim.name", config.optim.name, optim.NAMES)
-  _one_of("optim.lr_scaling", config.optim.lr_scaling, optim.SCALINGS)
-  _one_of("optim.schedule", config.optim.schedule, optim.SCHEDULES)
-  _require(float(config.optim.base_lr) > 0,
-           f"config.optim.base_lr={config.optim.base_lr} must be positive")
-  _require(float(config.optim.weight_decay) >= 0,
-           f"config.optim.weight_decay={config.optim.weight_decay} must be >= 0")
-  data = config.data
-  _one_of("data.source", data.source, pipeline.SOURCES)
-  _require(isinstance(data.image_size, int) and data.image_size >= 8,
-           f"config.data.image_size={data.image_size!r} must be an integer >= 8")
-  if data.source == "tfds":
-    _require(bool(data.name), "config.data.name must name a tfds dataset (e.g. 'cifar10') when "
-             "config.data.source='tfds'")
-  if data.source in ("folder", "csv", "tfrecord"):
-    _require(bool(data.path), f"config.data.path must be set for config.data.source="
-             f"{data.source!r} (a folder, CSV file or TFRecord glob)")
-  patch = (dict(config.model.kwargs).get("patch_size")
-           or registry.VIT_PRESETS.get(config.model.name, {}).get("patch_size"))
-  if patch:
-    _require(data.image_size >= patch and data.image_size % patch == 0,
-             f"config.data.image_size={data.image_size} must be a multiple of the ViT patch "
-             f"size {patch} (and at least one patch); change config.data.image_size or the "
-             "patch size")
-  eval_runner.check_config(config, mesh)
-  try:
-    micro = grad_cache.micro_batches(config)
-    total_steps(config, 1)  # exactly one of total_steps / total_epochs, positive
-    optim.resolve_warmup_steps(config.optim, 2**31)
-    methods.build_method(config, mesh)  # the method's own checks
-  except ConfigError:
-    raise
-  except ValueError as error:
-    raise ConfigError(str(error)) from None
-  if micro > 1:
-    _require(methods.METHODS[config.method].supports_grad_cache,
-             f"config.grad_cache.micro_batches={micro} but method {config.method!r} has no "
-             "gradient caching (SimCLR and CLIP do); set it to 1")
-
-
-def _value(config: ml_collections.ConfigDict, dotted: str) -> Any:
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
+# ----------------------------------------------------------------------------- workdir
 
 
 def check_workdir(workdir: epath.Path) -> None:
@@ -140,11 +48,7 @@ def check_workdir(workdir: epath.Path) -> None:
     ) from e
 
 
-# ----------------------------------------------------------------------------- step
-
-
-# The step lives with the run builder; ``train.make_train_step`` stays for callers.
-make_train_step = runs.make_train_step
+# ----------------------------------------------------------------------------- metrics
 
 
 def metrics_collection(names):
@@ -206,10 +110,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     (workdir / "config.json").write_text(
         json.dumps(checkpoint.to_jsonable(config), indent=2, sort_keys=True))
 
-  # --- Mesh and config checks (before anything compiles).
+  # --- Mesh; the config checks, method, optimizer, run length, abstract state and its
+  # shardings: the run builder (it checks every section first, before anything compiles).
   mesh = runs.make_mesh(config)
-  validate_config(config, mesh)
-  # --- Method, optimizer, run length, abstract state and its shardings: the run builder.
   run = runs.build_run(config, mesh)
   method, num_steps, abstract = run.method, run.num_steps, run.abstract_state
 

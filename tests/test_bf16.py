@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from contrastive_jax.configs import clip_mnist, simclr_mnist
-from contrastive_jax import distributed, methods, optim, train
+from contrastive_jax import distributed, methods, optim, runs
 from contrastive_jax.data import pipeline
 
 STEPS = 4
@@ -57,7 +57,7 @@ def _train(config, batches):
                                        total_steps=len(batches))
   state = jax.jit(functools.partial(method.init_state, tx=tx), **_FAST)(
       jax.random.key(config.seed))
-  step = jax.jit(train.make_train_step(method, tx, schedule), **_FAST)
+  step = jax.jit(runs.make_train_step(method, tx, schedule), **_FAST)
   losses = []
   for batch in batches:
     batch = {k: v for k, v in batch.items() if k in ("view1", "view2", "image", "tokens")}

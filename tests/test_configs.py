@@ -19,7 +19,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from contrastive_jax import configs, errors, train
+from contrastive_jax import configs, errors, runs, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,11 +116,11 @@ def test_switch_from_steps_to_epochs_and_back_to_none():
                    "--config.checkpoint.max_to_keep=None"])
   assert config.total_steps is None and config.total_epochs == 2.0
   assert config.checkpoint.max_to_keep is None
-  assert train.total_steps(config, num_train_examples=4000) == math.ceil(2 * 4000 / 256)
+  assert runs.total_steps(config, num_train_examples=4000) == math.ceil(2 * 4000 / 256)
   # The same through the setter of the tools (sweep, evaluate --set).
   config = configs.apply_overrides(configs.load_config("configs/simclr_mnist.py"),
                                    ["total_steps=None", "total_epochs=2"])
-  assert train.total_steps(config, num_train_examples=4000) == math.ceil(2 * 4000 / 256)
+  assert runs.total_steps(config, num_train_examples=4000) == math.ceil(2 * 4000 / 256)
   with pytest.raises(flags.IllegalFlagValueError):  # other text still needs a number
     _parse(["prog", "--config=configs/simclr_mnist.py", "--config.total_steps=many"])
 

@@ -20,7 +20,8 @@ import optax
 import pytest
 
 from contrastive_jax.configs import clip_mnist, common, mocov2_mnist, mocov3_mnist, simclr_mnist
-from contrastive_jax import distributed, grad_cache, losses, methods, optim, train
+from contrastive_jax import distributed, grad_cache, losses, methods, optim, runs
+from contrastive_jax.errors import ConfigError
 
 BATCH = 32
 SIZE = 8
@@ -86,14 +87,14 @@ def _initial_state(kind):
 
 
 def _one_step(kind, num_devices, micro):
-  """``(grads, params, metrics)`` after one trainer step (``train.make_train_step``) from the
+  """``(grads, params, metrics)`` after one trainer step (``runs.make_train_step``) from the
   shared initial state. The optimizer is SGD with momentum and no weight decay: after the
   first step its trace IS the gradient, so one compiled step gives both."""
   config = _simclr_config() if kind == "simclr" else _clip_config()
   mesh = distributed.make_mesh(num_devices)
   tx, schedule = optim.build_optimizer(config.optim, global_batch=BATCH, total_steps=10)
   state = jax.device_put(_initial_state(kind), distributed.replicated(mesh))
-  step = jax.jit(train.make_train_step(_method(config, mesh, micro), tx, schedule), **_FAST)
+  step = jax.jit(runs.make_train_step(_method(config, mesh, micro), tx, schedule), **_FAST)
   new_state, metrics = jax.device_get(step(state, _batch(config, mesh)))
   grads = optax.tree_utils.tree_get(new_state.opt_state, "trace")
   return grads, new_state.params, metrics
@@ -245,7 +246,7 @@ def test_grad_cache_uses_less_temporary_memory():
     method = _method(config, mesh, m)
     state = jax.eval_shape(functools.partial(method.init_state, tx=tx), jax.random.key(0))
     batch = {k: jax.ShapeDtypeStruct((128, 16, 16, 3), jnp.float32) for k in ("view1", "view2")}
-    step = jax.jit(train.make_train_step(method, tx, schedule), **_FAST)
+    step = jax.jit(runs.make_train_step(method, tx, schedule), **_FAST)
     temp[m] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
   assert temp[4] < 0.75 * temp[1], temp
 
@@ -258,8 +259,8 @@ def test_moco_refuses_grad_cache_naming_the_setting(module):
   config.grad_cache.micro_batches = 2
   mesh = distributed.make_mesh(1)
   assert not methods.METHODS[config.method].supports_grad_cache
-  with pytest.raises(train.ConfigError, match=r"config\.grad_cache\.micro_batches=2 .* set it"):
-    train.validate_config(config, mesh)
+  with pytest.raises(ConfigError, match=r"config\.grad_cache\.micro_batches=2 .* set it"):
+    runs.check_config(config, mesh)
   with pytest.raises(ValueError, match=r"config\.grad_cache\.micro_batches=2 .* set it"):
     methods.build_method(config, mesh)
   assert methods.METHODS["simclr"].supports_grad_cache

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from contrastive_jax.configs import mocov2_mnist, mocov3_mnist
-from contrastive_jax import distributed, methods, models, optim, train
+from contrastive_jax import distributed, methods, models, optim, runs
 from contrastive_jax.methods.base import EncoderWithHeads
 
 BATCH = 16
@@ -185,7 +185,7 @@ def test_mocov2_step_against_eq1_with_pre_step_queue_and_ema_keys(mocov2_state):
   method, tx, lr, state0 = _setup(config, mocov2_state)
   model, t, m = mocov2_model(config), float(config.loss.temperature), 0.9
   batch0 = _views(1)
-  step = jax.jit(train.make_train_step(method, tx, lr))
+  step = jax.jit(runs.make_train_step(method, tx, lr))
   state1, metrics0 = step(state0, batch0)
 
   # Step 0: the keys come from the key encoder of step 0 (= the initial copy) on view 2; the

@@ -15,6 +15,7 @@ import pytest
 
 from configs import clip_mnist, mocov2_mnist, mocov3_mnist, simclr_mnist
 from contrastive_jax import checkpoint, distributed, runs, sharding
+from contrastive_jax.errors import ConfigError
 
 CONFIGS = {"simclr": simclr_mnist, "mocov2": mocov2_mnist, "mocov3": mocov3_mnist,
            "clip": clip_mnist}
@@ -136,6 +137,25 @@ def test_bad_sharding_config_fails_before_tracing():
   c = tiny_config("simclr", "zero3")
   with pytest.raises(ValueError, match="config.sharding.strategy='zero3'"):
     runs.build_run(c)
+
+
+def test_build_run_checks_the_config_before_tracing(monkeypatch):
+  """Every builder of a run (the trainer, the pod compile command, the benchmarks) gets the
+  sections' checks first: a bad key fails with its ConfigError before anything is traced."""
+  def no_tracing(*args, **kwargs):
+    raise AssertionError("traced before the config was checked")
+  monkeypatch.setattr(jax, "eval_shape", no_tracing)
+  with pytest.raises(ConfigError, match=r"config\.loss_tile=4 tiles the ring loss only"):
+    runs.build_run(tiny_config("simclr", "replicated", loss_tile=4))
+
+
+def test_unchecked_run_builds_on_a_mesh_that_does_not_divide_its_batch():
+  """``restore.py`` builds with ``check=False``: a checkpoint restores onto any mesh, even one
+  whose device count does not divide the global batch it trained with."""
+  c = tiny_config("simclr", "replicated", global_batch=12)
+  with pytest.raises(ConfigError, match=r"config\.global_batch of 12 is not divisible by the 8"):
+    runs.build_run(c)
+  assert runs.build_run(c, check=False).num_params > 0
 
 
 def test_clip_presets_have_open_clips_parameter_counts():

@@ -102,11 +102,11 @@ def test_configs_build_and_init_shape_only(name, arg):
   """Every SimCLR config builds its method and state (shapes only: nothing is compiled)."""
   import importlib
   import functools
-  from contrastive_jax import distributed, methods, optim
+  from contrastive_jax import distributed, methods, optim, runs
   config = importlib.import_module(f"contrastive_jax.configs.{name}").get_config(arg)
   mesh = distributed.make_mesh(8)
   method = methods.build_method(config, mesh)
-  steps = train.total_steps(config, 50_000)
+  steps = runs.total_steps(config, 50_000)
   tx, _ = optim.build_optimizer(config.optim, global_batch=config.global_batch,
                                 total_steps=steps)
   state = jax.eval_shape(functools.partial(method.init_state, tx=tx), jax.random.key(0))

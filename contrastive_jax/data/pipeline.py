@@ -29,13 +29,28 @@ from contrastive_jax.data import records
 from contrastive_jax.data import sources as src_lib
 from contrastive_jax.data import streaming
 from contrastive_jax.data import tokenizer as tok_lib
-from contrastive_jax.errors import ConfigError, DataError
+from contrastive_jax.errors import ConfigError, DataError, require, require_one_of
 
 SOURCES = ("mnist", "tfds", "folder", "csv", "tfrecord", "karpathy_json")
 # Sources only the evaluators read (several captions per image: retrieval).
 EVAL_ONLY_SOURCES = ("karpathy_json",)
 MODES = ("views", "image_text")
 _CAPTION_OP = 7  # folded into an example seed to pick its caption template
+
+
+def check_config(config) -> None:
+  """``config.data``'s source, image size and what the source needs (a tfds name, a path); a
+  ``ConfigError`` naming the key, before any data is read."""
+  data = config.data
+  require_one_of("data.source", data.source, SOURCES)
+  require(isinstance(data.image_size, int) and data.image_size >= 8,
+          f"config.data.image_size={data.image_size!r} must be an integer >= 8")
+  if data.source == "tfds":
+    require(bool(data.name), "config.data.name must name a tfds dataset (e.g. 'cifar10') when "
+            "config.data.source='tfds'")
+  if data.source in ("folder", "csv", "tfrecord"):
+    require(bool(data.path), f"config.data.path must be set for config.data.source="
+            f"{data.source!r} (a folder, CSV file or TFRecord glob)")
 
 
 def augment_config(data_config) -> aug_lib.AugmentConfig:

@@ -46,17 +46,30 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from contrastive_jax.errors import require, require_one_of
 from contrastive_jax.losses import gathered, ring
 from contrastive_jax.losses.common import PLAIN, NegativeOptions, l2_normalize
 from contrastive_jax.losses.gathered import (LOSSES, clip_loss, moco_loss, moco_v3_loss,
                                              nt_xent, siglip_loss)
 from contrastive_jax.losses.ring_layout import check_tile
 
-__all__ = ["IMPLEMENTATIONS", "LOSSES", "PLAIN", "NegativeOptions", "clip_loss", "gathered",
-           "get_loss", "l2_normalize", "moco_loss", "moco_v3_loss", "nt_xent", "ring",
+__all__ = ["IMPLEMENTATIONS", "LOSSES", "PLAIN", "NegativeOptions", "check_config", "clip_loss",
+           "gathered", "get_loss", "l2_normalize", "moco_loss", "moco_v3_loss", "nt_xent", "ring",
            "sharded", "siglip_loss"]
 
 IMPLEMENTATIONS = ("all_gather", "ring")
+
+
+def check_config(config: Any) -> None:
+  """``config.loss_impl`` and ``config.loss_tile`` (what ``get_loss`` receives as ``impl`` and
+  ``tile``); a ``ConfigError`` naming the key, before anything is traced."""
+  require_one_of("loss_impl", config.loss_impl, IMPLEMENTATIONS)
+  tile = config.loss_tile
+  require(isinstance(tile, int) and tile >= 0,
+          f"config.loss_tile={tile!r} must be an integer >= 0 (0: whole blocks)")
+  require(tile == 0 or config.loss_impl == "ring",
+          f"config.loss_tile={tile} tiles the ring loss only; set config.loss_impl='ring' or "
+          "config.loss_tile=0")
 
 
 def get_loss(name: str, impl: str = "all_gather", *, tile: int | None = None,

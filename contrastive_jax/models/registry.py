@@ -7,6 +7,7 @@ Dosovitskiy et al. (2021, Table 1) and Touvron et al. (2021, DeiT Ti/S).
 
 ``build_clip(image_model, image_kwargs, text_kwargs, embed_dim, siglip)`` assembles the two-tower
 model; ``build_clip_preset("clip_vit_b32")`` gives OpenAI CLIP ViT-B/32's architecture.
+``check_config(config)`` checks a run config's model keys before anything is built.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from contrastive_jax.errors import require, require_one_of
 from contrastive_jax.models.clip import CLIP
 from contrastive_jax.models.convnet import ConvNet
 from contrastive_jax.models.resnet import ResNet
@@ -78,6 +80,21 @@ def _construct(cls: type[nn.Module], what: str, kwargs: dict[str, Any]) -> nn.Mo
   if unknown:
     raise ValueError(f"{what}: unknown setting(s) {unknown}; valid settings are {sorted(fields)}")
   return cls(**kwargs)
+
+
+def check_config(config: Any) -> None:
+  """``config.model.name``, and that a ViT's patch size tiles ``config.data.image_size``; a
+  ``ConfigError`` naming the key. The input size is checked here because the patch size is the
+  model's (``model.kwargs`` or the name's preset); the data section only says how large its
+  images are (``data/pipeline.check_config`` has checked that it is an integer >= 8)."""
+  require_one_of("model.name", config.model.name, MODEL_NAMES)
+  image_size = config.data.image_size
+  patch = (dict(config.model.kwargs).get("patch_size")
+           or VIT_PRESETS.get(config.model.name, {}).get("patch_size"))
+  if patch:
+    require(image_size >= patch and image_size % patch == 0,
+            f"config.data.image_size={image_size} must be a multiple of the ViT patch size "
+            f"{patch} (and at least one patch); change config.data.image_size or the patch size")
 
 
 def model_class(name: str) -> type[nn.Module]:
