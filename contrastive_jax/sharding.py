@@ -42,11 +42,13 @@ the alternatives:
   a dimension divisible by N keeps ``P(..., "data")`` on the run's mesh (checkpoints unchanged).
 
 Holding 1/k instead of 1/N of such leaves costs little: for bigG on 256 chips, 47 MiB per chip
-instead of 24. Open problem, measured with the TPU compiler (docs/largest_runs.md): the scanned bigG step on
-256 chips does not fit 16 GiB with this view (59.7 GiB of temporaries) nor without it (29.6);
-with a view the HLO holds activations all-gathered over the batch ([6400, 257, 4992] qkv
-buffers: the SPMD partitioner gathered activations, not weights). Constraining the towers'
-activations to the batch sharding is the next thing to try.
+instead of 24.
+
+Activations (``activation_mesh``, ``traced_under``): under ``"fsdp"`` on more than one device
+the step is traced under the run mesh's abstract mesh, and the models pin the batch dimension
+of each transformer block's activations to ``"data"`` (``models.layers.shard_batch``), so the
+partitioner gathers the weights, not the activations (docs/largest_runs.md has the bigG
+figures). A replicated run traces without a mesh and its program does not change.
 
 Rules (``config.sharding.rules``) override the strategy for matching leaves: a sequence of
 ``(regex, action)`` pairs, the first whose regex ``re.search``-es the leaf's path wins (as in
@@ -250,3 +252,26 @@ def bytes_per_device(abstract_state: Any, shardings: Any) -> int:
       itemsize = np.dtype(leaf.dtype).itemsize
     total += int(np.prod(shard)) * itemsize
   return total
+
+
+def activation_mesh(sharding_config: Any, mesh: Mesh) -> Mesh | None:
+  """The mesh to trace the step under so that the models pin their activations to the batch
+  axis (module docstring): ``mesh`` for ``"fsdp"`` on more than one device, else ``None``."""
+  strategy = _get(sharding_config, "strategy", "replicated")
+  if strategy != "fsdp" or mesh.size == 1 or DATA_AXIS not in mesh.axis_names:
+    return None
+  return mesh
+
+
+def traced_under(fn: Any, mesh: Mesh | None) -> Any:
+  """``fn`` traced under ``mesh``'s abstract mesh (``jax.sharding.use_abstract_mesh``), the
+  context ``models.layers.shard_batch`` reads; ``fn`` itself when ``mesh`` is None. Entered
+  inside the function, so it holds wherever ``jax.jit`` traces it (first call or ``lower``)."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return wrapped
