@@ -250,9 +250,6 @@ def main() -> None:
   parser.add_argument("--dump", default="", help="folder for the compiled HLO texts")
   parser.add_argument("--depth", type=int, default=0,
                       help="probe: both towers at this depth (0: the config's 48 and 32)")
-  parser.add_argument("--no-view", action="store_true",
-                      help="probe: replicate the leaves no dimension of which the device count "
-                           "divides, instead of splitting them over sharding.py's view")
   parser.add_argument("--no-pin", action="store_true",
                       help="trace without the activation constraints of FSDP runs "
                            "(sharding.activation_mesh), to measure what they change")
@@ -260,13 +257,9 @@ def main() -> None:
   global DUMP_DIR
   DUMP_DIR = args.dump
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-  from contrastive_jax import sharding
   if args.no_pin:
+    from contrastive_jax import sharding
     sharding.activation_mesh = lambda *_: None
-  if args.no_view:  # the rule before the view: leaves N does not divide stay whole
-    from jax.sharding import NamedSharding
-    sharding.fsdp_sharding = lambda shape, mesh, axis_name=sharding.DATA_AXIS: NamedSharding(
-        mesh, sharding.fsdp_spec(shape, mesh.shape[axis_name], axis_name))
 
   rows = []
   for what in args.only.split(","):

@@ -42,7 +42,10 @@ the alternatives:
   a dimension divisible by N keeps ``P(..., "data")`` on the run's mesh (checkpoints unchanged).
 
 Holding 1/k instead of 1/N of such leaves costs little: for bigG on 256 chips, 47 MiB per chip
-instead of 24.
+instead of 24. ``config.sharding.view=False`` turns the view off (such leaves stay whole on every
+chip): libtpu 0.0.42 cannot compile bigG's step on a v5e:16x16 with it (an all-reduce over
+128-chip halves of the ring fails with "Failed to create limited ICI routing replica info
+table"; docs/largest_runs.md), so ``configs/clip_vit_bigg14.py`` sets it.
 
 Activations (``activation_mesh``, ``traced_under``): under ``"fsdp"`` on more than one device
 the step is traced under the run mesh's abstract mesh, and the models pin the batch dimension
@@ -126,6 +129,14 @@ def _check_action(action: Any, where: str, mesh: Mesh) -> Any:
   return P(*[tuple(e) if isinstance(e, list) else e for e in action])
 
 
+def use_view(sharding_config: Any) -> bool:
+  """``config.sharding.view`` (default True): split leaves N does not divide over the view."""
+  view = _get(sharding_config, "view", True)
+  if not isinstance(view, (bool, np.bool_)):
+    raise ValueError(f"config.sharding.view={view!r} must be True or False")
+  return bool(view)
+
+
 def resolve_rules(sharding_config: Any, mesh: Mesh) -> tuple[list[tuple[re.Pattern, Any]], int]:
   """``(rules, min_size)`` from ``config.sharding``; the strategy's catch-all rule comes last.
 
@@ -136,6 +147,7 @@ def resolve_rules(sharding_config: Any, mesh: Mesh) -> tuple[list[tuple[re.Patte
   if strategy not in STRATEGIES:
     raise ValueError(f"config.sharding.strategy={strategy!r} is unknown; use one of "
                      f"{STRATEGIES}")
+  use_view(sharding_config)
   min_size = _get(sharding_config, "min_size", DEFAULT_MIN_SIZE)
   if not isinstance(min_size, (int, np.integer)) or min_size < 0:
     raise ValueError(f"config.sharding.min_size={min_size!r} must be an integer >= 0 "
@@ -172,15 +184,17 @@ def fsdp_split(shape: Sequence[int], axis_size: int) -> tuple[int, ...]:
   return best
 
 
-def fsdp_sharding(shape: Sequence[int], mesh: Mesh, axis_name: str = DATA_AXIS) -> NamedSharding:
+def fsdp_sharding(shape: Sequence[int], mesh: Mesh, axis_name: str = DATA_AXIS,
+                  view: bool = True) -> NamedSharding:
   """The ``"fsdp"`` placement of a leaf of ``shape`` (module docstring; no ``min_size``).
 
   A split over all N devices is ``P(..., axis_name)`` on ``mesh``; a k-way split is a
   ``NamedSharding`` on the view ``[N / k, k]`` of the same devices (``VIEW_AXES``). On a mesh
-  with other axes than ``axis_name`` only the N-way rule applies (``fsdp_spec``).
+  with other axes than ``axis_name``, or with ``view=False``, only the N-way rule applies
+  (``fsdp_spec``: a leaf no dimension of which N divides stays whole).
   """
   n = mesh.shape[axis_name]
-  if tuple(mesh.axis_names) != (axis_name,):
+  if tuple(mesh.axis_names) != (axis_name,) or not view:
     return NamedSharding(mesh, fsdp_spec(shape, n, axis_name))
   ways = fsdp_split(shape, n)
   k = max(ways, default=1)
@@ -195,7 +209,8 @@ def fsdp_sharding(shape: Sequence[int], mesh: Mesh, axis_name: str = DATA_AXIS) 
 
 
 def leaf_sharding(path: str, shape: Sequence[int], rules: Sequence[tuple[re.Pattern, Any]],
-                  mesh: Mesh, min_size: int, axis_name: str = DATA_AXIS) -> NamedSharding:
+                  mesh: Mesh, min_size: int, axis_name: str = DATA_AXIS,
+                  view: bool = True) -> NamedSharding:
   """The ``NamedSharding`` of one leaf: the first rule whose regex matches ``path``."""
   for pattern, action in rules:
     if pattern.search(path):
@@ -205,7 +220,7 @@ def leaf_sharding(path: str, shape: Sequence[int], rules: Sequence[tuple[re.Patt
   if action == "fsdp":
     if int(np.prod(shape)) < min_size:
       return NamedSharding(mesh, P())
-    return fsdp_sharding(shape, mesh, axis_name)
+    return fsdp_sharding(shape, mesh, axis_name, view)
   spec = tuple(action)
   if len(spec) > len(shape):
     raise ValueError(f"sharding rule {pattern.pattern!r} -> {action} has {len(spec)} entries but "
@@ -235,9 +250,10 @@ def state_specs(abstract_state: Any, sharding_config: Any, mesh: Mesh) -> Any:
 def state_shardings(abstract_state: Any, sharding_config: Any, mesh: Mesh) -> Any:
   """A tree of ``NamedSharding`` like ``abstract_state``."""
   rules, min_size = resolve_rules(sharding_config, mesh)
+  view = use_view(sharding_config)
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf: leaf_sharding(path_str(path), tuple(np.shape(leaf)), rules, mesh,
-                                       min_size),
+                                       min_size, view=view),
       abstract_state)
 
 

@@ -168,6 +168,18 @@ def test_fsdp_split_covers_dimensions_no_device_count_divides():
   assert sharding.fsdp_sharding((16, 12), mesh).spec == P("data")   # the old rule, old mesh
 
 
+def test_sharding_view_false_keeps_indivisible_leaves_whole(mesh):
+  """``config.sharding.view=False``: a leaf no dimension of which 8 divides stays whole (the
+  rule before the view), a divisible one is still split 8 ways; a non-bool is refused."""
+  state = {"a": np.zeros((12, 20), np.float32), "b": np.zeros((16, 12), np.float32)}
+  specs = sharding.state_specs(state, {"strategy": "fsdp", "min_size": 0, "view": False}, mesh)
+  assert specs == {"a": P(), "b": P("data")}
+  specs = sharding.state_specs(state, {"strategy": "fsdp", "min_size": 0}, mesh)
+  assert specs["a"] == P(None, "data_shard")
+  with pytest.raises(ValueError, match="sharding.view"):
+    sharding.resolve_rules({"strategy": "fsdp", "view": "no"}, mesh)
+
+
 def test_fsdp_view_steps_equal_replicated_steps(mesh):
   """AdamW steps of a 2-layer MLP whose widths 12 and 20 are not multiples of 8: every leaf
   over min_size is split 4 ways over the factored view, and 3 jitted steps with those shardings
