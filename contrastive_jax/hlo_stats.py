@@ -21,7 +21,8 @@ practice, and experience"; the same counts as the NCCL performance notes' "bus b
 The HLO text grammar is XLA's (https://openxla.org/xla/operation_semantics); only the parts
 read here are parsed: instruction names, result types, opcodes, operands and the attributes
 ``calls``, ``body``, ``condition``, ``to_apply``, ``branch_computations``, ``replica_groups``,
-``dim_labels``, ``lhs_dilate``, ``lhs_contracting_dims`` and ``backend_config``'s ``known_trip_count``.
+``dim_labels``, ``lhs_dilate``, ``lhs_contracting_dims`` and ``backend_config``'s
+``known_trip_count``.
 """
 
 from __future__ import annotations
