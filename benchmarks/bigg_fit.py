@@ -56,16 +56,25 @@ def _dims(shape: str) -> list[int] | None:
 
 
 def _matmul_flops(op: str, out: list[int], lhs: list[int], rhs: list[int], attrs: str) -> float:
-  """2 x multiply-adds of a ``dot`` or ``convolution`` (XLA:TPU writes matmuls as both)."""
+  """2 x multiply-adds of a ``dot`` or ``convolution`` (XLA:TPU writes matmuls as both).
+
+  A convolution does ``prod(out) x prod(rhs) / out_features`` multiply-adds per its kernel
+  (the kernel's input-feature dimension is already ``C_in / feature_group_count``), except that
+  with ``lhs_dilate=d`` only ``1 / d`` of a window's taps land on input values (the others are
+  the inserted zeros): XLA:TPU writes a batched matmul such as attention's
+  ``bqhd,bkhd->bhqk`` as a base-dilated convolution whose window (``size=B x H``,
+  ``lhs_dilate=B x H``) walks the batch and head dimensions, one real tap each; counted per
+  window tap it would be B x H times too large.
+  """
   if op == "dot":
     contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs)
     k = math.prod(lhs[int(d)] for d in contracting.group(1).split(",") if d) if contracting else 1
     return 2.0 * math.prod(out) * k
   labels = re.search(r"dim_labels=\w+_(\w+)->", attrs)
   out_features = rhs[labels.group(1).index("o")] if labels else rhs[-1]
-  groups = re.search(r"feature_group_count=(\d+)", attrs)
-  return 2.0 * math.prod(out) * math.prod(rhs) / out_features / (
-      int(groups.group(1)) if groups else 1)
+  dilate = re.search(r"lhs_dilate=([\dx]+)", attrs)
+  dilation = math.prod(int(d) for d in dilate.group(1).split("x")) if dilate else 1
+  return 2.0 * math.prod(out) * math.prod(rhs) / out_features / dilation
 
 
 def hlo_flops(hlo: str) -> tuple[float, list[int]]:
@@ -215,11 +224,14 @@ def measure_ring_loss(global_batch: int, dim: int, tile: int, topology: str) -> 
               trips=trips, seconds=seconds)
 
 
-def bigg_config(quick: bool, overrides: list[str]):
+def bigg_config(quick: bool, overrides: list[str], depth: int | None = None):
   from contrastive_jax.configs import clip_vit_bigg14
   from contrastive_jax import configs
   c = clip_vit_bigg14.get_config("quick" if quick else None)
   configs.apply_overrides(c, overrides)
+  if depth:  # a probe: both towers this deep (the preset's widths kept)
+    c.model.kwargs.depth = depth
+    c.text.kwargs.depth = depth
   return c
 
 
@@ -236,15 +248,23 @@ def main() -> None:
   parser.add_argument("--set", action="append", default=[],
                       help="config override key=value for the bigg rows (repeatable)")
   parser.add_argument("--dump", default="", help="folder for the compiled HLO texts")
+  parser.add_argument("--depth", type=int, default=0,
+                      help="probe: both towers at this depth (0: the config's 48 and 32)")
+  parser.add_argument("--no-pin", action="store_true",
+                      help="trace without the activation constraints of FSDP runs "
+                           "(sharding.activation_mesh), to measure what they change")
   args = parser.parse_args()
   global DUMP_DIR
   DUMP_DIR = args.dump
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  if args.no_pin:
+    from contrastive_jax import sharding
+    sharding.activation_mesh = lambda *_: None
 
   rows = []
   for what in args.only.split(","):
     if what in ("bigg", "quick"):
-      c = bigg_config(what == "quick", args.set)
+      c = bigg_config(what == "quick", args.set, args.depth)
       topo = args.topology if what == "bigg" else "v5e:2x2"
       label = (f"CLIP bigG/14 {'(quick)' if what == 'quick' else ''} B={c.global_batch:,}, "
                f"{c.grad_cache.micro_batches} chunks, tile {c.loss_tile}")

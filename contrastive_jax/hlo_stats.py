@@ -21,7 +21,8 @@ practice, and experience"; the same counts as the NCCL performance notes' "bus b
 The HLO text grammar is XLA's (https://openxla.org/xla/operation_semantics); only the parts
 read here are parsed: instruction names, result types, opcodes, operands and the attributes
 ``calls``, ``body``, ``condition``, ``to_apply``, ``branch_computations``, ``replica_groups``,
-``dim_labels``, ``lhs_contracting_dims`` and ``backend_config``'s ``known_trip_count``.
+``dim_labels``, ``lhs_dilate``, ``lhs_contracting_dims`` and ``backend_config``'s
+``known_trip_count``.
 """
 
 from __future__ import annotations
@@ -231,6 +232,12 @@ def _dot_flops(module: Module, instr: Instruction) -> float:
     return 0.0
   kdims = arrays(kernel.type)[0][1]
   per_out = math.prod(d for d, label in zip(kdims, labels.group(1)) if label != "o")
+  # With lhs_dilate=d only 1/d of a window's taps meet input values (the rest are inserted
+  # zeros): XLA:TPU writes a batched matmul (attention's bqhd,bkhd->bhqk) as such a convolution,
+  # its window walking batch and heads with one real tap each.
+  dilate = re.search(r"lhs_dilate=([0-9x]+)", instr.attrs)
+  if dilate:
+    per_out /= math.prod(int(v) for v in dilate.group(1).split("x"))
   return 2.0 * out_elems * per_out
 
 

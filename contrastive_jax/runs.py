@@ -175,6 +175,8 @@ class Run:
     """``jit(step)(state, batch) -> (state, metrics)``: state donated, shardings fixed."""
     step = make_train_step(self.method, self.tx, self.lr_schedule,
                            skip_nonfinite=self.config.skip_nonfinite)
+    # FSDP: the models pin their activations' batch dimension to "data" (sharding.py).
+    step = sharding.traced_under(step, sharding.activation_mesh(self.config.sharding, self.mesh))
     return jax.jit(step, donate_argnums=(0,),
                    in_shardings=(self.state_sharding, self.batch_sharding),
                    out_shardings=(self.state_sharding, distributed.replicated(self.mesh)))

@@ -42,11 +42,16 @@ the alternatives:
   a dimension divisible by N keeps ``P(..., "data")`` on the run's mesh (checkpoints unchanged).
 
 Holding 1/k instead of 1/N of such leaves costs little: for bigG on 256 chips, 47 MiB per chip
-instead of 24. Open problem, measured with the TPU compiler (docs/largest_runs.md): the scanned bigG step on
-256 chips does not fit 16 GiB with this view (59.7 GiB of temporaries) nor without it (29.6);
-with a view the HLO holds activations all-gathered over the batch ([6400, 257, 4992] qkv
-buffers: the SPMD partitioner gathered activations, not weights). Constraining the towers'
-activations to the batch sharding is the next thing to try.
+instead of 24. ``config.sharding.view=False`` turns the view off (such leaves stay whole on every
+chip): libtpu 0.0.42 cannot compile bigG's step on a v5e:16x16 with it (an all-reduce over
+128-chip halves of the ring fails with "Failed to create limited ICI routing replica info
+table"; docs/largest_runs.md), so ``configs/clip_vit_bigg14.py`` sets it.
+
+Activations (``activation_mesh``, ``traced_under``): under ``"fsdp"`` on more than one device
+the step is traced under the run mesh's abstract mesh, and the models pin the batch dimension
+of each transformer block's activations to ``"data"`` (``models.layers.shard_batch``), so the
+partitioner gathers the weights, not the activations (docs/largest_runs.md has the bigG
+figures). A replicated run traces without a mesh and its program does not change.
 
 Rules (``config.sharding.rules``) override the strategy for matching leaves: a sequence of
 ``(regex, action)`` pairs, the first whose regex ``re.search``-es the leaf's path wins (as in
@@ -124,6 +129,14 @@ def _check_action(action: Any, where: str, mesh: Mesh) -> Any:
   return P(*[tuple(e) if isinstance(e, list) else e for e in action])
 
 
+def use_view(sharding_config: Any) -> bool:
+  """``config.sharding.view`` (default True): split leaves N does not divide over the view."""
+  view = _get(sharding_config, "view", True)
+  if not isinstance(view, (bool, np.bool_)):
+    raise ValueError(f"config.sharding.view={view!r} must be True or False")
+  return bool(view)
+
+
 def resolve_rules(sharding_config: Any, mesh: Mesh) -> tuple[list[tuple[re.Pattern, Any]], int]:
   """``(rules, min_size)`` from ``config.sharding``; the strategy's catch-all rule comes last.
 
@@ -134,6 +147,7 @@ def resolve_rules(sharding_config: Any, mesh: Mesh) -> tuple[list[tuple[re.Patte
   if strategy not in STRATEGIES:
     raise ValueError(f"config.sharding.strategy={strategy!r} is unknown; use one of "
                      f"{STRATEGIES}")
+  use_view(sharding_config)
   min_size = _get(sharding_config, "min_size", DEFAULT_MIN_SIZE)
   if not isinstance(min_size, (int, np.integer)) or min_size < 0:
     raise ValueError(f"config.sharding.min_size={min_size!r} must be an integer >= 0 "
@@ -170,15 +184,17 @@ def fsdp_split(shape: Sequence[int], axis_size: int) -> tuple[int, ...]:
   return best
 
 
-def fsdp_sharding(shape: Sequence[int], mesh: Mesh, axis_name: str = DATA_AXIS) -> NamedSharding:
+def fsdp_sharding(shape: Sequence[int], mesh: Mesh, axis_name: str = DATA_AXIS,
+                  view: bool = True) -> NamedSharding:
   """The ``"fsdp"`` placement of a leaf of ``shape`` (module docstring; no ``min_size``).
 
   A split over all N devices is ``P(..., axis_name)`` on ``mesh``; a k-way split is a
   ``NamedSharding`` on the view ``[N / k, k]`` of the same devices (``VIEW_AXES``). On a mesh
-  with other axes than ``axis_name`` only the N-way rule applies (``fsdp_spec``).
+  with other axes than ``axis_name``, or with ``view=False``, only the N-way rule applies
+  (``fsdp_spec``: a leaf no dimension of which N divides stays whole).
   """
   n = mesh.shape[axis_name]
-  if tuple(mesh.axis_names) != (axis_name,):
+  if tuple(mesh.axis_names) != (axis_name,) or not view:
     return NamedSharding(mesh, fsdp_spec(shape, n, axis_name))
   ways = fsdp_split(shape, n)
   k = max(ways, default=1)
@@ -193,7 +209,8 @@ def fsdp_sharding(shape: Sequence[int], mesh: Mesh, axis_name: str = DATA_AXIS) 
 
 
 def leaf_sharding(path: str, shape: Sequence[int], rules: Sequence[tuple[re.Pattern, Any]],
-                  mesh: Mesh, min_size: int, axis_name: str = DATA_AXIS) -> NamedSharding:
+                  mesh: Mesh, min_size: int, axis_name: str = DATA_AXIS,
+                  view: bool = True) -> NamedSharding:
   """The ``NamedSharding`` of one leaf: the first rule whose regex matches ``path``."""
   for pattern, action in rules:
     if pattern.search(path):
@@ -203,7 +220,7 @@ def leaf_sharding(path: str, shape: Sequence[int], rules: Sequence[tuple[re.Patt
   if action == "fsdp":
     if int(np.prod(shape)) < min_size:
       return NamedSharding(mesh, P())
-    return fsdp_sharding(shape, mesh, axis_name)
+    return fsdp_sharding(shape, mesh, axis_name, view)
   spec = tuple(action)
   if len(spec) > len(shape):
     raise ValueError(f"sharding rule {pattern.pattern!r} -> {action} has {len(spec)} entries but "
@@ -233,9 +250,10 @@ def state_specs(abstract_state: Any, sharding_config: Any, mesh: Mesh) -> Any:
 def state_shardings(abstract_state: Any, sharding_config: Any, mesh: Mesh) -> Any:
   """A tree of ``NamedSharding`` like ``abstract_state``."""
   rules, min_size = resolve_rules(sharding_config, mesh)
+  view = use_view(sharding_config)
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf: leaf_sharding(path_str(path), tuple(np.shape(leaf)), rules, mesh,
-                                       min_size),
+                                       min_size, view=view),
       abstract_state)
 
 
@@ -250,3 +268,26 @@ def bytes_per_device(abstract_state: Any, shardings: Any) -> int:
       itemsize = np.dtype(leaf.dtype).itemsize
     total += int(np.prod(shard)) * itemsize
   return total
+
+
+def activation_mesh(sharding_config: Any, mesh: Mesh) -> Mesh | None:
+  """The mesh to trace the step under so that the models pin their activations to the batch
+  axis (module docstring): ``mesh`` for ``"fsdp"`` on more than one device, else ``None``."""
+  strategy = _get(sharding_config, "strategy", "replicated")
+  if strategy != "fsdp" or mesh.size == 1 or DATA_AXIS not in mesh.axis_names:
+    return None
+  return mesh
+
+
+def traced_under(fn: Any, mesh: Mesh | None) -> Any:
+  """``fn`` traced under ``mesh``'s abstract mesh (``jax.sharding.use_abstract_mesh``), the
+  context ``models.layers.shard_batch`` reads; ``fn`` itself when ``mesh`` is None. Entered
+  inside the function, so it holds wherever ``jax.jit`` traces it (first call or ``lower``)."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return wrapped

@@ -90,6 +90,22 @@ def test_loops_counted_by_trip_count(v5e_2x2):
   assert got == pytest.approx(want, rel=0.02)
 
 
+def test_attention_matmuls_counted_once_per_real_tap(v5e_2x2):
+  """XLA:TPU writes attention's batched ``bqhd,bkhd->bhqk`` as a convolution whose window walks
+  the batch and head dimensions over an ``lhs_dilate``-d input: one real tap per window, the
+  rest inserted zeros. The count is the einsum's 2 B H Q K D per device, not B x H times it."""
+  b, q, h, d = 8, 128, 4, 64
+
+  def scores(x, y):
+    return jnp.einsum("bqhd,bkhd->bhqk", x.astype(jnp.bfloat16), y.astype(jnp.bfloat16))
+
+  spec = ((b, q, h, d), P("data"))
+  compiled = _compile(scores, v5e_2x2, spec, spec)
+  module = hlo_stats.parse(compiled.as_text())
+  per_device = 2 * (b // 4) * h * q * q * d
+  assert hlo_stats.loop_flops(module) == pytest.approx(per_device, rel=1e-6)
+
+
 def test_collective_bytes(v5e_2x2):
   """An all-gather of [8, 128] float32 rows per device and a psum of 256 floats, 4 devices:
   (g-1)/g of the 16 KiB gathered and 2 (g-1)/g of the 1 KiB reduced."""

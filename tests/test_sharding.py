@@ -168,6 +168,18 @@ def test_fsdp_split_covers_dimensions_no_device_count_divides():
   assert sharding.fsdp_sharding((16, 12), mesh).spec == P("data")   # the old rule, old mesh
 
 
+def test_sharding_view_false_keeps_indivisible_leaves_whole(mesh):
+  """``config.sharding.view=False``: a leaf no dimension of which 8 divides stays whole (the
+  rule before the view), a divisible one is still split 8 ways; a non-bool is refused."""
+  state = {"a": np.zeros((12, 20), np.float32), "b": np.zeros((16, 12), np.float32)}
+  specs = sharding.state_specs(state, {"strategy": "fsdp", "min_size": 0, "view": False}, mesh)
+  assert specs == {"a": P(), "b": P("data")}
+  specs = sharding.state_specs(state, {"strategy": "fsdp", "min_size": 0}, mesh)
+  assert specs["a"] == P(None, "data_shard")
+  with pytest.raises(ValueError, match="sharding.view"):
+    sharding.resolve_rules({"strategy": "fsdp", "view": "no"}, mesh)
+
+
 def test_fsdp_view_steps_equal_replicated_steps(mesh):
   """AdamW steps of a 2-layer MLP whose widths 12 and 20 are not multiples of 8: every leaf
   over min_size is split 4 ways over the factored view, and 3 jitted steps with those shardings
@@ -232,3 +244,42 @@ def test_fsdp_splits_every_clip_leaf_when_no_width_divides_the_devices(mesh):
   qkv = run.abstract_state.params["image_encoder"]["transformer"]["blocks"]["block"]["attn"][
       "qkv"]["kernel"]
   assert qkv.sharding.shard_shape(qkv.shape) == (2, 12, 9)  # never split on the layer axis
+
+
+def test_fsdp_pins_activations_to_the_batch_and_changes_no_value(mesh):
+  """Under FSDP the step is traced under the run's mesh and each transformer block pins its
+  activations' batch dimension to "data" (``layers.shard_batch``): the lowered step carries
+  the constraints (a replicated run's none), and the loss and gradients of a tiny scanned,
+  rematerialised CLIP with GradCache (the bigG path) equal those traced without them."""
+  from test_runs import synthetic_batches, tiny_config
+  from contrastive_jax import runs
+  tower = dict(width=16, num_heads=2, mlp_dim=32, scan=True, remat=True)
+  c = tiny_config("clip", "fsdp", **{
+      "model.name": "vit", "model.kwargs": dict(patch_size=8, depth=2, pool="cls", **tower),
+      "text.kwargs": dict(depth=2, **tower), "clip.embed_dim": 8, "sharding.min_size": 64,
+      "grad_cache.micro_batches": 2})
+  run = runs.build_run(c, mesh)
+  assert sharding.activation_mesh(c.sharding, mesh) is mesh
+  assert sharding.activation_mesh({"strategy": "replicated"}, mesh) is None
+  assert sharding.activation_mesh(c.sharding, distributed.make_mesh(1)) is None
+
+  def count(step):
+    return step.lower(run.abstract_state, run.abstract_batch()).as_text().count(
+        "sharding_constraint")
+  plain_step = jax.jit(runs.make_train_step(run.method, run.tx, run.lr_schedule),
+                       in_shardings=(run.state_sharding, run.batch_sharding))
+  # 6 per block in each scanned body (both towers, GradCache's two passes), the towers' ends.
+  assert count(run.train_step) >= count(plain_step) + 24
+
+  def grads(state, batch):
+    return run.method.value_and_grad(state.params, state, batch, jax.random.key(1))
+  shardings = (run.state_sharding, run.batch_sharding)
+  pinned = jax.jit(sharding.traced_under(grads, mesh), in_shardings=shardings)
+  free = jax.jit(grads, in_shardings=shardings)
+  state, batch = run.init_state(), synthetic_batches(run, 1)[0]
+  (loss_a, _), grads_a = pinned(state, batch)
+  (loss_b, _), grads_b = free(state, batch)
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-5 * float(np.max(np.abs(b))))

@@ -75,8 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
   # it all) or "fsdp" (large leaves and their optimizer moments split over the "data" axis;
   # leaves under min_size elements replicated). rules: ((regex on the state path, "fsdp" |
   # "replicate" | (None, "data")), ...), first match wins, before the strategy's default.
+  # view: under "fsdp", split a leaf no dimension of which the device count divides over a
+  # factored view of the devices (True) or keep it whole on every device (False).
   c.sharding = ml_collections.ConfigDict(dict(strategy="replicated", rules=(),
-                                              min_size=2 ** 14))
+                                              min_size=2 ** 14, view=True))
   c.total_steps = placeholder(int)
   c.total_epochs = placeholder(float)
   c.log_every = 50

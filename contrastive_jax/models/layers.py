@@ -11,6 +11,8 @@
 * ``TransformerBlock`` / ``Transformer``: pre-LN residual blocks (Vaswani et al., 2017; the
   pre-LN placement of ViT, Dosovitskiy et al., 2021, Eq. 2-3, and of CLIP's text tower,
   Radford et al., 2021). Attention logits and softmax are computed in float32.
+* ``shard_batch``: pins an activation's batch dimension to the ``"data"`` axis of the mesh
+  the step is traced under (FSDP runs; ``sharding.activation_mesh``), a no-op otherwise.
 * ``FROZEN_SUFFIX``: the name suffix of modules whose parameters must never train (MoCo v3's
   frozen random patch projection); the optimizer masks them by name
   (``optim.frozen_patterns``).
@@ -27,6 +29,32 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+
+# The mesh axis that splits the batch (distributed.DATA_AXIS; models import nothing above them).
+BATCH_AXIS = "data"
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+  """``x`` ``[B, ...]`` constrained to ``P("data")`` (batch split, the rest whole) when traced
+  under an abstract mesh with a ``"data"`` axis of size > 1 that divides B; ``x`` unchanged
+  otherwise (no mesh: replicated runs, one device, evaluation).
+
+  Why (FSDP): the weights are split over the same devices as the batch, so every matmul of a
+  block has two sharded operands. Left to itself, XLA's SPMD partitioner may gather the
+  activations over the batch instead of the weights (measured on ViT-bigG/14: ``[6400, 257,
+  4992]`` qkv buffers per chip, the whole micro-batch; docs/largest_runs.md). Pinning the
+  batch dimension of each block's activations leaves it one choice: gather the weight (ZeRO-3's
+  schedule, Rajbhandari et al. 2020, Sec. 5.3), as big_vision and MaxText pin theirs. Values
+  and gradients do not change (the transpose constrains the cotangent the same way).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or BATCH_AXIS not in mesh.axis_names:
+    return x
+  n = mesh.shape[BATCH_AXIS]
+  if n == 1 or x.shape[0] % n:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXIS))
+
 
 # Modules whose name ends with this suffix hold parameters that must never be updated; the
 # optimizer keeps them fixed through `optim.frozen_patterns`.
@@ -163,7 +191,8 @@ class SelfAttention(nn.Module):
     dense = lambda f, name: nn.Dense(  # noqa: E731
         f, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(), name=name)
-    qkv = dense(3 * width, "qkv")(x).reshape(b, length, 3, self.num_heads, head_dim)
+    qkv = shard_batch(dense(3 * width, "qkv")(x)).reshape(b, length, 3, self.num_heads,
+                                                          head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
     q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
@@ -172,8 +201,8 @@ class SelfAttention(nn.Module):
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=not train)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, length, width)
-    return dense(width, "out")(out)
+    out = shard_batch(jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, length, width))
+    return shard_batch(dense(width, "out")(out))
 
 
 class MlpBlock(nn.Module):
@@ -191,9 +220,10 @@ class MlpBlock(nn.Module):
                 bias_init=nn.initializers.normal(1e-6))
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
                  **init)(x)
-    x = get_activation(self.activation)(x)
+    x = shard_batch(get_activation(self.activation)(x))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2", **init)(x)
+    return shard_batch(
+        nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2", **init)(x))
 
 
 class TransformerBlock(nn.Module):
@@ -211,13 +241,14 @@ class TransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = shard_batch(x)
     y = LayerNormF32(self.ln_eps, name="ln1", **kw)(x)
     y = SelfAttention(self.num_heads, causal=self.causal,
                       dropout_rate=self.attention_dropout_rate, name="attn", **kw)(y, train)
-    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+    x = shard_batch(x + nn.Dropout(self.dropout_rate)(y, deterministic=not train))
     y = LayerNormF32(self.ln_eps, name="ln2", **kw)(x)
     y = MlpBlock(self.mlp_dim, self.activation, self.dropout_rate, name="mlp", **kw)(y, train)
-    return x + nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+    return shard_batch(x + nn.Dropout(self.dropout_rate)(y, deterministic=not train))
 
 
 class _ScannedBlock(nn.Module):

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from contrastive_jax.models.layers import LayerNormF32, Transformer
+from contrastive_jax.models.layers import LayerNormF32, Transformer, shard_batch
 
 Dtype = Any
 
@@ -82,7 +82,7 @@ class TextTransformer(nn.Module):
     if length > self.context_length:
       raise ValueError(f"token length {length} exceeds context_length={self.context_length}; "
                        "tokenize with a shorter length or raise context_length")
-    x = self.token_embed(tokens) + self.pos_embedding[:length].astype(self.dtype)
+    x = shard_batch(self.token_embed(tokens) + self.pos_embedding[:length].astype(self.dtype))
     x = self.embed_dropout(x, deterministic=not train)
     return self.ln_final(self.transformer(x, train))
 
@@ -97,4 +97,4 @@ class TextTransformer(nn.Module):
   def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
     x = self.token_features(tokens, train)
     idx = self.eot_positions(tokens)
-    return jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+    return shard_batch(jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0])

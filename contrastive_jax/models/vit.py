@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastive_jax.models.layers import FROZEN_SUFFIX, LayerNormF32, Transformer
+from contrastive_jax.models.layers import FROZEN_SUFFIX, LayerNormF32, Transformer, shard_batch
 
 Dtype = Any
 
@@ -114,7 +114,7 @@ class ViT(nn.Module):
     if self.freeze_patch_embed:
       x = jax.lax.stop_gradient(x)
     gh, gw = hh // p, ww // p
-    x = x.reshape(b, gh * gw, self.width)
+    x = shard_batch(x.reshape(b, gh * gw, self.width))
 
     use_cls = self.pool == "cls"
     if use_cls:
@@ -140,5 +140,5 @@ class ViT(nn.Module):
                     scan=self.scan, name="transformer", **kw)(x, train)
     x = LayerNormF32(self.ln_eps, name="ln_final", **kw)(x)
     if use_cls:
-      return x[:, 0]
+      return shard_batch(x[:, 0])
     return jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
