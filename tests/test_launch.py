@@ -58,18 +58,24 @@ def test_two_processes_match_one_process_and_checkpoint_restores_in_one(tmp_path
   assert "4 global devices" in logs[0] or "4 devices" in logs[0]
 
   # The reference: the same config in this single process on 4 devices (same global batch,
-  # same mesh size). Per-step metrics (summary.json, full precision) and the final state agree.
+  # same mesh size). The two round differently (gloo's all-reduce adds in another order than
+  # XLA:CPU's in-process one), and from step 3 on a pre-activation that rounding moves across
+  # ReLU's kink changes the gradient by a fixed jump (docs/ring_order.md: one such flip moves
+  # step 4's grad norm by 1.9e-4; benchmarks/relu_kink.py). So: exact up to step 2 (per-step
+  # metrics of summary.json, full precision, and the step-2 checkpoints), within a kink's jump
+  # after; a wrong data split or collective is off by far more from step 1.
   ref_dir = tmp_path / "single_process"
   ref = train.train_and_evaluate(_quick_config(num_devices=4), str(ref_dir)).summary
   two = json.loads((workdir / "summary.json").read_text())
   assert [h["step"] for h in two["train_history"]] == [h["step"] for h in ref["train_history"]]
   for key in ("loss", "grad_norm", "param_norm"):
-    np.testing.assert_allclose([h[key] for h in two["train_history"]],
-                               [h[key] for h in ref["train_history"]], rtol=2e-5, err_msg=key)
-  got, want = restore.restore_run(str(workdir)), restore.restore_run(str(ref_dir))
-  assert got.step == want.step == 4
+    got_k, want_k = ([h[key] for h in r["train_history"]] for r in (two, ref))
+    np.testing.assert_allclose(got_k[:2], want_k[:2], rtol=2e-5, err_msg=key)
+    np.testing.assert_allclose(got_k[2:], want_k[2:], rtol=1e-3, err_msg=key)
+  got, want = (restore.restore_run(str(d), step=2) for d in (workdir, ref_dir))
   for field in ("params", "batch_stats", "opt_state"):
     _assert_trees_close(getattr(got.state, field), getattr(want.state, field), field)
+  assert restore.restore_run(str(workdir)).step == 4
 
   # The 2-process checkpoint (4 devices) restores in this single process (8 devices) and
   # training continues from step 4.

@@ -13,14 +13,16 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from contrastive_jax.configs import clip_mnist, mocov2_mnist, mocov3_mnist
-from contrastive_jax import checkpoint, configs, distributed, methods, optim, train
+from contrastive_jax import checkpoint, configs, distributed, methods, models, optim, runs, train
 from contrastive_jax.data import pipeline
 from contrastive_jax.errors import ConfigError
 from contrastive_jax.evaluate import runner as eval_runner
@@ -28,6 +30,7 @@ from contrastive_jax.methods import moco
 from contrastive_jax.train_state import TrainState
 
 import test_method_reference as mref
+import test_runs
 
 STEPS = 3
 
@@ -108,8 +111,9 @@ def _key_grads_are_zero(method, state, batch):
     assert not np.any(np.asarray(g)), "a gradient reached the key encoder or the queue"
   # And the keys handed to post_update do not depend on the trained parameters.
   if state.queue is not None:
-    g_keys = jax.jit(jax.grad(lambda p: jnp.sum(
-        method.loss_fn(p, state, batch, rng)[1][1]["keys"] ** 2)))(state.params)
+    g_keys = jax.jit(jax.grad(lambda p: sum(
+        jnp.sum(k ** 2) for k in method.loss_fn(p, state, batch, rng)[1][1]["keys"])))(
+            state.params)
     assert not any(np.any(np.asarray(g)) for g in jax.tree.leaves(g_keys))
   # The momentum encoder is a separate field, not part of what the optimizer trains.
   assert not any(x is y for x, y in zip(jax.tree.leaves(state.params),
@@ -471,3 +475,88 @@ def test_every_config_data_key_can_be_overridden_on_the_command_line():
   for name in names:
     c = importlib.import_module(f"contrastive_jax.configs.{name}").get_config()
     assert not [k for k, v in c.data.items() if v is None], name
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def _collectives(hlo: str) -> tuple[dict[str, int], list[tuple[str, int]]]:
+  """Count of each collective kind in compiled HLO text, and each all-to-all's result type with
+  its number of elements."""
+  counts, all_to_alls = {}, []
+  for m in re.finditer(r"= (.*?) (all-to-all|all-gather|all-reduce|reduce-scatter|"
+                       r"collective-permute)(?:-start)?\(", hlo):
+    counts[m.group(2)] = counts.get(m.group(2), 0) + 1
+    if m.group(2) == "all-to-all":
+      shapes = re.findall(r"[a-z]+[0-9]*\[([0-9,]*)\]", m.group(1))
+      size = sum(math.prod(int(d) for d in s.split(",") if d) for s in shapes)
+      all_to_alls.append((m.group(1)[:80], size))
+  return counts, all_to_alls
+
+
+def assert_no_image_all_to_all(run, where: str) -> dict[str, int]:
+  """The compiled train step of ``run`` has no all-to-all holding an image's worth of data."""
+  hlo = run.train_step.lower(run.abstract_state, run.abstract_batch()).compile().as_text()
+  counts, all_to_alls = _collectives(hlo)
+  image = run.config.data.image_size ** 2 * 3
+  big = [(t, n) for t, n in all_to_alls if n >= image]
+  assert not big, f"{where}: all-to-alls of image data {big}; collectives {counts}"
+  return counts
+
+
+@pytest.mark.parametrize("name", ["simclr", "mocov2", "mocov3", "clip"])
+def test_compiled_step_moves_no_images_through_all_to_alls(name):
+  """Two views joined along the batch used to reach the encoder through all-to-alls (SimCLR,
+  MoCo v3: three each). The same programs as test_runs' replicated runs (the persistent
+  compilation cache shares them within a session)."""
+  run = runs.build_run(test_runs.tiny_config(name, "replicated"), distributed.make_mesh(8))
+  counts = assert_no_image_all_to_all(run, f"{name} on 8 CPU devices")
+  print(f"{name}: {counts}")
+
+
+def test_compiled_tpu_step_moves_no_images_through_all_to_alls():
+  """SimCLR compiled by libtpu for a v5e:2x4 slice (no TPU needed): the concatenated views
+  were three all-to-alls (bf16 images) and eight collective-permutes there too."""
+  import test_ring_order  # pylint: disable=g-import-not-at-top  (sets libtpu's environment)
+  mesh = distributed.make_mesh(devices=test_ring_order.tpu_devices("v5e:2x4"))
+  run = runs.build_run(test_runs.tiny_config("simclr", "replicated"), mesh)
+  counts = assert_no_image_all_to_all(run, "simclr on v5e:2x4")
+  assert "collective-permute" not in counts, counts
+
+
+def test_join_views_keeps_rows_on_their_device():
+  mesh = distributed.make_mesh(8)
+  views = [jnp.arange(16.0).reshape(16, 1) + 100 * v for v in range(3)]
+  joined = jax.jit(lambda vs: methods.base.join_views(vs, mesh))(
+      [jax.device_put(v, distributed.data_sharding(mesh)) for v in views])
+  for shard in joined.addressable_shards:  # device d: its 2 rows of view 0, 1, then 2
+    d = shard.index[0].start // 6
+    np.testing.assert_array_equal(np.asarray(shard.data)[:, 0],
+                                  [100 * v + 2 * d + i for v in range(3) for i in range(2)])
+  back = methods.base.split_views(joined, 3, mesh)
+  for v, b in zip(views, back):
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(v))
+
+
+def test_apply_train_per_view_equals_one_bn_group_per_view():
+  """Per-view passes from the same statistics: the outputs and the running-statistics update
+  of one pass over the concatenated views with ``bn_groups=2``."""
+  class Net(nn.Module):
+    bn_groups: int = 1
+
+    @nn.compact
+    def __call__(self, x, train=True):
+      return models.BatchNorm(use_running_average=not train, bn_groups=self.bn_groups)(
+          nn.Dense(4)(x))
+
+  rs = np.random.RandomState(0)
+  v1, v2 = (jnp.asarray(rs.normal(size=(6, 3)) + s, jnp.float32) for s in (0.0, 2.0))
+  variables = jax.jit(lambda x: Net().init(jax.random.key(0), x, train=False))(v1)
+  params, stats = variables["params"], variables["batch_stats"]
+  rng = jax.random.key(1)
+  (y1, y2), new = jax.jit(lambda *a: methods.base.apply_train_per_view(Net(), *a, rng))(
+      params, stats, [v1, v2])
+  y, ref = jax.jit(lambda p, s, x: methods.base.apply_train(Net(bn_groups=2), p, s, x, rng=rng))(
+      params, stats, jnp.concatenate([v1, v2]))
+  np.testing.assert_allclose(np.concatenate([y1, y2]), y, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new, ref)

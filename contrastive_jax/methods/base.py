@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from contrastive_jax import grad_cache, losses, models
 from contrastive_jax.metrics import embedding as embedding_metrics
@@ -103,10 +103,58 @@ def apply_train(model: nn.Module, params, batch_stats, *inputs: jax.Array, rng: 
   return out, new_vars.get("batch_stats", {})
 
 
-def split_views(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """[2B, ...] -> two [B, ...] halves (the views were concatenated along the batch)."""
-  half = x.shape[0] // 2
-  return x[:half], x[half:]
+# Several views in one forward pass. Concatenating V views ``[B, ...]`` along a batch that is
+# split over the D devices of ``"data"`` would put view 1 on the first D / V devices and move
+# every image across the mesh (XLA lowers the concatenation and the split after the pass to
+# all-to-alls). Instead the views are stacked shard-major: device d's block of the ``[V B, ...]``
+# batch holds its own rows of view 1, then of view 2, ... (``join_views``), so the images stay
+# where the input pipeline put them. The row order differs from the concatenation's; what reads
+# the rows must not care: BatchNorm over the whole batch (``bn_groups=1``: sync BN over all
+# views) or over groups of one device and one view (``bn_groups = V D``: contiguous blocks of
+# ``B / D`` rows, per-device BN of each view). Per-view statistics over the global batch
+# (``bn_groups = V``) need one pass per view instead (``apply_train_per_view``).
+
+
+def _constrain(x: jax.Array, mesh: Mesh | None) -> jax.Array:
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data")))
+
+
+def join_views(views: list[jax.Array], mesh: Mesh | None) -> jax.Array:
+  """``V x [B, ...]`` -> ``[V B, ...]``, shard-major: with ``D`` devices and ``n = B / D``, row
+  ``d V n + v n + i`` is row ``d n + i`` of view ``v`` (one device's rows of every view form its
+  block; no data moves between devices). Inverse: ``split_views``."""
+  if len(views) == 1:
+    return views[0]
+  d = 1 if mesh is None else mesh.size
+  b = views[0].shape[0]
+  x = jnp.stack([v.reshape((d, b // d) + v.shape[1:]) for v in views], axis=1)
+  return _constrain(x.reshape((len(views) * b,) + views[0].shape[1:]), mesh)
+
+
+def split_views(x: jax.Array, num_views: int, mesh: Mesh | None) -> list[jax.Array]:
+  """``[V B, ...]`` in ``join_views``'s order -> ``V x [B, ...]`` (row ``i`` from example ``i``)."""
+  if num_views == 1:
+    return [x]
+  d = 1 if mesh is None else mesh.size
+  b = x.shape[0] // num_views
+  y = x.reshape((d, num_views, b // d) + x.shape[1:])
+  return [_constrain(y[:, v].reshape((b,) + x.shape[1:]), mesh) for v in range(num_views)]
+
+
+def apply_train_per_view(model: nn.Module, params, batch_stats, views: list[jax.Array],
+                         rng: jax.Array):
+  """One train-mode pass per view, each normalised with its own (global) batch statistics:
+  ``([outputs of each view], new batch_stats)``. Every pass starts from ``batch_stats``; the new
+  running statistics are the mean of the passes' (``m r + (1 - m) mean_v s_v``, the same update
+  as one pass with a BN group per view). Dropout key of view ``v``: ``fold_in(rng, v)``."""
+  outs, stats = [], []
+  for v, x in enumerate(views):
+    out, new_stats = apply_train(model, params, batch_stats, x, rng=jax.random.fold_in(rng, v))
+    outs.append(out)
+    stats.append(new_stats)
+  return outs, jax.tree.map(lambda *s: sum(s) / len(s), *stats)
 
 
 def embedding_summaries(z1: jax.Array, z2: jax.Array) -> dict[str, jax.Array]:

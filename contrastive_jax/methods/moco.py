@@ -25,9 +25,12 @@ update and the key encoder runs in train mode), the key encoder normalises with 
 statistics and keeps its own running statistics in ``ema_batch_stats``, updated by its forward
 passes; they are never used by the evaluators (``encode`` uses the query encoder).
 
-Several views in one forward pass. Views are concatenated along the batch and every BatchNorm
-is built with ``bn_groups = views x groups_per_view`` (``models.BatchNorm``): each view gets its
-own statistics, as with the reference code's separate forward calls, in one pass.
+Several views (``_MoCo.project``). Each view gets its own BN statistics, as with the reference
+code's separate forward calls. With per-device BN (shuffle-BN) the views go through one pass,
+joined shard-major where they are (``base.join_views``: no image moves between devices), with a
+BN group per device and view (``bn_groups = views x devices``). With sync BN (MoCo v3, MoCo v2
+without shuffle-BN) the statistics of a view span the global batch, so each view has its own
+pass (``base.apply_train_per_view``), as in the reference.
 
 Shuffle-BN (MoCo Sec. 3.3, MoCo v2 option ``config.moco.shuffle_bn``, default True): the
 reference trains with per-GPU BN, so each device's query statistics come from its own
@@ -104,6 +107,22 @@ class _MoCo(base.Method):
     has_bn = any(f.name == "bn_groups" for f in dataclasses.fields(cls))
     return base.build_encoder(self.config, **({"bn_groups": bn_groups} if has_bn else {}))
 
+  def project(self, params, batch_stats, views: list[jax.Array], rng: jax.Array, *,
+              per_device_bn: bool, output: int = 1, **variant: Any
+              ) -> tuple[list[jax.Array], Any]:
+    """Output ``output`` of ``EncoderWithHeads`` (1: projection, 2: prediction) for each view
+    ``[B, H, W, 3]``: ``(V x [B, E], new batch_stats)``; BN per view, per device when
+    ``per_device_bn`` (module docstring: several views). ``variant``: more ``build_model``
+    arguments (MoCo v3's ``predictor=False``)."""
+    if per_device_bn or len(views) == 1:
+      groups = len(views) * self.mesh.size if per_device_bn else 1
+      out, stats = base.apply_train(self.variant(bn_groups=groups, **variant), params,
+                                    batch_stats, base.join_views(views, self.mesh), rng=rng)
+      return base.split_views(out[output], len(views), self.mesh), stats
+    outs, stats = base.apply_train_per_view(self.variant(bn_groups=1, **variant), params,
+                                            batch_stats, views, rng)
+    return [out[output] for out in outs], stats
+
   def variant(self, **kwargs: Any) -> base.EncoderWithHeads:
     """``build_model(**kwargs)`` (e.g. ``bn_groups=2``), built once per distinct ``kwargs``;
     ``model`` is ``build_model()``: one BN group, for ``init_state`` and ``encode``."""
@@ -169,11 +188,6 @@ class MoCoV2(_MoCo):
   def momentum(self, step: jax.Array | int) -> jax.Array:  # noqa: ARG002 -- fixed in MoCo v2
     return jnp.float32(self.config.moco.momentum)
 
-  @property
-  def groups_per_view(self) -> int:
-    """BN groups of one view: one per device with shuffle-BN (per-device BN), else 1 (sync)."""
-    return self.mesh.size if self.shuffle_bn else 1
-
   def build_model(self, bn_groups: int = 1) -> base.EncoderWithHeads:
     """Encoder + MoCo v2 head; ``bn_groups`` only changes how train-mode BN groups the batch."""
     head = models.mocov2_head(dtype=base.compute_dtype(self.config), bn_groups=bn_groups,
@@ -202,10 +216,9 @@ class MoCoV2(_MoCo):
       perms = [shuffle_permutation(r, v.shape[0])
                for r, v in zip(jax.random.split(shuffle_rng, len(views)), views)]
       views = [shuffle(v, p) for v, p in zip(views, perms)]
-    model = self.variant(bn_groups=len(views) * self.groups_per_view)
-    (_, k, _), new_stats = base.apply_train(model, state.ema_params, state.ema_batch_stats,
-                                            jnp.concatenate(views, axis=0), rng=dropout_rng)
-    ks = jnp.split(jax.lax.stop_gradient(k), len(views))
+    ks, new_stats = self.project(state.ema_params, state.ema_batch_stats, views, dropout_rng,
+                                 per_device_bn=self.shuffle_bn)
+    ks = [jax.lax.stop_gradient(k) for k in ks]
     if perms is not None:
       ks = [unshuffle(kv, p) for kv, p in zip(ks, perms)]
     return list(ks), new_stats, perms
@@ -213,20 +226,21 @@ class MoCoV2(_MoCo):
   def embed(self, params, state, batch, rng):
     """Queries of ``batch["view1"]`` (and ``view2`` when symmetric) and the keys of the other
     view, each ``[B, D]``; ``updates``: ``batch_stats``, ``ema_batch_stats`` and ``keys``
-    ``[V B, D]`` (the L2-normalised keys of the global batch to enqueue, no gradient)."""
+    (``V x [B, D]``: the L2-normalised keys of the global batch to enqueue, in that order; no
+    gradient)."""
     v1, v2 = batch["view1"], batch["view2"]
     query_views = [v1, v2] if self.num_views == 2 else [v1]
     key_views = [v2, v1] if self.num_views == 2 else [v2]   # the positive of q(v1) is k(v2)
     q_rng, k_rng = jax.random.split(rng)
-    model = self.variant(bn_groups=len(query_views) * self.groups_per_view)
-    (_, q, _), new_stats = base.apply_train(model, params, state.batch_stats,
-                                            jnp.concatenate(query_views, axis=0), rng=q_rng)
-    qs = jnp.split(q, len(query_views))
+    qs, new_stats = self.project(params, state.batch_stats, query_views, q_rng,
+                                 per_device_bn=self.shuffle_bn)
     ks, new_ema_stats, _ = self.keys(state, key_views, k_rng)
-    # Enqueue order: keys of view 1, then of view 2 (symmetric); just view 2's otherwise.
-    enqueue_keys = [losses.l2_normalize(k) for k in (ks[::-1] if len(ks) == 2 else ks)]
+    # Enqueue order: keys of view 1, then of view 2 (symmetric); just view 2's otherwise. One
+    # array per view, enqueued one after the other: concatenating them along the sharded batch
+    # would move them between devices for nothing.
+    enqueue_keys = tuple(losses.l2_normalize(k) for k in (ks[::-1] if len(ks) == 2 else ks))
     updates = {"batch_stats": new_stats, "ema_batch_stats": new_ema_stats,
-               "keys": jnp.concatenate(enqueue_keys, axis=0)}
+               "keys": enqueue_keys}
     return {"queries": list(qs), "keys": ks}, updates
 
   def loss_from_embeddings(self, params, embeddings, state):
@@ -248,7 +262,9 @@ class MoCoV2(_MoCo):
   def post_update(self, state: TrainState, updates: dict[str, Any]) -> TrainState:
     """EMA of the key encoder from the just-updated query parameters, then FIFO enqueue."""
     m = self.momentum(state.step)
-    queue, ptr = enqueue(state.queue, state.queue_ptr, updates["keys"])
+    queue, ptr = state.queue, state.queue_ptr
+    for keys in updates["keys"]:
+      queue, ptr = enqueue(queue, ptr, keys)
     return state.replace(batch_stats=updates["batch_stats"],
                          ema_params=ema_update(state.ema_params, state.params, m),
                          ema_batch_stats=updates["ema_batch_stats"],
@@ -312,18 +328,16 @@ class MoCoV3(_MoCo):
                 ema_batch_stats=_copy(_key_part(batch_stats)))
 
   def embed(self, params, state, batch, rng):
-    """Both views (``batch["view1"]``, ``batch["view2"]``: [B, H, W, 3]) in one pass per
+    """Both views (``batch["view1"]``, ``batch["view2"]``: [B, H, W, 3]), one pass per view and
     encoder with per-view (global, sync) BN statistics: predictions ``q1, q2`` and keys
     ``k1, k2`` [B, D] (no gradient); ``updates``: ``batch_stats``, ``ema_batch_stats``."""
-    x = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
+    views = [batch["view1"], batch["view2"]]
     q_rng, k_rng = jax.random.split(rng)
-    (_, _, p), new_stats = base.apply_train(self.variant(bn_groups=2), params,
-                                            state.batch_stats, x, rng=q_rng)
-    (_, k, _), new_ema_stats = base.apply_train(
-        self.variant(bn_groups=2, predictor=False), state.ema_params, state.ema_batch_stats, x,
-        rng=k_rng)
-    q1, q2 = base.split_views(p)
-    k1, k2 = base.split_views(jax.lax.stop_gradient(k))
+    (q1, q2), new_stats = self.project(params, state.batch_stats, views, q_rng,
+                                       per_device_bn=False, output=2)
+    (k1, k2), new_ema_stats = self.project(state.ema_params, state.ema_batch_stats, views,
+                                           k_rng, per_device_bn=False, predictor=False)
+    k1, k2 = jax.lax.stop_gradient(k1), jax.lax.stop_gradient(k2)
     return ({"q1": q1, "q2": q2, "k1": k1, "k2": k2},
             {"batch_stats": new_stats, "ema_batch_stats": new_ema_stats})
 

@@ -3,7 +3,8 @@ Representations"; v2: Chen et al. 2020, "Big Self-Supervised Models are Strong S
 Learners").
 
 Both augmented views of the global batch go through one encoder and projection head in a single
-forward pass (BN statistics over all 2N views of the global batch: sync BN under ``jit``), and
+forward pass (BN statistics over all 2N views of the global batch: sync BN under ``jit``; each
+device's two views are joined where they are, ``base.join_views``), and
 NT-Xent (``losses.nt_xent``) runs per shard with every other view of the global batch as a
 negative. No momentum state: ``post_update`` only stores the new BN statistics.
 
@@ -69,11 +70,12 @@ class SimCLR(base.Method):
     return float(self.config.loss.temperature)
 
   def embed(self, params, state, batch, rng):
-    """Both views (``batch["view1"]``, ``batch["view2"]``: [B, H, W, 3]) in one pass:
-    ``({"z1": [B, E], "z2": [B, E]}, {"batch_stats": new statistics})``."""
-    x = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
+    """Both views (``batch["view1"]``, ``batch["view2"]``: [B, H, W, 3]) in one pass, joined
+    without moving images between devices (``base.join_views``; BN statistics over all 2B
+    views whatever their order): ``({"z1": [B, E], "z2": [B, E]}, {"batch_stats": ...})``."""
+    x = base.join_views([batch["view1"], batch["view2"]], self.mesh)
     (_, z, _), batch_stats = base.apply_train(self.model, params, state.batch_stats, x, rng=rng)
-    z1, z2 = base.split_views(z)
+    z1, z2 = base.split_views(z, 2, self.mesh)
     return {"z1": z1, "z2": z2}, {"batch_stats": batch_stats}
 
   def loss_from_embeddings(self, params, embeddings, state):
