@@ -9,7 +9,10 @@ in process CPU time on one thread, two ways:
 * ``tf.data``: a ``Dataset.map`` with one thread (private pool of 1, no intra-op
   parallelism), as ``data/throughput.py`` and the training pipeline run it;
 * ``session``: the same ops built once into a ``tf.compat.v1`` graph and run by a session
-  with one intra-op and one inter-op thread, one JPEG per ``run``.
+  with one intra-op and one inter-op thread, one JPEG per ``run``;
+* ``py_function`` (full recipe only): the same one-thread tf.data map, but its function calls
+  the recipe as a ``tf.function`` through ``tf.py_function`` (the tf.function call path
+  optimises the graph as a session does; same random draws, rounding differs by ~1e-6).
 
 The two differ only in how TensorFlow executes the graph (grappler and control-flow
 lowering run on a session's graph), so their gap per stage is executor overhead, not
@@ -98,6 +101,19 @@ def session_ms(fn, datas: list[bytes]) -> float:
     return 1e3 * (time.process_time() - t0) / len(datas)
 
 
+def py_function_ms(fn, datas: list[bytes]) -> float:
+  """CPU ms per JPEG of ``fn`` as a ``tf.function`` called through ``tf.py_function`` in a
+  one-thread tf.data map."""
+  inner = tf.function(fn)
+
+  def outer(data, index):
+    out = tf.py_function(inner, [data, index], tf.float32)
+    out.set_shape(inner.get_concrete_function(
+        tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)).output_shapes)
+    return out
+  return tfdata_ms(outer, datas)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--recipe", default="simclr")
@@ -119,6 +135,7 @@ def main():
     for name, fn in fns:
       runs.setdefault(("tf.data", name), []).append(tfdata_ms(fn, datas))
       runs.setdefault(("session", name), []).append(session_ms(fn, datas))
+    runs.setdefault(("py_function", ""), []).append(py_function_ms(fns[-1][1], datas))
     if args.recipe == "simclr":
       tv = input_pipeline.torchvision_cpu_ms(folder, bool(args.blur), 1)
       if tv is not None:
@@ -138,10 +155,13 @@ def main():
       prev[kind] = min(r)
     print(f"| {name} | " + " | ".join(cells) + " |")
   last = fns[-1][0]
+  runs.update({("py_function", last): runs[("py_function", "")]})
+  print(f"\nfull recipe, tf.data map calling a tf.function through tf.py_function, ms per "
+        f"round: {', '.join(f'{v:.2f}' for v in runs[('py_function', last)])}")
   tv = runs.get(("torchvision", ""))
   if tv:
     print(f"\ntorchvision (PIL, one thread) ms per round: {', '.join(f'{v:.2f}' for v in tv)}")
-    for kind in ("tf.data", "session"):
+    for kind in ("tf.data", "session", "py_function"):
       ratios = [t / o for t, o in zip(tv, runs[(kind, last)])]
       print(f"torchvision / {kind} per round: {', '.join(f'{v:.2f}x' for v in ratios)}")
   print(f"\nload average (1, 5, 15 min) before and after each round: {loads}")
