@@ -13,6 +13,8 @@ already there is not compiled again (``--force`` does): a full-size compile take
 minutes on a small machine, so the table is built up over several runs, and
 ``python -m contrastive_jax.compile_for ... --json=DIR/<name>.<target>.json`` adds a row too.
 The table printed at the end is assembled from every report in DIR (``--assemble``: only that).
+A config that fails to compile is saved with its error (its row says so) and tried again on
+the next run.
 
 Columns, per chip of the train step: memory (state, temporaries, total, the worst evaluator
 program's total when ``--evals`` compiled any) against the chip's HBM less the headroom, FLOPs
@@ -64,6 +66,9 @@ def file_name(name: str, target: str) -> str:
 def row(rep: dict) -> str:
   """One table row of a ``compile_for.report`` (a TPU slice's or a GPU node's)."""
   g = 2 ** 30
+  if "error" in rep:  # the compiler refused the program: the row is its error
+    return (f"| {config_name(rep)} | {rep['target']} | error: {rep['error']} |"
+            + " |" * 14)
   train = rep["programs"][0]
   b, i, c, chip = train["bound"], rep["input"], train["collectives"], rep["chip"]
   if not train["argument_bytes"] and train["total_bytes"]:  # the compiler ran out of HBM
@@ -101,7 +106,8 @@ def assemble(out: str) -> str:
                  for r in reports})
   where = os.path.relpath(out, ROOT) if out.startswith(ROOT) else out
   notes = [f"{len(reports)} reports in {where}; made: {'; '.join(made)}"]
-  if any(p.get("flops_counted") == "matrix products" for r in reports for p in r["programs"]):
+  if any(p.get("flops_counted") == "matrix products"
+         for r in reports for p in r.get("programs", [])):
     notes.append("* matrix products only (XLA:GPU has no cost model); GPU rows have no HBM "
                  "term in the bound")
   return "\n".join([HEADER] + [row(r) for r in reports] + [""] + notes)
@@ -134,8 +140,11 @@ def main():
     topology = args.topology or config.pod
     path = os.path.join(args.out, file_name(name, topology))
     if os.path.exists(path) and not args.force:
-      print(f"{name} on {topology}: kept {path}", flush=True)
-      continue
+      with open(path) as f:
+        failed = "error" in json.load(f)
+      if not failed:  # a saved error is tried again
+        print(f"{name} on {topology}: kept {path}", flush=True)
+        continue
     key = (config.data.recipe, config.data.image_size, json.dumps(config.data.augment.to_dict(),
                                                                   sort_keys=True))
     try:
@@ -144,8 +153,14 @@ def main():
                                input_rate=args.input_rate or rates.get(key),
                                evals=args.evals)
     except Exception as error:  # noqa: BLE001 -- one config's failure is that row's result
-      print(f"{name} on {topology}: error: {type(error).__name__}: "
-            f"{str(error).splitlines()[0][:300]}", flush=True)
+      text = " ".join(str(error).split())[:300].replace("|", "/")
+      rep = dict(config=f"configs/{name}.py", target=topology,
+                 error=f"{type(error).__name__}: {text}",
+                 made=dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           jax=jax.__version__))
+      with open(path, "w") as f:
+        json.dump(rep, f, indent=1)
+      print(row(rep), flush=True)
       continue
     rates[key] = rep["input"]["per_core_rate"]
     with open(path, "w") as f:

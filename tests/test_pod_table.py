@@ -48,15 +48,22 @@ def test_assembles_saved_reports_in_config_order(tmp_path):
   reports = {"clip_vit_b32.v5e-256": _report("clip_vit_b32", "v5e-256 (v5e:16x16)", v5e, fits),
              "simclr_resnet50_imagenet.v5e-64": _report(
                  "simclr_resnet50_imagenet", "v5e-64 (v5e:8x8)", v5e, oom, made=False)}
+  reports["mocov3_vit_base_imagenet.v5e-64"] = dict(
+      config="configs/mocov3_vit_base_imagenet.py", target="v5e-64",
+      error="JaxRuntimeError: INTERNAL: RET_CHECK failure", made=reports[
+          "clip_vit_b32.v5e-256"]["made"])
   for name, rep in reports.items():
     (tmp_path / f"{name}.json").write_text(json.dumps(rep))
   lines = pod_table.assemble(str(tmp_path)).splitlines()
   rows = [x for x in lines if x.startswith("| ") and not x.startswith("| config")]
-  assert [r.split(" | ")[0] for r in rows] == ["| simclr_resnet50_imagenet", "| clip_vit_b32"]
+  assert [r.split(" | ")[0] for r in rows] == [
+      "| simclr_resnet50_imagenet", "| mocov3_vit_base_imagenet", "| clip_vit_b32"]
+  assert "| v5e-64 | error: JaxRuntimeError: INTERNAL: RET_CHECK failure |" in rows[1]
+  rows.pop(1)
   assert "**no** (out of HBM at compile)" in rows[0] and "> 20.50" in rows[0]
   cells = rows[1].split(" | ")
   assert cells[1:4] == ["v5e-256 (v5e:16x16)", "512", "151M"]
   assert cells[6:10] == ["4.00", "0.00", "16", "yes"] and cells[10] == "2.50"
   assert cells[11] == "2 / 2 / 2 / 2 / 2" and cells[-2] == "17 / 112"
   assert "made: 2026-12-04 18:40 UTC 0.10.2 libtpu 0.0.42.1; before provenance" in lines[-1]
-  assert len(lines[0].split("|")) == len(rows[0].split("|")) == len(rows[1].split("|"))
+  assert all(len(lines[0].split("|")) == len(x.split("|")) for x in lines[2:5])
