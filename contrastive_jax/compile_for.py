@@ -1,5 +1,5 @@
-"""Compile a config for the pod it targets with the real TPU compiler, on any machine, before
-anyone pays for the pod.
+"""Compile a config for the pod it targets with the real TPU compiler (or for a GPU node with
+XLA:GPU), on any machine, before anyone pays for the pod.
 
   python -m contrastive_jax.compile_for configs/clip_vit_b32.py[:args] [--topology=v5e-256] \
       [--config.key=value ...] [--json=PATH] [--input-rate=N] [--evals=all|in_loop|none]
@@ -13,6 +13,13 @@ state and ``run.abstract_batch()``, the config's own global batch, image size, c
 and remat) and the encoders the evaluators run (``evaluate/runner.py``) are lowered and
 compiled by the TPU compiler. No TPU and no data are needed.
 
+``--topology`` may name a GPU node instead (``gpu_targets.TARGETS``: ``8xa100-80gb``,
+``8xh100-80gb``, ``1xrtx4090``, ...; ``8xA100``, ``a100x8``, ``rtx4090`` are accepted): jax's
+CUDA plugin compiles for a described device with XLA:GPU, no GPU or CUDA libraries needed
+(without the plugin the error names its pip command). The report has the same shape; XLA:GPU
+has no cost model, so its FLOPs are the matrix products of the compiled HLO (cuBLAS GEMMs and
+cuDNN convolutions, loops by trip count) and its roofline has no HBM term.
+
 Per chip it prints, for each program: memory (the state, the compiler's arguments, outputs,
 temporaries and code, their total against the chip's HBM less a headroom), FLOPs per step (the
 compiler's cost model with loops counted by their trip counts, ``hlo_stats``), the bytes each
@@ -25,8 +32,9 @@ the measured rate of one CPU core running the config's own augmentation
 TPU host has. When a program does not fit, it prints the report, then one line naming the
 fixes, and exits with status 2.
 
-``report(config, devices, chip)`` is the library entry: any devices with a ``ChipSpec`` (a GPU
-node's plugs in the same way). MaxText's ``train_compile.py`` is the same idea for LLMs.
+``report(config, devices, chip)`` is the library entry: any devices with a ``ChipSpec``
+(``target_devices(name)`` gives both for a TPU slice or a GPU node). MaxText's
+``train_compile.py`` is the same idea for LLMs.
 """
 
 from __future__ import annotations
@@ -71,6 +79,10 @@ class ProgramReport:
   collectives: dict[str, dict[str, float]]
   compile_seconds: float
   bound: dict[str, float] = dataclasses.field(default_factory=dict)
+  # "cost model + loops" (TPU: cost_analysis() plus the loop iterations it skips) or "matrix
+  # products" (XLA:GPU has no cost model: the dot/GEMM/convolution FLOPs of the HLO, loops by
+  # trip count; elementwise work is left out).
+  flops_counted: str = "cost model + loops"
 
 
 def analyse(name: str, compiled, num_devices: int, state_bytes: int,
@@ -79,10 +91,13 @@ def analyse(name: str, compiled, num_devices: int, state_bytes: int,
   from contrastive_jax import hlo_stats  # pylint: disable=g-import-not-at-top
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   module = hlo_stats.parse(compiled.as_text())
   cost_flops = float(cost.get("flops", 0.0))
-  flops = hlo_stats.flops_with_loops(cost_flops, module)
+  if "flops" in cost:
+    flops, counted = hlo_stats.flops_with_loops(cost_flops, module), "cost model + loops"
+  else:  # XLA:GPU: no cost model; its GEMMs and convolutions are cuBLAS/cuDNN calls
+    flops, counted = hlo_stats.loop_flops(module, True), "matrix products"
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
            + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
   rep = ProgramReport(
@@ -93,7 +108,7 @@ def analyse(name: str, compiled, num_devices: int, state_bytes: int,
       bytes_accessed=float(cost.get("bytes accessed", 0.0)),
       loops=[dataclasses.asdict(x) for x in hlo_stats.loops(module)],
       collectives=hlo_stats.collective_bytes(module, num_devices),
-      compile_seconds=float(compile_seconds))
+      compile_seconds=float(compile_seconds), flops_counted=counted)
   rep.bound = roofline(rep, chip)
   return rep
 
@@ -107,7 +122,7 @@ def roofline(rep: ProgramReport, chip: hardware.ChipSpec) -> dict[str, float]:
   ici_bytes = sum(c["bytes"] for c in rep.collectives.values())
   ici = ici_bytes / chip.ici_bw_bytes_s
   bound = max(compute, hbm, ici)
-  limiter = max((("compute", compute), ("HBM", hbm), ("ICI", ici)), key=lambda kv: kv[1])[0]
+  limiter = max((("compute", compute), ("HBM", hbm), (chip.link, ici)), key=lambda kv: kv[1])[0]
   return dict(compute_s=compute, hbm_s=hbm, ici_s=ici, ici_bytes=ici_bytes, step_s=bound,
               limiter=limiter, flops_utilisation_ceiling=compute / bound if bound else 0.0)
 
@@ -142,10 +157,10 @@ def _eval_programs(config, run, which: str) -> list[tuple[str, str, dict]]:
   return out
 
 
-def _compile(lower) -> tuple[Any, float]:
+def _compile(lower, options: dict[str, Any] | None = None) -> tuple[Any, float]:
   start = time.perf_counter()
   try:
-    compiled = lower().compile()
+    compiled = lower().compile(compiler_options=options)
   except Exception as error:  # noqa: BLE001 -- the TPU compiler's out-of-memory is a verdict
     used = _hbm_exhausted(str(error))
     if used is None:
@@ -205,6 +220,11 @@ def report(config, devices, chip: hardware.ChipSpec, *, name: str = "", target: 
   if not 0.0 <= headroom < 1.0:
     raise errors.ConfigError(f"--headroom={headroom} must be a fraction of HBM in [0, 1), "
                              f"e.g. {DEFAULT_HEADROOM}")
+  # Without a device XLA:GPU cannot autotune: GEMMs go to cuBLAS (gpu_targets.COMPILER_OPTIONS).
+  options = None
+  if chip.kind == "gpu":
+    from contrastive_jax import gpu_targets  # pylint: disable=g-import-not-at-top
+    options = gpu_targets.COMPILER_OPTIONS
   mesh = distributed.make_mesh(devices=devices)
   # The run builder checks the config first, as for training, before anything compiles. The
   # schedules' length shapes no array: a run given in epochs needs no dataset here.
@@ -215,7 +235,7 @@ def report(config, devices, chip: hardware.ChipSpec, *, name: str = "", target: 
   programs = []
   label = f"train step (global batch {config.global_batch}, {config.global_batch // n} per chip)"
   compiled, seconds = _compile(
-      lambda: run.train_step.lower(run.abstract_state, run.abstract_batch()))
+      lambda: run.train_step.lower(run.abstract_state, run.abstract_batch()), options)
   programs.append(_oom_report(label, compiled, state_bytes, seconds)
                   if isinstance(compiled, tuple) else
                   analyse(label, compiled, n, state_bytes, chip, seconds))
@@ -225,8 +245,8 @@ def report(config, devices, chip: hardware.ChipSpec, *, name: str = "", target: 
     for label, encoder, arg in _eval_programs(config, run, evals):
       batch = jax.ShapeDtypeStruct(arg["shape"], arg["dtype"], sharding=run.batch_sharding)
       fn = encoders.get(encoder, mesh)
-      compiled, seconds = _compile(lambda fn=fn, batch=batch: fn.lower(run.abstract_state,
-                                                                         batch))
+      compiled, seconds = _compile(
+          lambda fn=fn, batch=batch: fn.lower(run.abstract_state, batch), options)
       programs.append(_oom_report(label, compiled, state_bytes, seconds)
                       if isinstance(compiled, tuple) else
                       analyse(label, compiled, n, state_bytes, chip, seconds))
@@ -242,7 +262,7 @@ def report(config, devices, chip: hardware.ChipSpec, *, name: str = "", target: 
   _, vcpus = chip.host(n)
   cores = needed / input_rate if input_rate else float("nan")
   return dict(
-      config=name, target=target, chips=n, hosts=hosts,
+      config=name, target=target, chips=n, hosts=hosts, made=_provenance(chip),
       chip=dataclasses.asdict(chip), headroom=headroom, usable_hbm_bytes=usable,
       num_params=run.num_params, global_batch=int(config.global_batch),
       programs=[dataclasses.asdict(p) for p in programs],
@@ -253,6 +273,19 @@ def report(config, devices, chip: hardware.ChipSpec, *, name: str = "", target: 
                  kind="image-text pairs" if run.method.input_mode == "image_text"
                  else "images (two views each)"),
       strategy=config.sharding.strategy, remat=bool(config.remat))
+
+
+def _provenance(chip: hardware.ChipSpec) -> dict[str, str]:
+  """When and with which compiler a report was made (for tables assembled from saved JSON)."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  package = "jax-cuda12-plugin" if chip.kind == "gpu" else "libtpu"
+  try:
+    compiler = f"{package} {importlib.metadata.version(package)}"
+  except importlib.metadata.PackageNotFoundError:
+    compiler = package
+  return dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), jax=jax.__version__,
+              compiler=compiler)
 
 
 def _gib(x: float) -> str:
@@ -278,19 +311,21 @@ def _ms(x: float) -> str:
 def format_report(rep: dict[str, Any]) -> str:
   """The report as the command prints it."""
   chip = rep["chip"]
+  gpu = chip.get("kind") == "gpu"
+  unit, link = ("GPU" if gpu else "chip"), chip.get("link", "ICI")
   lines = [f"{rep['config'] or 'config'} on {rep['target']}: {rep['chips']} {chip['name']} "
-           f"chips, {rep['hosts']} host(s); {rep['num_params'] / 1e6:.1f}M parameters, "
+           f"{unit}s, {rep['hosts']} host(s); {rep['num_params'] / 1e6:.1f}M parameters, "
            f"state {rep['strategy']}, remat {rep['remat']}"]
   for p in rep["programs"]:
     b = p["bound"]
     lines.append(f"{p['name']}  [compiled in {p['compile_seconds']:.0f} s]")
     if not p["argument_bytes"] and p["total_bytes"]:
-      lines.append(f"  memory per chip: the TPU compiler ran out of HBM (used "
+      lines.append(f"  memory per {unit}: the compiler ran out of HBM (used "
                    f"{_gib(p['total_bytes'])} GiB of {_gib(chip['hbm_bytes'])})")
       continue
     verdict = "fits" if p["total_bytes"] <= rep["usable_hbm_bytes"] else "DOES NOT FIT"
     lines.append(
-        f"  memory per chip (GiB): state {_gib(p['state_bytes'])}, arguments "
+        f"  memory per {unit} (GiB): state {_gib(p['state_bytes'])}, arguments "
         f"{_gib(p['argument_bytes'])}, outputs {_gib(p['output_bytes'])} ("
         f"{_gib(p['alias_bytes'])} aliased to arguments), temporaries {_gib(p['temp_bytes'])},"
         f" code {_gib(p['code_bytes'])}; total {_gib(p['total_bytes'])} of "
@@ -298,28 +333,41 @@ def format_report(rep: dict[str, Any]) -> str:
         f"{rep['headroom']:.0%} headroom): {verdict}")
     loops = ", ".join(f"{x['trip_count'] if x['trip_count'] is not None else '?'}x"
                       for x in p["loops"]) or "none"
-    lines.append(f"  FLOPs per chip: {_si(p['flops'])} (cost model {_si(p['cost_model_flops'])};"
-                 f" loops by trip count: {loops})")
+    if p.get("flops_counted") == "matrix products":
+      how = "matrix products only: XLA:GPU has no cost model"
+    else:
+      how = f"cost model {_si(p['cost_model_flops'])}"
+    lines.append(f"  FLOPs per {unit}: {_si(p['flops'])} ({how}; loops by trip count: {loops})")
     coll = "; ".join(f"{k} {int(v['count'])} ops {_si(v['bytes'], 'B')}"
                      for k, v in p["collectives"].items() if v["count"])
-    lines.append(f"  collectives per chip: {coll or 'none'}")
+    lines.append(f"  collectives per {unit}: {coll or 'none'}")
+    hbm = _ms(b["hbm_s"]) if p["bytes_accessed"] else "n/a (no bytes-accessed figure)"
     lines.append(
-        f"  roofline: compute {_ms(b['compute_s'])}, HBM {_ms(b['hbm_s'])}, ICI "
+        f"  roofline: compute {_ms(b['compute_s'])}, HBM {hbm}, {link} "
         f"{_ms(b['ici_s'])} -> >= {_ms(b['step_s'])} ({b['limiter']}-bound); FLOP "
         f"utilisation ceiling {b['flops_utilisation_ceiling']:.0%}")
   i = rep["input"]
   how = "measured, one core, synthetic JPEGs" if i["per_core_rate_measured"] else "given"
+  vcpus = f"{i['host_vcpus']} vCPUs" if i["host_vcpus"] else "vCPUs (unknown)"
   lines.append(
       f"input: {i['examples_per_host_step']:.0f} {i['kind']} per host per step -> "
       f"{i['examples_per_host_second']:.0f}/s per host at the bound; one core decodes "
       f"{i['per_core_rate']:.0f}/s ({how}) -> {cores_text(i['cores_needed'])} cores of the "
-      f"host's {i['host_vcpus']} vCPUs")
+      f"host's {vcpus}")
+  links = "one direction" if gpu else f"{chip['ici_links']} links"
   lines.append(
       f"figures: {chip['name']} {chip['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
-      f"{_gib(chip['hbm_bytes'])} GiB HBM at {chip['hbm_bw_bytes_s'] / 1e9:.0f} GB/s, ICI "
-      f"{chip['ici_bw_bytes_s'] / 1e9:.0f} GB/s per chip ({chip['ici_links']} links); "
+      f"{_gib(chip['hbm_bytes'])} GiB HBM at {chip['hbm_bw_bytes_s'] / 1e9:.0f} GB/s, {link} "
+      f"{chip['ici_bw_bytes_s'] / 1e9:.0f} GB/s per {unit} ({links}); "
       f"{chip['source']}. FLOPs include rematerialisation; HBM traffic is the compiler's "
       "bytes accessed (loop bodies once); collective bytes assume ring algorithms.")
+  if gpu:
+    lines[-1] = lines[-1].replace("HBM traffic is the compiler's bytes accessed (loop bodies "
+                                  "once)", "XLA:GPU counts no HBM traffic")
+  if gpu:
+    lines.append("Nothing here has run on a GPU: memory is XLA:GPU's buffer assignment for the "
+                 "described device (no autotuning, cuBLAS GEMMs); the bound is a floor, not a "
+                 "forecast.")
   return "\n".join(lines)
 
 
@@ -349,7 +397,8 @@ def _define_flags():
   configs.accept_none_overrides()
   config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
   flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-256, v5litepod-64, v4-32, "
-                      "v5e:8x8 (default: the config's pod).")
+                      "v5e:8x8 (default: the config's pod), or a GPU node: 8xa100-80gb, "
+                      "8xh100-80gb, 1xrtx4090 (contrastive_jax/gpu_targets.py).")
   flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
   flags.DEFINE_float("input_rate", None, "Training examples/s one host core decodes (skips "
                      "measuring it).")
@@ -372,13 +421,22 @@ def normalise_argv(argv: list[str]) -> list[str]:
 
 
 def target_devices(name: str) -> tuple[list, hardware.ChipSpec, str]:
-  """``(devices, chip figures, label)`` of ``--topology``: a TPU slice (``hardware.py``).
-
-  The seam for other targets: a GPU node's compile-only devices and its
-  ``hardware.ChipSpec.from_figures(...)`` return here under their own names, and everything
-  after this (mesh, run, compile, report) is the same.
+  """``(devices, chip figures, label)`` of ``--topology``: a GPU node named in
+  ``gpu_targets.TARGETS`` (``8xa100-80gb``, ``8xh100``, ``rtx4090``, ...: XLA:GPU through jax's
+  CUDA plugin) or a TPU slice (``hardware.parse_topology``: libtpu). Everything after this
+  (mesh, run, compile, report) is the same for both.
   """
-  topo = hardware.parse_topology(name)
+  from contrastive_jax import gpu_targets  # pylint: disable=g-import-not-at-top
+  gpu = gpu_targets.canonical_name(name)
+  if gpu is not None:
+    model, count = gpu_targets.TARGETS[gpu]
+    return (gpu_targets.gpu_devices(gpu), gpu_targets.chip_spec(gpu),
+            f"{gpu} ({count} x {model.description})")
+  try:
+    topo = hardware.parse_topology(name)
+  except errors.ConfigError as error:
+    raise errors.ConfigError(f"{error}; or a GPU node: {', '.join(gpu_targets.TARGETS)}"
+                             ) from None
   return hardware.tpu_devices(topo), topo.chip, f"{name} ({topo.libtpu_name})"
 
 
@@ -407,7 +465,7 @@ def _main():
   topology = FLAGS.topology or config.get("pod")
   if not topology:
     raise errors.ConfigError(f"{name} names no pod (config.pod); pass --topology=v5e-64 or "
-                             "another TPU slice")
+                             "another TPU slice, or a GPU node such as --topology=8xa100-80gb")
   devices, chip, label = target_devices(topology)
   rep = report(config, devices, chip, name=name, target=label,
                input_rate=FLAGS.input_rate, evals=FLAGS.evals, headroom=FLAGS.headroom)

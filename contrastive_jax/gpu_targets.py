@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import re
 from typing import Any
 
 from contrastive_jax.errors import ConfigError
@@ -61,6 +62,7 @@ class GpuModel:
   peak_bf16_flops: float     # dense, fp32 accumulate
   interconnect_bw_bytes_s: float  # per GPU, one direction
   source: str                # where the figures come from
+  link: str = "NVLink"       # the GPU-to-GPU link
 
 
 GIB = 2**30
@@ -97,7 +99,7 @@ RTX_4090 = GpuModel(
     boost_clock_ghz=2.52, compute_capability=(8, 9), hbm_bytes=24 * GIB,
     hbm_bw_bytes_s=1.008e12, l2_bytes=72 * 2**20, shared_memory_per_sm=100 * 1024,
     shared_memory_per_block_optin=99 * 1024, threads_per_sm=1536, peak_bf16_flops=165.2e12,
-    interconnect_bw_bytes_s=31.5e9,
+    interconnect_bw_bytes_s=31.5e9, link="PCIe",
     source="NVIDIA Ada GPU architecture whitepaper (RTX 4090), CUDA programming guide")
 
 # name -> (GPU model, GPUs in the node)
@@ -108,6 +110,51 @@ TARGETS: dict[str, tuple[GpuModel, int]] = {
     "1xh100-80gb": (H100_80GB, 1),
     "1xrtx4090": (RTX_4090, 1),
 }
+
+
+# vCPUs of the cloud machine that carries each node (Google Cloud GPU machine types:
+# a2-ultragpu-1g/8g, a3-highgpu-1g/8g; transcribed 2026-12-04 without internet, check
+# https://cloud.google.com/compute/docs/gpus before quoting). A workstation's CPU is the
+# owner's choice: 0, unknown.
+HOST_VCPUS = {"8xa100-80gb": 96, "8xh100-80gb": 208, "1xa100-80gb": 12, "1xh100-80gb": 26,
+              "1xrtx4090": 0}
+
+# Spellings ``canonical_name`` accepts for each GPU model (lower case, before "-80gb").
+_MODEL_NAMES = {"a100": "a100-80gb", "a100-80gb": "a100-80gb", "h100": "h100-80gb",
+                "h100-80gb": "h100-80gb", "rtx4090": "rtx4090", "4090": "rtx4090"}
+def canonical_name(name: str) -> str | None:
+  """The ``TARGETS`` key ``name`` spells, or None when it names no GPU model.
+
+  ``8xa100-80gb``, ``8xA100``, ``a100x8``, ``8x-a100``, ``8xh100``, ``H100-80GB x8``,
+  ``rtx4090``, ``1x4090``: a count (default 1) and a model. A known model with a count no
+  target has raises ``ConfigError`` naming the targets.
+  """
+  text = re.sub(r"[\s_]+", "", str(name).lower()).replace("x-", "x").replace("nvidia-", "")
+  text = re.sub(r"-?sxm[45]?$", "", text)
+  for pattern in (r"(?P<model>.+)", r"(?P<count>\d+)x(?P<model>.+)",
+                  r"(?P<model>.+)x(?P<count>\d+)"):
+    m = re.fullmatch(pattern, text)
+    if m and m["model"] in _MODEL_NAMES:
+      break
+  else:
+    return None
+  count = int(m.groupdict().get("count") or 1)
+  key = f"{count}x{_MODEL_NAMES[m['model']]}"
+  if key not in TARGETS:
+    raise ConfigError(f"--topology={name!r}: no {count}-GPU {_MODEL_NAMES[m['model']]} target;"
+                      f" GPU targets are {', '.join(TARGETS)} (add one to TARGETS in "
+                      "contrastive_jax/gpu_targets.py)")
+  return key
+
+
+def chip_spec(name: str):
+  """``hardware.ChipSpec`` of one GPU of target ``name`` (its NVLink or PCIe bandwidth as the
+  interconnect; the node's GPUs and its host's vCPUs as one host)."""
+  from contrastive_jax import hardware  # pylint: disable=g-import-not-at-top
+  model, count = _check_name(name)
+  return hardware.ChipSpec.from_figures(
+      model.description, _spec(model, count), kind="gpu", chips_per_host=count,
+      host_vcpus=HOST_VCPUS.get(name, 0), source=model.source, link=model.link)
 
 
 def _spec(model: GpuModel, count: int) -> dict[str, Any]:

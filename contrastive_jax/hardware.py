@@ -57,6 +57,7 @@ class ChipSpec:
     cores_per_chip: TensorCores a chip counts for in v4/v5p accelerator names.
     kind: ``"tpu"`` or ``"gpu"``.
     source: where the figures come from.
+    link: the chip-to-chip link's name in reports (``"ICI"``; a GPU's ``"NVLink"``, ``"PCIe"``).
   """
   name: str
   peak_bf16_flops: float
@@ -71,11 +72,12 @@ class ChipSpec:
   cores_per_chip: int = 1
   kind: str = "tpu"
   source: str = ""
+  link: str = "ICI"
 
   @classmethod
   def from_figures(cls, name: str, figures: Mapping[str, float], *, kind: str = "gpu",
-                   chips_per_host: int = 8, host_vcpus: int = 0, source: str = ""
-                   ) -> "ChipSpec":
+                   chips_per_host: int = 8, host_vcpus: int = 0, source: str = "",
+                   link: str = "NVLink") -> "ChipSpec":
     """A chip from a dict of ``peak_bf16_flops``, ``hbm_bytes``, ``hbm_bw_bytes_s`` and
     ``interconnect_bw_bytes_s`` (e.g. a GPU's published figures: NVLink as the interconnect)."""
     return cls(name=name, peak_bf16_flops=float(figures["peak_bf16_flops"]),
@@ -83,7 +85,7 @@ class ChipSpec:
                hbm_bw_bytes_s=float(figures["hbm_bw_bytes_s"]),
                ici_bw_bytes_s=float(figures["interconnect_bw_bytes_s"]), ici_links=0,
                chips_per_host=chips_per_host, host_vcpus=host_vcpus, torus_dims=0, kind=kind,
-               source=source)
+               source=source, link=link)
 
   def host(self, num_chips: int) -> tuple[int, int]:
     """``(chips per host, vCPUs per host)`` of a slice of ``num_chips`` chips."""

@@ -9,8 +9,11 @@ matrix products (``dot`` and ``convolution``, the FLOPs that matter on a matrix 
 iteration; ``flops_with_loops`` adds what the cost model left out. Matmuls match the unrolled
 program (tests/test_compile_for.py); a convolution's count here includes padded window
 positions (ResNet-50's step: 16% above the cost model), so a looped convolution is counted
-high by up to that much. ``collective_bytes`` sums the
-bytes each device sends for every collective kind, loops counted by their trip counts.
+high by up to that much. XLA:GPU has no cost model and compiles its matrix products to
+cuBLAS GEMM and cuDNN convolution ``custom-call``s: ``loop_flops`` counts those too (from the
+GEMM's dimension numbers in ``backend_config`` and the convolution's ``dim_labels``), so on a
+GPU it is the program's matrix-product FLOPs (tests/test_gpu_targets.py). ``collective_bytes``
+sums the bytes each device sends for every collective kind, loops counted by their trip counts.
 
 Bytes per device of one collective over a group of ``g`` devices, with the bandwidth-optimal
 (ring) algorithms: all-gather ``(g-1)/g`` of its output, reduce-scatter ``g-1`` times its
@@ -21,8 +24,8 @@ practice, and experience"; the same counts as the NCCL performance notes' "bus b
 The HLO text grammar is XLA's (https://openxla.org/xla/operation_semantics); only the parts
 read here are parsed: instruction names, result types, opcodes, operands and the attributes
 ``calls``, ``body``, ``condition``, ``to_apply``, ``branch_computations``, ``replica_groups``,
-``dim_labels``, ``lhs_dilate``, ``lhs_contracting_dims`` and ``backend_config``'s
-``known_trip_count``.
+``dim_labels``, ``lhs_dilate``, ``lhs_contracting_dims``, ``custom_call_target`` and
+``backend_config``'s ``known_trip_count`` and ``lhs_contracting_dimensions``.
 """
 
 from __future__ import annotations
@@ -210,35 +213,73 @@ def trip_count(module: Module, while_instr: Instruction) -> int | None:
   return max(0, limit - init + (1 if direction == "LE" else 0))
 
 
+# XLA:GPU's library calls for matrix products (``custom-call`` targets): cuBLAS GEMMs carry
+# the dot's dimension numbers in ``backend_config``; cuDNN convolutions carry the forward
+# convolution's ``dim_labels`` (input_kernel->output) whatever their direction.
+_GEMM_TARGETS = ("__cublas$gemm", "__cublas$lt$matmul", "__cublas$lt$matmul$f8")
+_CONV_TARGETS = ("__cudnn$convForward", "__cudnn$convBiasActivationForward",
+                 "__cudnn$convBackwardInput", "__cudnn$convBackwardFilter")
+
+
+def _target(instr: Instruction) -> str:
+  m = re.search(r'custom_call_target="([^"]+)"', instr.attrs)
+  return m.group(1) if m else ""
+
+
+def _type_of(module: Module, name: str) -> tuple[int, ...] | None:
+  instr = module.by_name.get(name)
+  shapes = arrays(instr.type) if instr is not None else []
+  return shapes[0][1] if shapes else None
+
+
+def _conv_flops(labels: str, out_dims, kernel_dims) -> float:
+  """2 x (forward output elements) x (kernel elements per output feature): each output
+  element sums over the kernel's spatial and (per group) input-feature dims."""
+  if out_dims is None or kernel_dims is None:
+    return 0.0
+  per_out = math.prod(d for d, label in zip(kernel_dims, labels) if label != "o")
+  return 2.0 * math.prod(out_dims) * per_out
+
+
 def _dot_flops(module: Module, instr: Instruction) -> float:
+  """FLOPs of one matrix product: a ``dot``, a ``convolution``, or XLA:GPU's cuBLAS GEMM or
+  cuDNN convolution ``custom-call`` (0 for any other instruction)."""
   out = arrays(instr.type)
   if not out:
     return 0.0
-  out_elems = math.prod(out[0][1])
-  if instr.opcode == "dot":
-    lhs = module.by_name.get(instr.operands[0]) if instr.operands else None
-    dims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instr.attrs)
-    if lhs is None or not dims:
+  out_dims = out[0][1]  # a library call's result is (output, workspace)
+  target = _target(instr) if instr.opcode == "custom-call" else ""
+  if instr.opcode == "dot" or target in _GEMM_TARGETS:
+    lhs = _type_of(module, instr.operands[0]) if instr.operands else None
+    if instr.opcode == "dot":
+      dims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instr.attrs)
+      contracting = dims.group(1).split(",") if dims else None
+    else:
+      dims = re.search(r'"lhs_contracting_dimensions"\s*:\s*\[([^\]]*)\]', instr.attrs)
+      contracting = re.findall(r"\d+", dims.group(1)) if dims else None
+    if lhs is None or contracting is None:
       return 0.0
-    lhs_dims = arrays(lhs.type)[0][1]
-    k = math.prod(lhs_dims[int(d)] for d in dims.group(1).split(",") if d)
-    return 2.0 * out_elems * k
-  # convolution: each output element sums over the kernel's spatial and input-feature dims.
-  if len(instr.operands) < 2:
+    k = math.prod(lhs[int(d)] for d in contracting if d)
+    return 2.0 * math.prod(out_dims) * k
+  if instr.opcode != "convolution" and target not in _CONV_TARGETS:
     return 0.0
-  kernel = module.by_name.get(instr.operands[1])
   labels = re.search(r"dim_labels=[^_]+_([^-]+)->", instr.attrs)
-  if kernel is None or not labels:
+  if len(instr.operands) < 2 or not labels:
     return 0.0
-  kdims = arrays(kernel.type)[0][1]
-  per_out = math.prod(d for d, label in zip(kdims, labels.group(1)) if label != "o")
+  first, second = (_type_of(module, n) for n in instr.operands[:2])
+  if target == "__cudnn$convBackwardInput":     # (output gradient, kernel) -> input gradient
+    flops = _conv_flops(labels.group(1), first, second)
+  elif target == "__cudnn$convBackwardFilter":  # (input, output gradient) -> kernel gradient
+    flops = _conv_flops(labels.group(1), second, out_dims)
+  else:                                         # (input, kernel) -> output
+    flops = _conv_flops(labels.group(1), out_dims, second)
   # With lhs_dilate=d only 1/d of a window's taps meet input values (the rest are inserted
   # zeros): XLA:TPU writes a batched matmul (attention's bqhd,bkhd->bhqk) as such a convolution,
   # its window walking batch and heads with one real tap each.
   dilate = re.search(r"lhs_dilate=([0-9x]+)", instr.attrs)
   if dilate:
-    per_out /= math.prod(int(v) for v in dilate.group(1).split("x"))
-  return 2.0 * out_elems * per_out
+    flops /= math.prod(int(v) for v in dilate.group(1).split("x"))
+  return flops
 
 
 @dataclasses.dataclass
@@ -274,13 +315,14 @@ def _walk(module: Module, use_trips: bool):
 
 
 def loop_flops(module: Module, use_trips: bool = True) -> float:
-  """FLOPs of the ``dot``/``convolution`` ops, each computation counted as often as it runs
+  """FLOPs of the matrix products (``dot``, ``convolution``, XLA:GPU's cuBLAS and cuDNN
+  calls), each computation counted as often as it runs
   (``use_trips``) or once per call site (as XLA's cost model counts loops)."""
   multipliers, _ = _walk(module, use_trips)
   total = 0.0
   for comp, mult in multipliers.items():
     for instr in module.computations[comp]:
-      if instr.opcode in ("dot", "convolution"):
+      if instr.opcode in ("dot", "convolution", "custom-call"):
         total += mult * _dot_flops(module, instr)
   return total
 
@@ -300,6 +342,12 @@ def _group_size(attrs: str, num_devices: int) -> int:
   iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)
   if iota:
     return int(iota.group(2))
+  # Named mesh axes (XLA:GPU's text): replica_groups=mesh['x'=8,'y'=2] {'x'} groups the
+  # devices along the listed axes.
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+  if mesh:
+    sizes = {a: int(n) for a, n in re.findall(r"'([^']+)'\s*=\s*(\d+)", mesh.group(1))}
+    return math.prod(sizes.get(a, 1) for a in re.findall(r"'([^']+)'", mesh.group(2)))
   groups = re.search(r"replica_groups=\{\{([^}]*)\}", attrs)
   if groups:
     return len([x for x in groups.group(1).split(",") if x.strip()])
