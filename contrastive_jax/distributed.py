@@ -77,12 +77,24 @@ def snake(shape: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 def _cycle_2d(rows: int, cols: int) -> list[tuple[int, int]]:
-  """A Hamiltonian cycle of the ``rows x cols`` grid graph (no wrap-around), from ``(0, 0)``.
+  """A Hamiltonian cycle of the ``rows x cols`` grid graph (no wrap-around).
 
-  Needs ``rows`` even and ``cols >= 2``. Column 0 is the return lane: from ``(0, 0)`` a
-  serpentine over columns ``1..cols-1``, row by row (an even number of rows ends it in column 1
-  of the last row), then back up column 0 to the start.
+  Needs ``rows`` even and ``cols >= 2``. With ``cols`` even, the cycle is two halves that are
+  rectangles: from ``(0, cols / 2 - 1)`` a serpentine over the left ``cols / 2`` columns, row
+  by row from the top (it ends in the last row, next to the right half), then the mirrored
+  serpentine over the right columns from the bottom row back up to the top, next to the start. Each aligned run of whole rows of a
+  half is a rectangle too, so the consecutive device groups that sub-axis collectives use (half
+  the ring, a quarter, ... on power-of-two slices) are rectangles of the torus, which is what
+  libtpu routes (a group that is not one fails to compile: "Failed to create limited ICI
+  routing replica info table"). With ``cols`` odd, column 0 is the return lane: a serpentine
+  over columns ``1..cols-1``, row by row, then back up column 0 to the start ``(0, 0)``.
   """
+  if cols % 2 == 0:
+    half = cols // 2
+    left = [(i, j) for i in range(rows)
+            for j in (range(half - 1, -1, -1) if i % 2 == 0 else range(half))]
+    right = [(i, cols - 1 - j) for i, j in reversed(left)]
+    return left + right
   serpentine = [(i, j) for i in range(rows)
                 for j in (range(1, cols) if i % 2 == 0 else range(cols - 1, 0, -1))]
   return [(0, 0)] + serpentine + [(i, 0) for i in range(rows - 1, 0, -1)]
