@@ -163,6 +163,9 @@ def test_full_config_compiles_with_its_figures(full_report):
   assert train["flops"] >= train["cost_model_flops"] > 1e9
   assert set(train["collectives"]) == set(hlo_stats.COLLECTIVE_KINDS)
   assert train["collectives"]["all-reduce"]["bytes"] > 0  # the replicated gradients' sum
+  # No image moves through all-to-alls (two views are joined shard-major, methods/base.py);
+  # nothing else in these steps needs one.
+  assert train["collectives"]["all-to-all"]["count"] == 0, train["collectives"]["all-to-all"]
   bound = train["bound"]
   assert bound["step_s"] == max(bound["compute_s"], bound["hbm_s"], bound["ici_s"]) > 0
   assert rep["input"]["examples_per_host_second"] == pytest.approx(8 / bound["step_s"])
