@@ -12,4 +12,7 @@ if [[ "${SKIP_PEER_TESTS:-0}" != 1 && ( ! -f $stamp || "$(cat "$stamp")" != "$wa
   .venv/bin/python -m pip install --quiet -r requirements-test.txt
   echo "$want" > "$stamp"
 fi
-exec .venv/bin/python -m pytest -q --durations=15 "$@"
+# Two pytest workers (pytest-xdist, a file per worker): most tests wait on one single-threaded
+# XLA compile, so two at a time use both cores of a 2-core machine. TEST_WORKERS=0 runs them in
+# this process, one after the other.
+exec .venv/bin/python -m pytest -q --durations=15 -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
