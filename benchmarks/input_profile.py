@@ -67,20 +67,7 @@ def stage_fns(recipe: str, blur: bool):
 
 def tfdata_ms(fn, datas: list[bytes]) -> float:
   """CPU ms per JPEG of ``fn`` in a one-thread tf.data map (one pass after a warm-up)."""
-  ds = tf.data.Dataset.from_tensor_slices((tf.constant(datas),
-                                           tf.range(len(datas), dtype=tf.int64)))
-  ds = ds.map(fn, num_parallel_calls=1).batch(16)
-  options = tf.data.Options()
-  options.threading.private_threadpool_size = 1
-  options.threading.max_intra_op_parallelism = 1
-  options.autotune.enabled = False
-  ds = ds.with_options(options)
-  for _ in ds:
-    pass
-  t0 = time.process_time()
-  for _ in ds:
-    pass
-  return 1e3 * (time.process_time() - t0) / len(datas)
+  return input_pipeline._cpu_ms_per_image(fn, datas, passes=1)  # pylint: disable=protected-access
 
 
 def session_ms(fn, datas: list[bytes]) -> float:
